@@ -1,0 +1,126 @@
+"""Command line: ``virnuc-dask embed``. It only translates flags and calls the library."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from virnuc_dask.config import DTYPES, OUTPUT_DTYPES
+from virnuc_dask.errors import VirnucError
+from virnuc_dask.index import DUPLICATE_POLICIES
+from virnuc_dask.models import DEFAULT_MODEL, MODELS
+
+
+def _layers(ctx, param, values: tuple[str, ...]) -> tuple[int, ...] | None:
+    try:
+        layers = tuple(int(v) for value in values for v in value.split(",") if v)
+    except ValueError:
+        raise click.BadParameter(
+            "layers are whole numbers, e.g. --layers 33 or --layers 30,33"
+        ) from None
+    return layers or None
+
+
+@click.group()
+@click.version_option(package_name="virnuc-dask")
+def main() -> None:
+    """ESM-2 protein embeddings for millions of sequences, on every GPU, through Dask."""
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(dir_okay=True))
+@click.option("-o", "--output", required=True, type=click.Path(), help="HDF5 file to write.")
+@click.option(
+    "--model",
+    default=DEFAULT_MODEL,
+    show_default=True,
+    type=click.Choice(list(MODELS)),
+    help="fair-esm model name; weights from the torch hub cache.",
+)
+@click.option("--checkpoint", type=click.Path(), help="Checkpoint file in fair-esm's format.")
+@click.option(
+    "--random-weights",
+    is_flag=True,
+    help="Seeded random weights of the architecture (smoke tests; not a real model).",
+)
+@click.option("--seed", default=0, show_default=True, help="Seed of --random-weights.")
+@click.option(
+    "--layers",
+    multiple=True,
+    callback=_layers,
+    help="Layers to pool, as fair-esm numbers them (default: the last). Repeat or "
+    "separate by commas.",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(DTYPES),
+    default="auto",
+    show_default=True,
+    help="Compute precision; auto is bf16 on GPU, fp32 on CPU.",
+)
+@click.option(
+    "--output-dtype",
+    type=click.Choice(OUTPUT_DTYPES),
+    default="float32",
+    show_default=True,
+    help="Stored precision.",
+)
+@click.option(
+    "--max-residues",
+    type=int,
+    default=1022,
+    show_default=True,
+    help="Residues kept per sequence; longer ones are truncated and flagged.",
+)
+@click.option("--tokens-per-batch", type=int, help="Token budget of one forward pass.")
+@click.option("--chunk-tokens", type=int, help="Token budget of one task (one shard file).")
+@click.option("--workers", type=int, help="Workers of the local cluster.")
+@click.option("--scheduler", help="Address of a running Dask scheduler.")
+@click.option("--scheduler-file", type=click.Path(), help="Scheduler file of a running cluster.")
+@click.option("--zarr", type=click.Path(), help="Also write a Zarr v3 store here.")
+@click.option("--work-dir", type=click.Path(), help="Work directory (default: OUTPUT.work).")
+@click.option("--resume", is_flag=True, help="Reuse finished chunks of an interrupted run.")
+@click.option(
+    "--invalid-to-x",
+    is_flag=True,
+    help="Read letters outside ESM-2's alphabet as X instead of stopping.",
+)
+@click.option(
+    "--duplicate-ids",
+    type=click.Choice(DUPLICATE_POLICIES),
+    default="error",
+    show_default=True,
+    help="Refuse repeated ids, or keep them as ID.2, ID.3, ...",
+)
+@click.option(
+    "--compile/--no-compile",
+    default=None,
+    help="torch.compile the GPU engine (default: on with CUDA).",
+)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def embed(inputs, output, scheduler, scheduler_file, zarr, work_dir, resume, quiet, **settings):
+    """Embed the sequences of INPUT FASTA files (plain or gzip) into one HDF5 file."""
+    from virnuc_dask.pipeline import embed as run
+
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        path = run(
+            list(inputs),
+            output,
+            scheduler=scheduler,
+            scheduler_file=scheduler_file,
+            zarr=zarr,
+            work_dir=work_dir,
+            resume=resume,
+            progress=not quiet,
+            **settings,
+        )
+    except VirnucError as error:
+        click.echo(f"virnuc-dask: error: {error}", err=True)
+        sys.exit(2)
+    click.echo(f"wrote {path}")

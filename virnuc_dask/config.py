@@ -1,0 +1,128 @@
+"""The one configuration object of a run, mirrored into ``dask.config`` under ``virnuc-dask``.
+
+Every setting has its default in ``virnuc-dask.yaml`` beside this module, which is registered
+with Dask's configuration system: cluster users can override any default in their own Dask
+YAML files or with environment variables (``DASK_VIRNUC_DASK__TOKENS_PER_BATCH=32768``), and
+explicit arguments of :func:`virnuc_dask.embed` or the command line win over both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import dask.config
+import yaml
+
+from virnuc_dask.errors import VirnucError
+from virnuc_dask.index import DUPLICATE_POLICIES
+from virnuc_dask.models import model_spec
+from virnuc_dask.tokens import MODEL_WINDOW
+
+_DEFAULTS_FILE = Path(__file__).with_name("virnuc-dask.yaml")
+dask.config.update_defaults(yaml.safe_load(_DEFAULTS_FILE.read_text()))
+
+#: Compute precisions: ``auto`` is bf16 on a GPU and fp32 on a CPU.
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+#: Precisions of the stored embeddings.
+OUTPUT_DTYPES = ("float32", "float16")
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """Settings of one embedding run.
+
+    Parameters
+    ----------
+    model
+        fair-esm model name, e.g. ``esm2_t36_3B_UR50D``.
+    checkpoint
+        Checkpoint file in fair-esm's format; default: the torch hub cache.
+    random_weights
+        Use seeded random weights of the architecture (smoke tests, capacity planning).
+    seed
+        Seed of the random weights.
+    layers
+        Layers to pool, numbered as fair-esm numbers them; default: the last.
+    dtype
+        Compute precision: ``auto``, ``fp32``, ``bf16`` or ``fp16``.
+    output_dtype
+        Stored precision: ``float32`` or ``float16``.
+    max_residues
+        Residues kept per sequence; longer ones are truncated and flagged (at most 1022).
+    tokens_per_batch
+        Token budget of one forward pass; default: chosen by the engine.
+    chunk_tokens
+        Token budget of one task (one shard); default: at least 8 chunks per worker.
+    workers
+        Workers of a local cluster; default: one per GPU, or a share of the CPU cores.
+    invalid_to_x
+        Read letters outside the alphabet as ``X`` instead of refusing the input.
+    duplicate_ids
+        ``error`` or ``suffix`` (keep both, renaming later ones ``ID.2``, ...).
+    compile
+        ``torch.compile`` the GPU engine's layer; default: on for CUDA.
+    retries
+        Times a failing chunk is retried before the run stops.
+    """
+
+    model: str = "esm2_t36_3B_UR50D"
+    checkpoint: str | None = None
+    random_weights: bool = False
+    seed: int = 0
+    layers: tuple[int, ...] | None = None
+    dtype: str = "auto"
+    output_dtype: str = "float32"
+    max_residues: int = MODEL_WINDOW
+    tokens_per_batch: int | None = None
+    chunk_tokens: int | None = None
+    workers: int | None = None
+    invalid_to_x: bool = False
+    duplicate_ids: str = "error"
+    compile: bool | None = None
+    retries: int = 2
+
+    @classmethod
+    def from_settings(cls, **settings) -> EmbedConfig:
+        """Build a config from ``dask.config`` defaults overridden by the given settings.
+
+        Settings given as ``None`` fall back to the default. Unknown names are an error.
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(settings) - names
+        if unknown:
+            raise TypeError(f"unknown settings: {', '.join(sorted(unknown))}")
+        values = {name: dask.config.get(f"virnuc-dask.{name}") for name in names}
+        values.update({k: v for k, v in settings.items() if v is not None})
+        if values["layers"] is not None:
+            values["layers"] = tuple(int(n) for n in values["layers"])
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Raise :class:`VirnucError` for a setting out of range."""
+        spec = model_spec(self.model)
+        if self.dtype not in DTYPES:
+            raise VirnucError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        if self.output_dtype not in OUTPUT_DTYPES:
+            raise VirnucError(f"output dtype must be one of {', '.join(OUTPUT_DTYPES)}")
+        if not 1 <= self.max_residues <= MODEL_WINDOW:
+            raise VirnucError(f"max residues must be between 1 and {MODEL_WINDOW}")
+        for layer in self.layers or ():
+            if not 0 <= layer <= spec.num_layers:
+                raise VirnucError(
+                    f"layer {layer} does not exist in {spec.name}: it has layers 0 to "
+                    f"{spec.num_layers}"
+                )
+        for name in ("tokens_per_batch", "chunk_tokens", "workers"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise VirnucError(f"{name.replace('_', ' ')} must be positive, got {value}")
+        if self.duplicate_ids not in DUPLICATE_POLICIES:
+            raise VirnucError(f"duplicate ids must be one of {', '.join(DUPLICATE_POLICIES)}")
+
+    def layer_list(self) -> list[int]:
+        """The layers to pool, defaulting to the model's last."""
+        return list(self.layers) if self.layers else [model_spec(self.model).num_layers]

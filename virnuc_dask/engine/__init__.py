@@ -1,0 +1,62 @@
+"""Engines: turn a list of sequences into pooled embeddings on one device.
+
+Two engines share one interface (``embed(list[bytes]) -> float32 array``):
+
+- :class:`~virnuc_dask.engine.reference.ReferenceEngine`: fair-esm's own forward on padded
+  batches, in fp32; the CPU path and the yardstick of every fidelity test.
+- :class:`~virnuc_dask.engine.packed.PackedEngine`: padding-free packed batches with varlen
+  attention, bf16 or fp16, overlapped CUDA streams; the GPU path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from virnuc_dask.tokens import MODEL_WINDOW
+
+_TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> str:
+    """Resolve ``auto`` to ``bf16`` on a GPU and ``fp32`` elsewhere."""
+    if dtype == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return dtype
+
+
+def build_engine(
+    model: torch.nn.Module,
+    *,
+    device: torch.device,
+    dtype: str,
+    layers: list[int],
+    max_residues: int = MODEL_WINDOW,
+    tokens_per_batch: int | None = None,
+    compile: bool | None = None,
+):
+    """Move ``model`` to ``device`` in the compute precision and wrap it in the right engine.
+
+    fp32 runs the reference engine; bf16 and fp16 run the packed engine. The model is cast in
+    place: there is never a second copy of its weights on the device.
+    """
+    dtype = resolve_dtype(dtype, device)
+    model = model.to(device=device, dtype=_TORCH_DTYPES[dtype]).eval()
+    if dtype == "fp32":
+        from virnuc_dask.engine.reference import ReferenceEngine
+
+        return ReferenceEngine(
+            model,
+            layers=layers,
+            max_residues=max_residues,
+            tokens_per_batch=tokens_per_batch or 16384,
+        )
+    from virnuc_dask.engine.packed import PackedEngine
+
+    return PackedEngine(
+        model,
+        layers=layers,
+        max_residues=max_residues,
+        tokens_per_batch=tokens_per_batch,
+        dtype=_TORCH_DTYPES[dtype],
+        compile=compile,
+    )

@@ -1,0 +1,406 @@
+"""The run: index, partition, a ``dask.delayed`` graph of chunk tasks and one assembly.
+
+:func:`prepare` does everything that happens on the driver before the cluster computes
+anything (validate settings and paths, index and validate the inputs, partition) and returns an
+:class:`EmbeddingJob` whose :meth:`~EmbeddingJob.graph` is the unevaluated Dask graph: one
+delayed ``embed_chunk`` per chunk and one delayed ``assemble`` over their results. In a notebook,
+``job.graph().visualize()`` draws it; ``job.run(client)`` computes it. :func:`embed` does both
+on a cluster that fits the machine.
+
+Work directory (default ``OUTPUT.work``, next to the output): the index, the partition, gzip
+inputs decompressed for seeking, and one shard per finished chunk. It is removed after a
+successful run. With ``resume=True`` a run reuses the shards of an earlier run of the same
+inputs and settings (same fingerprint); without it an existing work directory is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import dask
+import numpy as np
+from dask.delayed import Delayed
+
+from virnuc_dask.config import EmbedConfig
+from virnuc_dask.errors import VirnucError
+from virnuc_dask.index import FastaIndex, build_index
+from virnuc_dask.models import WeightsSource, resolve_weights
+from virnuc_dask.output import POOLING, ShardInfo, assemble, shard_matches
+from virnuc_dask.partition import Chunk, Partition, partition
+from virnuc_dask.worker import ChunkJob, EngineSettings, ModelPlugin, embed_chunk, shard_path
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EmbeddingJob:
+    """A prepared run: indexed inputs, chunks, and the settings every task shares.
+
+    Attributes
+    ----------
+    config
+        The run's settings.
+    output
+        Final HDF5 path.
+    zarr
+        Optional Zarr store path.
+    work_dir
+        The run's work directory.
+    index
+        The inputs' index.
+    partition
+        The chunks.
+    weights
+        Where the model's weights come from.
+    fingerprint
+        Identity of the inputs' contents and of every setting that changes the numbers.
+    reused
+        Shards of an earlier run that are reused (resume).
+    """
+
+    config: EmbedConfig
+    output: Path
+    zarr: Path | None
+    work_dir: Path
+    index: FastaIndex
+    partition: Partition
+    weights: WeightsSource
+    fingerprint: str
+    reused: list[ShardInfo]
+    torch_threads: int | None = None
+
+    @property
+    def engine_settings(self) -> EngineSettings:
+        """What each worker's :class:`~virnuc_dask.worker.ModelPlugin` loads."""
+        c = self.config
+        return EngineSettings(
+            weights=self.weights,
+            dtype=c.dtype,
+            layers=tuple(c.layer_list()),
+            max_residues=c.max_residues,
+            tokens_per_batch=c.tokens_per_batch,
+            compile=c.compile,
+            torch_threads=self.torch_threads,
+        )
+
+    @property
+    def todo(self) -> list[Chunk]:
+        """Chunks still to compute."""
+        done = {s.chunk for s in self.reused}
+        return [c for c in self.partition.chunks if c.number not in done]
+
+    def graph(self) -> Delayed:
+        """The unevaluated graph: one task per chunk still to do, one assembly over all.
+
+        Tasks are prioritised by their place in their lane, so the longest sequences of every
+        lane run first and the run ends on short, quick chunks.
+        """
+        job = ChunkJob(
+            index_dir=str(self.work_dir / "index"),
+            order_path=str(self.work_dir / "order.npy"),
+            shard_dir=str(self.work_dir / "shards"),
+            fingerprint=self.fingerprint,
+            output_dtype=self.config.output_dtype,
+            engine=self.engine_settings,
+        )
+        job_node = dask.delayed(job, name="virnuc-job")
+        rank = _rank_in_lane(self.partition.chunks)
+        shards = list(self.reused)
+        for chunk in self.todo:
+            with dask.annotate(priority=-rank[chunk.number], retries=self.config.retries):
+                shards.append(
+                    dask.delayed(embed_chunk, pure=False)(
+                        chunk, job_node, dask_key_name=f"embed-chunk-{chunk.number:06d}"
+                    )
+                )
+        return dask.delayed(_assemble, pure=False)(
+            shards,
+            index_dir=job.index_dir,
+            max_residues=self.config.max_residues,
+            layers=self.config.layer_list(),
+            output=str(self.output),
+            staging=str(self.work_dir),
+            attrs=self.attributes(),
+            dtype=self.config.output_dtype,
+            zarr_path=str(self.zarr) if self.zarr else None,
+            dask_key_name="assemble-output",
+        )
+
+    def attributes(self) -> dict:
+        """Attributes of the output file (netCDF-compatible values only)."""
+        import distributed
+        import esm
+        import torch
+
+        import virnuc_dask
+
+        c = self.config
+        versions = {
+            "virnuc_dask": virnuc_dask.__version__,
+            "torch": torch.__version__,
+            "fair-esm": esm.__version__,
+            "dask": dask.__version__,
+            "distributed": distributed.__version__,
+        }
+        return {
+            "model": c.model,
+            "layers": np.array(c.layer_list(), dtype=np.int32),
+            "pooling": POOLING,
+            "compute_dtype": c.dtype,
+            "max_residues": c.max_residues,
+            "weights": self.weights.describe(),
+            "random_weights": "yes" if self.weights.is_random else "no",
+            "versions": json.dumps(versions),
+            "inputs": json.dumps(self.index.inputs),
+            "fingerprint": self.fingerprint,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+
+    def run(self, client, *, progress: bool = True) -> Path:
+        """Register the model plugin on ``client``'s workers and compute the graph.
+
+        Returns the output path. Shards stay in the work directory when the run fails, for
+        ``resume``; the work directory is removed when it succeeds.
+        """
+        from distributed import progress as progress_bar
+
+        if self.reused:
+            logger.info(
+                "reusing %d finished shards of %d", len(self.reused), len(self.partition.chunks)
+            )
+        client.register_plugin(ModelPlugin(self.engine_settings), name=ModelPlugin.name)
+        future = client.compute(self.graph())
+        if progress:
+            progress_bar(future)
+        result = future.result()
+        shutil.rmtree(self.work_dir, ignore_errors=True)
+        return Path(result)
+
+
+def _assemble(shards: list[ShardInfo], *, index_dir: str, **kwargs) -> str:
+    """The reduction task: read ids and lengths from the saved index, then assemble."""
+    index = FastaIndex.load(index_dir)
+    return assemble(shards, ids=index.ids(), lengths=np.asarray(index.length), **kwargs)
+
+
+def _rank_in_lane(chunks: list[Chunk]) -> dict[int, int]:
+    seen: dict[int, int] = {}
+    rank = {}
+    for chunk in chunks:
+        rank[chunk.number] = seen.get(chunk.lane, 0)
+        seen[chunk.lane] = rank[chunk.number] + 1
+    return rank
+
+
+def prepare(
+    inputs: list[str | Path],
+    output: str | Path,
+    *,
+    lanes: int,
+    zarr: str | Path | None = None,
+    work_dir: str | Path | None = None,
+    resume: bool = False,
+    torch_threads: int | None = None,
+    **settings,
+) -> EmbeddingJob:
+    """Validate, index and partition on the driver; return the job, nothing computed yet.
+
+    Parameters
+    ----------
+    inputs
+        FASTA files, plain or gzip.
+    output
+        Final HDF5 path. Its folder must exist.
+    lanes
+        Workers the partition deals to (the cluster's worker count).
+    zarr
+        Also write a Zarr v3 store here.
+    work_dir
+        Work directory; default ``OUTPUT.work``.
+    resume
+        Reuse the shards of an earlier, interrupted run with the same fingerprint.
+    torch_threads
+        torch threads per worker (CPU workers).
+    **settings
+        Any field of :class:`~virnuc_dask.config.EmbedConfig`.
+    """
+    config = EmbedConfig.from_settings(**settings)
+    output = _check_output(Path(output), "output")
+    zarr = _check_output(Path(zarr), "zarr output") if zarr else None
+    work = Path(work_dir) if work_dir else output.with_name(output.name + ".work")
+    weights = resolve_weights(
+        config.model,
+        checkpoint=config.checkpoint,
+        random_weights=config.random_weights,
+        seed=config.seed,
+    )
+    saved = _open_work_dir(work, resume)
+    try:
+        index = build_index(
+            inputs,
+            work / "staging",
+            invalid_to_x=config.invalid_to_x,
+            duplicate_ids=config.duplicate_ids,
+        )
+    except VirnucError:
+        if not saved:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    fingerprint = _fingerprint(index, weights, config)
+    if saved and saved.get("fingerprint") == fingerprint:
+        parts = Partition(
+            order=np.load(work / "order.npy"),
+            chunks=[Chunk(**c) for c in saved["chunks"]],
+            lanes=saved["lanes"],
+        )
+    else:
+        if saved:
+            logger.warning("work directory %s holds another run's shards: recomputing all", work)
+            shutil.rmtree(work / "shards", ignore_errors=True)
+        parts = partition(index.length, lanes, config.chunk_tokens, config.max_residues)
+        np.save(work / "order.npy", parts.order)
+    index.save(work / "index")
+    (work / "shards").mkdir(exist_ok=True)
+    manifest = {
+        "fingerprint": fingerprint,
+        "lanes": parts.lanes,
+        "chunks": [asdict(c) for c in parts.chunks],
+    }
+    (work / "manifest.json").write_text(json.dumps(manifest))
+    reused = _finished_shards(work, parts, fingerprint) if saved else []
+    return EmbeddingJob(
+        config, output, zarr, work, index, parts, weights, fingerprint, reused, torch_threads
+    )
+
+
+def _check_output(path: Path, what: str) -> Path:
+    path = path.expanduser().absolute()
+    if not path.parent.is_dir():
+        raise VirnucError(f"{what} folder {path.parent} does not exist; create it first")
+    if not os.access(path.parent, os.W_OK):
+        raise VirnucError(f"{what} folder {path.parent} is not writable")
+    if path.is_dir() and what == "output":
+        raise VirnucError(f"output {path} is a directory; give a file name such as out.h5")
+    return path
+
+
+def _open_work_dir(work: Path, resume: bool) -> dict | None:
+    """Create the work directory, or return an earlier run's manifest when resuming."""
+    if work.exists():
+        if not resume:
+            raise VirnucError(
+                f"work directory {work} exists from an earlier run; pass --resume to reuse its "
+                "finished chunks, or remove it"
+            )
+        manifest = work / "manifest.json"
+        return json.loads(manifest.read_text()) if manifest.is_file() else {}
+    work.mkdir()
+    return None
+
+
+def _fingerprint(index: FastaIndex, weights: WeightsSource, config: EmbedConfig) -> str:
+    """Hash of the inputs' bytes and of every setting that changes the stored numbers."""
+    identity = {
+        "inputs": index.digest,
+        "weights": weights.describe(),
+        "layers": config.layer_list(),
+        "dtype": config.dtype,
+        "output_dtype": config.output_dtype,
+        "max_residues": config.max_residues,
+        "invalid_to_x": config.invalid_to_x,
+        "duplicate_ids": config.duplicate_ids,
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _finished_shards(work: Path, parts: Partition, fingerprint: str) -> list[ShardInfo]:
+    """Shards on disk that are complete and belong to this run; anything else is removed."""
+    reused = []
+    for chunk in parts.chunks:
+        path = shard_path(str(work / "shards"), chunk)
+        if not os.path.exists(path):
+            continue
+        if shard_matches(path, fingerprint, parts.order[chunk.start : chunk.stop]):
+            reused.append(ShardInfo(chunk.number, path, chunk.size, chunk.tokens, "resumed", 0.0))
+        else:
+            logger.warning("shard %s does not match this run: recomputing it", path)
+            os.unlink(path)
+    return reused
+
+
+def embed(
+    inputs: list[str | Path] | str | Path,
+    output: str | Path,
+    *,
+    client=None,
+    scheduler: str | None = None,
+    scheduler_file: str | None = None,
+    zarr: str | Path | None = None,
+    work_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    **settings,
+) -> Path:
+    """Embed every sequence of ``inputs`` with ESM-2 into one HDF5 file; return its path.
+
+    Parameters
+    ----------
+    inputs
+        FASTA file(s), plain or gzip.
+    output
+        The HDF5 file to write (its folder must exist).
+    client
+        A ``distributed.Client`` to run on; default: connect to ``scheduler`` /
+        ``scheduler_file``, or start a local cluster that fits the machine.
+    scheduler, scheduler_file
+        An existing Dask scheduler to use instead of a local cluster.
+    zarr
+        Also write the same content as a Zarr v3 store.
+    work_dir
+        Work directory for shards; default ``OUTPUT.work``.
+    resume
+        Reuse the finished shards of an interrupted run.
+    progress
+        Show a progress bar.
+    **settings
+        Fields of :class:`~virnuc_dask.config.EmbedConfig`: ``model``, ``checkpoint``,
+        ``random_weights``, ``seed``, ``layers``, ``dtype``, ``output_dtype``,
+        ``max_residues``, ``tokens_per_batch``, ``chunk_tokens``, ``workers``,
+        ``invalid_to_x``, ``duplicate_ids``, ``compile``, ``retries``.
+
+    Examples
+    --------
+    >>> import virnuc_dask
+    >>> path = virnuc_dask.embed("proteins.fasta", "proteins.h5",
+    ...                          model="esm2_t6_8M_UR50D")  # doctest: +SKIP
+    >>> virnuc_dask.open_embeddings(path).embedding.shape  # doctest: +SKIP
+    (15, 320)
+    """
+    from virnuc_dask.cluster import connect, local_plan
+
+    inputs = [inputs] if isinstance(inputs, str | Path) else list(inputs)
+    options = dict(zarr=zarr, work_dir=work_dir, resume=resume)
+    if client is not None:
+        lanes = len(client.scheduler_info(n_workers=-1)["workers"]) or 1
+        job = prepare(inputs, output, lanes=lanes, **options, **settings)
+        return job.run(client, progress=progress)
+    if scheduler or scheduler_file:
+        with connect(scheduler=scheduler, scheduler_file=scheduler_file) as (client, info):
+            job = prepare(inputs, output, lanes=info.workers, **options, **settings)
+            return job.run(client, progress=progress)
+    # A local cluster: index and validate first, so bad input fails before any worker starts.
+    plan = local_plan(settings.get("workers"))
+    job = prepare(
+        inputs, output, lanes=plan.workers, torch_threads=plan.torch_threads, **options, **settings
+    )
+    with connect(workers=plan.workers) as (client, info):
+        if progress:
+            print(f"Dask dashboard: {info.dashboard}", flush=True)
+        return job.run(client, progress=progress)
