@@ -124,3 +124,7 @@ def embed(inputs, output, scheduler, scheduler_file, zarr, work_dir, resume, qui
         click.echo(f"virnuc-dask: error: {error}", err=True)
         sys.exit(2)
     click.echo(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

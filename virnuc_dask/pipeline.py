@@ -15,11 +15,13 @@ inputs and settings (same fingerprint); without it an existing work directory is
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import os
 import shutil
+import time
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -63,6 +65,10 @@ class EmbeddingJob:
         Identity of the inputs' contents and of every setting that changes the numbers.
     reused
         Shards of an earlier run that are reused (resume).
+    torch_threads
+        torch threads per CPU worker.
+    report
+        What the run did, once :meth:`run` has finished.
     """
 
     config: EmbedConfig
@@ -75,6 +81,7 @@ class EmbeddingJob:
     fingerprint: str
     reused: list[ShardInfo]
     torch_threads: int | None = None
+    report: RunReport | None = None
 
     @property
     def engine_settings(self) -> EngineSettings:
@@ -175,19 +182,61 @@ class EmbeddingJob:
             logger.info(
                 "reusing %d finished shards of %d", len(self.reused), len(self.partition.chunks)
             )
+        started = time.perf_counter()
         client.register_plugin(ModelPlugin(self.engine_settings), name=ModelPlugin.name)
         future = client.compute(self.graph())
         if progress:
             progress_bar(future)
-        result = future.result()
+        output, shards = future.result()
         shutil.rmtree(self.work_dir, ignore_errors=True)
-        return Path(result)
+        self.report = RunReport.from_shards(output, shards, time.perf_counter() - started)
+        logger.info(self.report.summary())
+        return Path(output)
 
 
-def _assemble(shards: list[ShardInfo], *, index_dir: str, **kwargs) -> str:
+@dataclass(frozen=True)
+class RunReport:
+    """What a finished run did: counts, time, and the tokens each worker embedded."""
+
+    output: str
+    sequences: int
+    tokens: int
+    chunks: int
+    reused: int
+    seconds: float
+    worker_tokens: dict[str, int]
+
+    @classmethod
+    def from_shards(cls, output: str, shards: list[ShardInfo], seconds: float) -> RunReport:
+        """Summarise the shards of a run."""
+        per_worker: dict[str, int] = {}
+        for shard in shards:
+            per_worker[shard.worker] = per_worker.get(shard.worker, 0) + shard.tokens
+        return cls(
+            output=output,
+            sequences=sum(s.sequences for s in shards),
+            tokens=sum(s.tokens for s in shards),
+            chunks=len(shards),
+            reused=sum(s.worker == "resumed" for s in shards),
+            seconds=seconds,
+            worker_tokens=per_worker,
+        )
+
+    def summary(self) -> str:
+        """One line for a person: sequences, tokens, time and throughput."""
+        rate = self.tokens / self.seconds if self.seconds else 0.0
+        return (
+            f"{self.sequences:,} sequences, {self.tokens:,} tokens in {self.chunks} chunks "
+            f"({self.reused} reused) on {len(self.worker_tokens)} workers: "
+            f"{self.seconds:.1f} s, {rate:,.0f} tokens/s"
+        )
+
+
+def _assemble(shards: list[ShardInfo], *, index_dir: str, **kwargs) -> tuple[str, list[ShardInfo]]:
     """The reduction task: read ids and lengths from the saved index, then assemble."""
     index = FastaIndex.load(index_dir)
-    return assemble(shards, ids=index.ids(), lengths=np.asarray(index.length), **kwargs)
+    path = assemble(shards, ids=index.ids(), lengths=np.asarray(index.length), **kwargs)
+    return path, shards
 
 
 def _rank_in_lane(chunks: list[Chunk]) -> dict[int, int]:
@@ -208,6 +257,7 @@ def prepare(
     work_dir: str | Path | None = None,
     resume: bool = False,
     torch_threads: int | None = None,
+    on_gpu: bool = False,
     **settings,
 ) -> EmbeddingJob:
     """Validate, index and partition on the driver; return the job, nothing computed yet.
@@ -228,10 +278,14 @@ def prepare(
         Reuse the shards of an earlier, interrupted run with the same fingerprint.
     torch_threads
         torch threads per worker (CPU workers).
+    on_gpu
+        Whether the workers have GPUs: resolves ``dtype="auto"`` to bf16 (else fp32).
     **settings
         Any field of :class:`~virnuc_dask.config.EmbedConfig`.
     """
     config = EmbedConfig.from_settings(**settings)
+    if config.dtype == "auto":
+        config = dataclasses.replace(config, dtype="bf16" if on_gpu else "fp32")
     output = _check_output(Path(output), "output")
     zarr = _check_output(Path(zarr), "zarr output") if zarr else None
     work = Path(work_dir) if work_dir else output.with_name(output.name + ".work")
@@ -389,18 +443,38 @@ def embed(
     options = dict(zarr=zarr, work_dir=work_dir, resume=resume)
     if client is not None:
         lanes = len(client.scheduler_info(n_workers=-1)["workers"]) or 1
-        job = prepare(inputs, output, lanes=lanes, **options, **settings)
+        job = prepare(inputs, output, lanes=lanes, on_gpu=_has_gpus(client), **options, **settings)
         return job.run(client, progress=progress)
     if scheduler or scheduler_file:
         with connect(scheduler=scheduler, scheduler_file=scheduler_file) as (client, info):
-            job = prepare(inputs, output, lanes=info.workers, **options, **settings)
+            job = prepare(
+                inputs, output, lanes=info.workers, on_gpu=_has_gpus(client), **options, **settings
+            )
             return job.run(client, progress=progress)
     # A local cluster: index and validate first, so bad input fails before any worker starts.
     plan = local_plan(settings.get("workers"))
     job = prepare(
-        inputs, output, lanes=plan.workers, torch_threads=plan.torch_threads, **options, **settings
+        inputs,
+        output,
+        lanes=plan.workers,
+        torch_threads=plan.torch_threads,
+        on_gpu=plan.gpus > 0,
+        **options,
+        **settings,
     )
     with connect(workers=plan.workers) as (client, info):
         if progress:
             print(f"Dask dashboard: {info.dashboard}", flush=True)
         return job.run(client, progress=progress)
+
+
+def _has_gpus(client) -> bool:
+    """Whether every worker of the cluster sees a CUDA device."""
+
+    def cuda_available() -> bool:
+        import torch
+
+        return torch.cuda.is_available()
+
+    answers = client.run(cuda_available)
+    return bool(answers) and all(answers.values())

@@ -1,0 +1,58 @@
+"""Helpers for tests: random sequences, FASTA writing, fair-esm's own reference."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+#: The 2-layer, 64-wide ESM-2 architecture that keeps CPU tests fast.
+TINY = "esm2_t2_tiny"
+AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "data" / "some_proteins.fasta"
+
+
+def random_sequences(count: int, low: int, high: int, seed: int = 0) -> list[str]:
+    """``count`` random protein sequences with lengths drawn uniformly in ``[low, high]``."""
+    rng = random.Random(seed)
+    return ["".join(rng.choices(AMINO_ACIDS, k=rng.randint(low, high))) for _ in range(count)]
+
+
+def write_fasta(path: Path, sequences: list[str], ids: list[str] | None = None, width: int = 60):
+    """Write sequences as multi-line FASTA records ``seq0``, ``seq1``, ... and return the ids."""
+    ids = ids or [f"seq{i}" for i in range(len(sequences))]
+    with open(path, "w") as f:
+        for ident, seq in zip(ids, sequences, strict=True):
+            f.write(f">{ident} test record\n")
+            for start in range(0, len(seq), width):
+                f.write(seq[start : start + width] + "\n")
+    return ids
+
+
+def fair_esm_embeddings(model, sequences: list[str], layers: list[int]) -> np.ndarray:
+    """fair-esm's own forward, one sequence at a time (no padding), pooled over residues.
+
+    The reference every equivalence test compares with: batch converter, ``model(tokens,
+    repr_layers=...)``, mean over positions 1..L (BOS and EOS excluded), truncation at 1022.
+    """
+    convert = model.alphabet.get_batch_converter(1022)
+    out = []
+    with torch.inference_mode():
+        for seq in sequences:
+            _, _, tokens = convert([("x", seq)])
+            reps = model(tokens, repr_layers=layers)["representations"]
+            n = min(len(seq), 1022)
+            out.append(np.stack([reps[layer][0, 1 : n + 1].mean(0).numpy() for layer in layers]))
+    return np.stack(out)
+
+
+def assert_rows_close(actual: np.ndarray, expected: np.ndarray, rtol: float = 1e-5):
+    """Every row equal to the reference within ``rtol`` relative (norm of the difference)."""
+    assert actual.shape == expected.shape
+    flat_a = actual.reshape(len(actual), -1).astype(np.float64)
+    flat_e = expected.reshape(len(expected), -1).astype(np.float64)
+    error = np.linalg.norm(flat_a - flat_e, axis=1) / np.linalg.norm(flat_e, axis=1)
+    worst = int(error.argmax())
+    assert error.max() <= rtol, f"row {worst}: relative error {error[worst]:.3g} > {rtol}"

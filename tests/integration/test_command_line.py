@@ -1,0 +1,200 @@
+"""The command line end to end: local cluster, ``dask scheduler`` + ``dask worker``, real data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import virnuc_dask
+from tests.helpers import EXAMPLE, TINY, assert_rows_close, fair_esm_embeddings
+from tests.test_models import write_fair_esm_checkpoint
+from virnuc_dask.models import hub_checkpoint, load_model, resolve_weights
+
+CLI = [sys.executable, "-m", "virnuc_dask.cli"]
+
+
+def _example():
+    ids, seqs = [], []
+    for record in EXAMPLE.read_text().split(">")[1:]:
+        header, *lines = record.splitlines()
+        ids.append(header.split()[0])
+        seqs.append("".join(lines))
+    return ids, seqs
+
+
+def _embed(*args, timeout=300):
+    result = subprocess.run(
+        [*CLI, "embed", *map(str, args), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_real_proteins_on_the_local_cluster_with_zarr(tmp_path, tiny_model):
+    ids, seqs = _example()
+    out, store = tmp_path / "proteins.h5", tmp_path / "proteins.zarr"
+    _embed(
+        EXAMPLE,
+        "-o",
+        out,
+        "--zarr",
+        store,
+        "--model",
+        TINY,
+        "--random-weights",
+        "--workers",
+        "2",
+        "--chunk-tokens",
+        "1500",
+    )
+    ds = virnuc_dask.open_embeddings(out).load()
+    assert list(ds.sequence.values) == ids
+    assert_rows_close(ds.embedding.values, fair_esm_embeddings(tiny_model, seqs, [2])[:, 0])
+    np.testing.assert_array_equal(
+        virnuc_dask.open_embeddings(store).embedding.values, ds.embedding.values
+    )
+
+
+def test_checkpoint_in_the_hub_cache_by_name(tmp_path, monkeypatch):
+    """ESM-2 8M weights written in fair-esm's format into a private hub, loaded by name."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    model = load_model(resolve_weights("esm2_t6_8M_UR50D", random_weights=True, seed=21))
+    write_fair_esm_checkpoint(model, hub_checkpoint("esm2_t6_8M_UR50D"))
+    out = tmp_path / "out.h5"
+    _embed(
+        EXAMPLE,
+        "-o",
+        out,
+        "--model",
+        "esm2_t6_8M_UR50D",
+        "--layers",
+        "5,6",
+        "--workers",
+        "1",
+    )
+    ds = virnuc_dask.open_embeddings(out).load()
+    _, seqs = _example()
+    assert ds.attrs["random_weights"] == "no" and "sha256" in ds.attrs["weights"]
+    assert_rows_close(ds.embedding.values, fair_esm_embeddings(model, seqs, [5, 6]))
+
+
+@pytest.fixture
+def scheduler_and_two_workers(tmp_path):
+    """``dask scheduler`` and two ``dask worker`` processes on 127.0.0.1."""
+    scheduler_file = tmp_path / "scheduler.json"
+    dask = [str(Path(sys.executable).with_name("dask"))]
+    procs = [
+        subprocess.Popen(
+            [
+                *dask,
+                "scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--dashboard-address",
+                "127.0.0.1:0",
+                "--scheduler-file",
+                str(scheduler_file),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    ]
+    deadline = time.time() + 60
+    while not scheduler_file.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    for _ in range(2):
+        procs.append(
+            subprocess.Popen(
+                [
+                    *dask,
+                    "worker",
+                    "--scheduler-file",
+                    str(scheduler_file),
+                    "--host",
+                    "127.0.0.1",
+                    "--nworkers",
+                    "1",
+                    "--nthreads",
+                    "1",
+                    "--no-dashboard",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+    try:
+        yield scheduler_file, json.loads(scheduler_file.read_text())["address"]
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in procs:
+            proc.wait(timeout=30)
+
+
+def test_dask_scheduler_and_workers(scheduler_and_two_workers, tmp_path, tiny_model):
+    scheduler_file, address = scheduler_and_two_workers
+    ids, seqs = _example()
+    expected = fair_esm_embeddings(tiny_model, seqs, [2])[:, 0]
+    by_file, by_address = tmp_path / "a.h5", tmp_path / "b.h5"
+    _embed(
+        EXAMPLE,
+        "-o",
+        by_file,
+        "--scheduler-file",
+        scheduler_file,
+        "--model",
+        TINY,
+        "--random-weights",
+        "--chunk-tokens",
+        "1000",
+    )
+    _embed(
+        EXAMPLE,
+        "-o",
+        by_address,
+        "--scheduler",
+        address,
+        "--model",
+        TINY,
+        "--random-weights",
+        "--chunk-tokens",
+        "1000",
+    )
+    for path in (by_file, by_address):
+        ds = virnuc_dask.open_embeddings(path).load()
+        assert list(ds.sequence.values) == ids
+        assert_rows_close(ds.embedding.values, expected)
+
+
+def test_unreachable_scheduler_is_a_clear_error(tmp_path):
+    result = subprocess.run(
+        [
+            *CLI,
+            "embed",
+            str(EXAMPLE),
+            "-o",
+            str(tmp_path / "o.h5"),
+            "--model",
+            TINY,
+            "--random-weights",
+            "--scheduler",
+            "tcp://127.0.0.1:9",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("virnuc-dask: error: cannot reach the Dask scheduler")
+    assert not (tmp_path / "o.h5").exists()

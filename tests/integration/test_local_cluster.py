@@ -1,0 +1,157 @@
+"""Whole runs on real ``LocalCluster``s of worker processes, compared row by row.
+
+Ported from the multi-GPU suite of VirNucPro's refactor to CPU worker processes, with
+tolerances that see a misaligned row: random-weight embeddings of different sequences reach
+cosine 0.991 with each other, so rows are compared to a reference at 1e-5 relative.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from distributed import Client, LocalCluster
+
+import virnuc_dask
+from tests.helpers import (
+    TINY,
+    assert_rows_close,
+    fair_esm_embeddings,
+    random_sequences,
+    write_fasta,
+)
+
+
+def _cluster(workers: int):
+    cluster = LocalCluster(
+        n_workers=workers,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address=":0",
+    )
+    return cluster, Client(cluster)
+
+
+def _run(client, fasta, out, **settings):
+    job = virnuc_dask.prepare(
+        [fasta],
+        out,
+        lanes=len(client.scheduler_info(n_workers=-1)["workers"]),
+        model=TINY,
+        random_weights=True,
+        **settings,
+    )
+    path = job.run(client, progress=False)
+    return job, virnuc_dask.open_embeddings(path).load()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """120 sequences of 1 to 1,300 residues (some truncated) in one multi-line FASTA file."""
+    seqs = random_sequences(110, 20, 400, seed=11) + random_sequences(10, 1, 1300, seed=12)
+    path = tmp_path_factory.mktemp("corpus") / "corpus.fasta"
+    ids = write_fasta(path, seqs)
+    return path, ids, seqs
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tiny_model):
+    _, _, seqs = corpus
+    return fair_esm_embeddings(tiny_model, seqs, [2])[:, 0]
+
+
+@pytest.fixture(scope="module")
+def two_worker_run(cluster_client, corpus, tmp_path_factory):
+    fasta, _, _ = corpus
+    out = tmp_path_factory.mktemp("two") / "out.h5"
+    return _run(cluster_client, fasta, out, chunk_tokens=2_000)
+
+
+def test_multi_worker_output_equals_fair_esm(two_worker_run, corpus, reference):
+    _, ds = two_worker_run
+    _, ids, _ = corpus
+    assert list(ds.sequence.values) == ids
+    assert_rows_close(ds.embedding.values, reference)
+
+
+def test_every_sequence_once_in_input_order(two_worker_run, corpus):
+    job, ds = two_worker_run
+    _, ids, seqs = corpus
+    assert len(ds.sequence) == len(set(ds.sequence.values)) == len(ids)
+    assert list(ds.sequence.values) == ids
+    assert ds.length.values.tolist() == [len(s) for s in seqs]
+    assert ds.truncated.values.tolist() == [len(s) > 1022 for s in seqs]
+    assert job.report.sequences == len(ids)
+
+
+def test_shapes_dtypes_and_attributes(two_worker_run):
+    _, ds = two_worker_run
+    assert ds.embedding.dims == ("sequence", "feature")
+    assert ds.embedding.shape == (120, 64) and ds.embedding.dtype == np.float32
+    assert ds.attrs["model"] == TINY and ds.attrs["random_weights"] == "yes"
+    assert ds.attrs["pooling"] == "mean over residues, BOS/EOS excluded"
+    assert ds.attrs["compute_dtype"] == "fp32"
+
+
+def test_stride_partition_is_balanced_and_both_workers_work(two_worker_run):
+    job, _ = two_worker_run
+    lanes = job.partition.lane_tokens()
+    assert np.abs(lanes / lanes.mean() - 1).max() < 0.10
+    assert len(job.report.worker_tokens) == 2
+    assert sum(job.report.worker_tokens.values()) == lanes.sum()
+
+
+def test_shard_sizes_are_similar(two_worker_run):
+    job, _ = two_worker_run
+    last = {c.lane: c.number for c in job.partition.chunks}
+    full = [c.tokens for c in job.partition.chunks if c.number not in last.values()]
+    assert len(full) >= 4
+    assert max(full) / min(full) < 1.5  # each chunk is cut at the first sequence past 2,000
+
+
+def test_work_directory_is_removed_after_success(two_worker_run):
+    job, _ = two_worker_run
+    assert not job.work_dir.exists()
+
+
+@pytest.mark.parametrize(("workers", "count"), [(1, 40), (4, 2), (3, 99)])
+def test_worker_and_sequence_counts(workers, count, tmp_path, tiny_model):
+    seqs = random_sequences(count, 1, 300, seed=workers * 100 + count)
+    fasta = tmp_path / "in.fasta"
+    ids = write_fasta(fasta, seqs)
+    cluster, client = _cluster(workers)
+    with cluster, client:
+        _, ds = _run(client, fasta, tmp_path / "out.h5", chunk_tokens=500)
+    assert list(ds.sequence.values) == ids
+    assert_rows_close(ds.embedding.values, fair_esm_embeddings(tiny_model, seqs, [2])[:, 0])
+
+
+def test_one_worker_equals_two_workers(two_worker_run, corpus, tmp_path):
+    fasta, _, _ = corpus
+    _, two = two_worker_run
+    cluster, client = _cluster(1)
+    with cluster, client:
+        _, one = _run(client, fasta, tmp_path / "one.h5", chunk_tokens=5_000)
+    assert list(one.sequence.values) == list(two.sequence.values)
+    assert_rows_close(one.embedding.values, two.embedding.values)
+
+
+def test_several_layers_and_zarr(cluster_client, corpus, tmp_path, tiny_model):
+    fasta, ids, seqs = corpus
+    job = virnuc_dask.prepare(
+        [fasta],
+        tmp_path / "l.h5",
+        lanes=2,
+        model=TINY,
+        random_weights=True,
+        layers=[0, 2],
+        zarr=tmp_path / "l.zarr",
+    )
+    job.run(cluster_client, progress=False)
+    h5 = virnuc_dask.open_embeddings(tmp_path / "l.h5").load()
+    zr = virnuc_dask.open_embeddings(tmp_path / "l.zarr").load()
+    assert h5.embedding.dims == ("sequence", "layer", "feature")
+    assert h5.layer.values.tolist() == [0, 2]
+    assert_rows_close(h5.embedding.values, fair_esm_embeddings(tiny_model, seqs, [0, 2]))
+    np.testing.assert_array_equal(zr.embedding.values, h5.embedding.values)
+    assert list(zr.sequence.values) == ids
