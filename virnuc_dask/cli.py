@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
 import click
@@ -21,6 +22,10 @@ def _layers(ctx, param, values: tuple[str, ...]) -> tuple[int, ...] | None:
             "layers are whole numbers, e.g. --layers 33 or --layers 30,33"
         ) from None
     return layers or None
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 @click.group()
@@ -108,6 +113,9 @@ def embed(inputs, output, scheduler, scheduler_file, zarr, work_dir, resume, qui
         level=logging.WARNING if quiet else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    # SIGTERM (a scheduler's preemption, `kill`) ends the run like Ctrl-C: the local cluster
+    # is closed, locks are released and finished shards stay for --resume.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         path = run(
             list(inputs),
@@ -123,6 +131,11 @@ def embed(inputs, output, scheduler, scheduler_file, zarr, work_dir, resume, qui
     except VirnucError as error:
         click.echo(f"virnuc-dask: error: {error}", err=True)
         sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo(
+            "virnuc-dask: interrupted; rerun with --resume to reuse finished chunks", err=True
+        )
+        sys.exit(130)
     click.echo(f"wrote {path}")
 
 

@@ -33,6 +33,7 @@ from dask.delayed import Delayed
 from virnuc_dask.config import EmbedConfig
 from virnuc_dask.errors import VirnucError
 from virnuc_dask.index import FastaIndex, build_index
+from virnuc_dask.lock import RunLock
 from virnuc_dask.models import WeightsSource, resolve_weights
 from virnuc_dask.output import POOLING, ShardInfo, assemble, shard_matches
 from virnuc_dask.partition import Chunk, Partition, partition
@@ -69,6 +70,9 @@ class EmbeddingJob:
         torch threads per CPU worker.
     report
         What the run did, once :meth:`run` has finished.
+    locks
+        The output's and work directory's locks, held from :func:`prepare` until :meth:`run`
+        ends (or :meth:`release`).
     """
 
     config: EmbedConfig
@@ -82,6 +86,7 @@ class EmbeddingJob:
     reused: list[ShardInfo]
     torch_threads: int | None = None
     report: RunReport | None = None
+    locks: list[RunLock] = dataclasses.field(default_factory=list, repr=False)
 
     @property
     def engine_settings(self) -> EngineSettings:
@@ -178,20 +183,31 @@ class EmbeddingJob:
         """
         from distributed import progress as progress_bar
 
-        if self.reused:
-            logger.info(
-                "reusing %d finished shards of %d", len(self.reused), len(self.partition.chunks)
-            )
         started = time.perf_counter()
-        client.register_plugin(ModelPlugin(self.engine_settings), name=ModelPlugin.name)
-        future = client.compute(self.graph())
-        if progress:
-            progress_bar(future)
-        output, shards = future.result()
+        try:
+            client.register_plugin(ModelPlugin(self.engine_settings), name=ModelPlugin.name)
+            future = client.compute(self.graph())
+            if progress:
+                progress_bar(future)
+            output, shards = future.result()
+        except BaseException:
+            logger.warning(
+                "run stopped; finished chunks are kept in %s: rerun with --resume to reuse them",
+                self.work_dir,
+            )
+            raise
+        finally:
+            self.release()
         shutil.rmtree(self.work_dir, ignore_errors=True)
         self.report = RunReport.from_shards(output, shards, time.perf_counter() - started)
         logger.info(self.report.summary())
         return Path(output)
+
+    def release(self) -> None:
+        """Release the run's locks (done by :meth:`run`; call it for a job never run)."""
+        for lock in reversed(self.locks):
+            lock.release()
+        self.locks.clear()
 
 
 @dataclass(frozen=True)
@@ -295,7 +311,7 @@ def prepare(
         random_weights=config.random_weights,
         seed=config.seed,
     )
-    saved = _open_work_dir(work, resume)
+    locks, saved = _lock_and_open(output, work, resume)
     try:
         index = build_index(
             inputs,
@@ -303,24 +319,66 @@ def prepare(
             invalid_to_x=config.invalid_to_x,
             duplicate_ids=config.duplicate_ids,
         )
-    except VirnucError:
-        if not saved:
+        fingerprint = _fingerprint(index, weights, config)
+        parts = _partition(work, saved, fingerprint, index, lanes, config)
+        index.save(work / "index")
+        reused = _finished_shards(work, parts, fingerprint) if saved is not None else []
+    except BaseException:
+        for lock in reversed(locks):
+            lock.release()
+        if saved is None:
             shutil.rmtree(work, ignore_errors=True)
         raise
-    fingerprint = _fingerprint(index, weights, config)
+    if saved is not None:
+        logger.info(
+            "resume: %d of %d chunks already finished and reused", len(reused), len(parts.chunks)
+        )
+    return EmbeddingJob(
+        config,
+        output,
+        zarr,
+        work,
+        index,
+        parts,
+        weights,
+        fingerprint,
+        reused,
+        torch_threads,
+        locks=locks,
+    )
+
+
+def _lock_and_open(output: Path, work: Path, resume: bool) -> tuple[list[RunLock], dict | None]:
+    """Lock the output, open the work directory (see :func:`_open_work_dir`) and lock it."""
+    locks = [RunLock(output.with_name(output.name + ".lock"), f"output {output}").acquire()]
+    try:
+        saved = _open_work_dir(work, resume)
+        locks.append(RunLock(work / "lock", f"work directory {work}").acquire())
+    except BaseException:
+        locks[0].release()
+        raise
+    return locks, saved
+
+
+def _partition(
+    work: Path, saved: dict | None, fingerprint: str, index: FastaIndex, lanes: int, config
+) -> Partition:
+    """The saved partition of an earlier run of the same fingerprint, else a new one."""
     if saved and saved.get("fingerprint") == fingerprint:
-        parts = Partition(
+        return Partition(
             order=np.load(work / "order.npy"),
             chunks=[Chunk(**c) for c in saved["chunks"]],
             lanes=saved["lanes"],
         )
-    else:
-        if saved:
-            logger.warning("work directory %s holds another run's shards: recomputing all", work)
-            shutil.rmtree(work / "shards", ignore_errors=True)
-        parts = partition(index.length, lanes, config.chunk_tokens, config.max_residues)
-        np.save(work / "order.npy", parts.order)
-    index.save(work / "index")
+    if saved:
+        logger.warning(
+            "work directory %s holds shards of a run with other inputs or settings: "
+            "recomputing every chunk",
+            work,
+        )
+        shutil.rmtree(work / "shards", ignore_errors=True)
+    parts = partition(index.length, lanes, config.chunk_tokens, config.max_residues)
+    np.save(work / "order.npy", parts.order)
     (work / "shards").mkdir(exist_ok=True)
     manifest = {
         "fingerprint": fingerprint,
@@ -328,10 +386,7 @@ def prepare(
         "chunks": [asdict(c) for c in parts.chunks],
     }
     (work / "manifest.json").write_text(json.dumps(manifest))
-    reused = _finished_shards(work, parts, fingerprint) if saved else []
-    return EmbeddingJob(
-        config, output, zarr, work, index, parts, weights, fingerprint, reused, torch_threads
-    )
+    return parts
 
 
 def _check_output(path: Path, what: str) -> Path:
@@ -376,6 +431,9 @@ def _fingerprint(index: FastaIndex, weights: WeightsSource, config: EmbedConfig)
 
 def _finished_shards(work: Path, parts: Partition, fingerprint: str) -> list[ShardInfo]:
     """Shards on disk that are complete and belong to this run; anything else is removed."""
+    for partial in (work / "shards").glob(".*.partial"):
+        logger.warning("removing the half-written shard %s", partial.name)
+        partial.unlink()
     reused = []
     for chunk in parts.chunks:
         path = shard_path(str(work / "shards"), chunk)

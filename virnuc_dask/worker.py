@@ -17,11 +17,21 @@ from dataclasses import dataclass
 import numpy as np
 from distributed import WorkerPlugin, get_worker
 
+from virnuc_dask.errors import VirnucError
 from virnuc_dask.models import WeightsSource
 from virnuc_dask.output import ShardInfo, write_shard
 from virnuc_dask.partition import Chunk
 
 PLUGIN_NAME = "virnuc-dask-model"
+
+
+class ChunkError(VirnucError):
+    """A chunk whose embedding failed, naming the chunk and its sequences.
+
+    Dask retries the task a bounded number of times (``retries``); if it still fails, the run
+    stops with this message and the finished shards stay for ``--resume``.
+    """
+
 
 # The per-worker engine cache: reused when a later run on the same cluster asks for the same
 # model and settings, replaced when it asks for another.
@@ -143,9 +153,17 @@ def embed_chunk(chunk: Chunk, job: ChunkJob) -> ShardInfo:
     index = FastaIndex.load(job.index_dir)
     rows = np.array(np.load(job.order_path, mmap_mode="r")[chunk.start : chunk.stop])
     sequences = read_sequences(index, rows)
-    # Grad mode is thread-local and Dask runs tasks in its own threads: set it here.
-    with torch.inference_mode():
-        embedding = engine.embed(sequences)
+    try:
+        # Grad mode is thread-local and Dask runs tasks in its own threads: set it here.
+        with torch.inference_mode():
+            embedding = engine.embed(sequences)
+    except Exception as error:
+        ids = index.ids(rows[:5])
+        more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
+        raise ChunkError(
+            f"chunk {chunk.number} ({len(rows)} sequences: {', '.join(ids)}{more}) failed: "
+            f"{type(error).__name__}: {error}"
+        ) from error
     path = shard_path(job.shard_dir, chunk)
     write_shard(
         path,
