@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import random
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -56,3 +61,41 @@ def assert_rows_close(actual: np.ndarray, expected: np.ndarray, rtol: float = 1e
     error = np.linalg.norm(flat_a - flat_e, axis=1) / np.linalg.norm(flat_e, axis=1)
     worst = int(error.argmax())
     assert error.max() <= rtol, f"row {worst}: relative error {error[worst]:.3g} > {rtol}"
+
+
+@contextlib.contextmanager
+def dask_processes(folder: Path, workers: int, *, nanny: bool = True):
+    """Start ``dask scheduler`` and ``workers`` ``dask worker`` processes on 127.0.0.1.
+
+    Yields the scheduler file, the scheduler address and the worker ``Popen`` objects; every
+    process is stopped on exit.
+    """
+    scheduler_file = folder / "scheduler.json"
+    dask = str(Path(sys.executable).with_name("dask"))
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    scheduler = subprocess.Popen(
+        [dask, "scheduler", "--host", "127.0.0.1", "--port", "0",
+         "--dashboard-address", "127.0.0.1:0", "--scheduler-file", str(scheduler_file)],
+        **quiet,
+    )  # fmt: skip
+    procs = [scheduler]
+    try:
+        deadline = time.time() + 60
+        while not scheduler_file.exists() and time.time() < deadline:
+            time.sleep(0.1)
+        address = json.loads(scheduler_file.read_text())["address"]
+        for _ in range(workers):
+            procs.append(subprocess.Popen(
+                [dask, "worker", address, "--host", "127.0.0.1", "--nthreads", "1",
+                 "--no-dashboard", "--nanny" if nanny else "--no-nanny"],
+                **quiet,
+            ))  # fmt: skip
+        yield scheduler_file, address, procs[1:]
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()

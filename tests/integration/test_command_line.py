@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import virnuc_dask
-from tests.helpers import EXAMPLE, TINY, assert_rows_close, fair_esm_embeddings
+from tests.helpers import (
+    EXAMPLE,
+    TINY,
+    assert_rows_close,
+    dask_processes,
+    fair_esm_embeddings,
+)
 from tests.test_models import write_fair_esm_checkpoint
 from virnuc_dask.models import hub_checkpoint, load_model, resolve_weights
 
@@ -90,56 +93,8 @@ def test_checkpoint_in_the_hub_cache_by_name(tmp_path, monkeypatch):
 @pytest.fixture
 def scheduler_and_two_workers(tmp_path):
     """``dask scheduler`` and two ``dask worker`` processes on 127.0.0.1."""
-    scheduler_file = tmp_path / "scheduler.json"
-    dask = [str(Path(sys.executable).with_name("dask"))]
-    procs = [
-        subprocess.Popen(
-            [
-                *dask,
-                "scheduler",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--dashboard-address",
-                "127.0.0.1:0",
-                "--scheduler-file",
-                str(scheduler_file),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-    ]
-    deadline = time.time() + 60
-    while not scheduler_file.exists() and time.time() < deadline:
-        time.sleep(0.2)
-    for _ in range(2):
-        procs.append(
-            subprocess.Popen(
-                [
-                    *dask,
-                    "worker",
-                    "--scheduler-file",
-                    str(scheduler_file),
-                    "--host",
-                    "127.0.0.1",
-                    "--nworkers",
-                    "1",
-                    "--nthreads",
-                    "1",
-                    "--no-dashboard",
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-        )
-    try:
-        yield scheduler_file, json.loads(scheduler_file.read_text())["address"]
-    finally:
-        for proc in reversed(procs):
-            proc.terminate()
-        for proc in procs:
-            proc.wait(timeout=30)
+    with dask_processes(tmp_path, 2) as (scheduler_file, address, _):
+        yield scheduler_file, address
 
 
 def test_dask_scheduler_and_workers(scheduler_and_two_workers, tmp_path, tiny_model):
