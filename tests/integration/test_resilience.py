@@ -79,6 +79,34 @@ class PoisonSequence(WorkerPlugin):
         ReferenceEngine.embed = embed
 
 
+class MemorySpike(WorkerPlugin):
+    """On the first chunk of the run (once, marked by a file), hold ``gigabytes`` of memory."""
+
+    name = "test-memory-spike"
+
+    def __init__(self, gigabytes: float, marker: str) -> None:
+        self.gigabytes, self.marker = gigabytes, marker
+
+    def setup(self, worker) -> None:
+        from virnuc_dask.engine.reference import ReferenceEngine
+
+        original = getattr(ReferenceEngine, "_unpatched_embed", ReferenceEngine.embed)
+        size, marker = int(self.gigabytes * 1e9), self.marker
+
+        def embed(engine, sequences):
+            try:
+                fd = os.open(marker, os.O_CREAT | os.O_EXCL)
+            except FileExistsError:
+                return original(engine, sequences)
+            os.close(fd)
+            ballast = np.ones(size, dtype=np.uint8)  # touched pages: real resident memory
+            time.sleep(30)  # the nanny's memory monitor ends the worker long before this
+            return ballast
+
+        ReferenceEngine._unpatched_embed = original
+        ReferenceEngine.embed = embed
+
+
 @pytest.fixture(scope="module")
 def workload(tmp_path_factory):
     """About 100,000 tokens of the tiny model in 17 or so chunks."""
@@ -169,6 +197,31 @@ def test_worker_killed_mid_run_for_good(workload, baseline, tmp_path):
         c.wait_for_workers(3, timeout=60)
         _run_and_kill_a_worker(c, fasta, out, kill)
         assert sum(w.poll() is None for w in workers) == 2
+    assert_same_output(out, baseline)
+
+
+def test_worker_over_its_memory_limit_is_restarted_without_losing_work(
+    workload, baseline, tmp_path
+):
+    fasta, _ = workload
+    out = tmp_path / "out.h5"
+    marker = tmp_path / "spiked"
+    cluster = LocalCluster(
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address=":0",
+        memory_limit="1.5GB",
+    )
+    with cluster, Client(cluster) as client:
+        client.register_plugin(MemorySpike(2.0, str(marker)))
+        job = virnuc_dask.prepare(
+            [fasta], out, lanes=2, model=TINY, random_weights=True, chunk_tokens=CHUNK_TOKENS
+        )
+        job.run(client, progress=False)
+    assert marker.exists()  # the spike happened, and the nanny ended that worker
+    assert job.report.chunks == len(job.partition.chunks)
     assert_same_output(out, baseline)
 
 
