@@ -5,26 +5,35 @@ the file, line and id in the message) and keeps, per sequence, the byte range of
 lines in a plain file. Workers later read exactly their own sequences with one ``seek`` each;
 the Dask graph only ever carries row numbers.
 
-Decisions (see ``docs/decisions.md``):
+Decisions (``docs/input.md`` lists every accepted and refused input with its message):
 
-- The id is the first whitespace-separated word of the header, decoded as UTF-8.
+- The id is the first word of the header (words are separated by ASCII whitespace); it must be
+  UTF-8 without control characters. The rest of the header is ignored, whatever its encoding.
 - Upper and lower case are the same residue; whitespace inside sequence lines (spaces, tabs,
-  CR of CRLF files) is ignored; blank lines between records are accepted.
+  CR of CRLF files) is ignored; blank lines between records are accepted; a UTF-8 byte-order
+  mark at the start of a file is skipped.
 - A ``*`` at the very end of a record (a stop codon) is dropped; anywhere else it is an error.
 - ``.`` and ``-`` are letters of fair-esm's alphabet and are accepted as such.
 - Any other byte is an error naming the sequence and position, unless ``invalid_to_x`` is set,
   which reads it as ``X`` (an inner ``*`` included).
+- Lines that would silently corrupt a record under ``invalid_to_x`` are refused in every mode:
+  ``;`` comment lines, indented ``>`` headers, and CR-only (classic Mac) line breaks.
+- A file without any record, an empty record, an id seen twice (unless ``duplicate_ids`` is
+  ``"suffix"``) and the same file given twice are errors.
 - gzip inputs (recognised by their magic bytes, not their name) are decompressed once into the
-  staging directory during the scan, so that workers can seek in them.
+  staging directory during the scan, so that workers can seek in them; so are inputs that
+  cannot seek (pipes such as ``<(zcat a.fa.gz)``). Other compressions are refused by name.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import hashlib
+import io
 import os
-import shutil
+import stat
 import zlib
 from array import array
 from dataclasses import dataclass
@@ -43,7 +52,27 @@ _TO_UPPER = bytes.maketrans(RESIDUE_LETTERS.lower(), RESIDUE_LETTERS)
 _TO_X = bytes.maketrans(
     bytes(b for b in range(256) if b not in _VALID), b"X" * (256 - len(set(_VALID)))
 )
+_CONTROL = bytes(range(32)) + b"\x7f"
+_UTF8_BOM = b"\xef\xbb\xbf"
+# First bytes of what is often mistaken for a FASTA file; none can start a FASTA file.
 _GZIP_MAGIC = b"\x1f\x8b"
+_OTHER_FORMATS = {
+    b"BZh": ("bzip2-compressed", "decompress it first (bunzip2 -k FILE) or re-compress with gzip"),
+    b"\xfd7zXZ\x00": (
+        "xz-compressed",
+        "decompress it first (xz -dk FILE) or re-compress with gzip",
+    ),
+    b"\x28\xb5\x2f\xfd": (
+        "zstd-compressed",
+        "decompress it first (zstd -d FILE) or re-compress with gzip",
+    ),
+    b"PK\x03\x04": ("a zip archive", "extract the FASTA files from it (unzip FILE)"),
+    b"\xff\xfe": ("UTF-16 text", "save it as ASCII or UTF-8 text"),
+    b"\xfe\xff": ("UTF-16 text", "save it as ASCII or UTF-8 text"),
+}
+_MAGIC_BYTES = max(len(m) for m in _OTHER_FORMATS)
+_SHOWN_ID = 60  # characters of an id quoted in a message
+
 
 #: What to do with an id seen twice: refuse the input, or keep both by suffixing.
 DUPLICATE_POLICIES = ("error", "suffix")
@@ -140,14 +169,15 @@ def build_index(
     Parameters
     ----------
     inputs
-        FASTA files, plain or gzip-compressed, multi-line records, any line endings.
+        FASTA files, plain or gzip-compressed, multi-line records, any line endings. Pipes
+        (``/dev/stdin``, ``<(zcat a.fa.gz)``) are accepted and copied into ``staging``.
     staging
-        Directory for plain copies of gzip inputs; required when an input is gzip.
+        Directory for plain copies of gzip inputs and pipes; required when there is one.
     invalid_to_x
         Read letters outside fair-esm's alphabet as ``X`` instead of refusing them.
     duplicate_ids
         ``"error"`` refuses an id seen twice; ``"suffix"`` keeps both, renaming later
-        occurrences ``ID.2``, ``ID.3``, ...
+        occurrences ``ID.2``, ``ID.3``, ... (skipping names already in use).
 
     Raises
     ------
@@ -158,26 +188,28 @@ def build_index(
         raise VirnucError("no input files given")
     if duplicate_ids not in DUPLICATE_POLICIES:
         raise VirnucError(f"duplicate_ids must be one of {DUPLICATE_POLICIES}")
+    paths = [str(p) for p in inputs]
+    # Check that every input exists before the first long scan.
+    infos = [_stat_input(path) for path in paths]
+    _check_distinct(paths, infos)
     scan = _Scan(invalid_to_x)
     files, digest = [], hashlib.blake2b(digest_size=16)
-    for number, path in enumerate(inputs):
-        path = str(path)
-        plain = _plain_copy(path, number, staging)
-        digest.update(_file_digest(plain).encode())
+    for number, (path, info) in enumerate(zip(paths, infos, strict=True)):
+        plain = _plain_copy(path, info, number, staging)
+        digest.update(_file_digest(plain, path).encode())
         scan.file(plain, number, shown_as=path)
         files.append(plain)
-    if not len(scan.length):
-        raise VirnucError(f"no sequences in {', '.join(map(str, inputs))}: no '>' header found")
+    # The arrays share the scan's buffers: nothing is copied at the end of the scan.
     index = FastaIndex(
-        inputs=[str(p) for p in inputs],
+        inputs=paths,
         files=files,
-        file=np.frombuffer(scan.file_no, dtype=np.int32).copy(),
-        offset=np.frombuffer(scan.offset, dtype=np.int64).copy(),
-        span=np.frombuffer(scan.span, dtype=np.int64).copy(),
-        length=np.frombuffer(scan.length, dtype=np.int64).copy(),
-        line=np.frombuffer(scan.line, dtype=np.int64).copy(),
-        id_bytes=np.frombuffer(bytes(scan.ids), dtype=np.uint8),
-        id_offsets=np.frombuffer(scan.id_offsets, dtype=np.int64).copy(),
+        file=np.frombuffer(scan.file_no, dtype=np.int32),
+        offset=np.frombuffer(scan.offset, dtype=np.int64),
+        span=np.frombuffer(scan.span, dtype=np.int64),
+        length=np.frombuffer(scan.length, dtype=np.int64),
+        line=np.frombuffer(scan.line, dtype=np.int64),
+        id_bytes=np.frombuffer(scan.ids, dtype=np.uint8),
+        id_offsets=np.frombuffer(scan.id_offsets, dtype=np.int64),
         digest=digest.hexdigest(),
         invalid_to_x=invalid_to_x,
     )
@@ -196,126 +228,337 @@ class _Scan:
 
     def file(self, path: str, number: int, shown_as: str) -> None:
         """Scan one plain FASTA file."""
-        record = None  # [header line, offset, end, residues, star_seen] of the open record
+        shown = _shown(shown_as)
+        before = len(self.line)
+        # The open record: [header line, offset, end, residues, line of a '*' that ended a
+        # line and so may be the final one (0: none)].
+        record = None
         position, line_no = 0, 0
         try:
             with open(path, "rb") as f:
                 for raw in f:
                     line_no += 1
                     start, position = position, position + len(raw)
-                    if raw.startswith(b">"):
-                        self._close(record, shown_as)
-                        self._header(raw, shown_as, line_no, number)
-                        record = [line_no, position, position, 0, False]
+                    if line_no == 1 and raw.startswith(_UTF8_BOM):
+                        raw, start = raw[len(_UTF8_BOM) :], start + len(_UTF8_BOM)
+                    head = raw[:1]
+                    if head == b">":
+                        self._close(record, shown)
+                        self._header(raw, shown, line_no, number)
+                        record = [line_no, position, position, 0, 0]
                         continue
-                    if not raw.strip(_WHITESPACE):
+                    body = raw.rstrip(_WHITESPACE)
+                    if not body:
                         continue
-                    if record is None:
-                        raise VirnucError(
-                            f"{shown_as}, line {line_no}: sequence data before the first '>' "
-                            "header; is this a FASTA file?"
-                        )
-                    self._residues(raw, record, shown_as, line_no)
-                    record[2] = start + len(raw.rstrip(_WHITESPACE))
+                    if record is None or head in b"; \t\v\f" or b"\r" in body:
+                        _odd_line(body, record is None, shown, line_no)
+                    self._residues(body, record, shown, line_no)
+                    record[2] = start + len(body)
         except OSError as error:
-            raise VirnucError(f"cannot read {shown_as}: {error.strerror or error}") from None
-        self._close(record, shown_as)
+            raise VirnucError(_unreadable(shown_as, error)) from None
+        self._close(record, shown)
+        if len(self.line) == before:
+            if line_no == 0:
+                raise VirnucError(
+                    f"{shown}: the file is empty; a FASTA file has '>id' header lines, each "
+                    "followed by residue lines (leave empty files out of the inputs)"
+                )
+            raise VirnucError(
+                f"{shown}: no '>' header in its {line_no} blank line(s); is this a FASTA file?"
+            )
 
-    def _header(self, raw: bytes, shown_as: str, line_no: int, number: int) -> None:
+    def _header(self, raw: bytes, shown: str, line_no: int, number: int) -> None:
+        text = raw[1:].rstrip(_WHITESPACE)
+        if b"\r" in text:
+            raise VirnucError(_lone_cr(shown, line_no))
+        words = text.split(None, 1)
+        if not words:
+            raise VirnucError(
+                f"{shown}, line {line_no}: header has no id after '>'; give every record an id "
+                "('>id description')"
+            )
+        ident = words[0]
+        column = raw.index(ident) + 1  # 1-based column of the id in the line
         try:
-            header = raw[1:].decode("utf-8")
+            ident.decode("utf-8")
         except UnicodeDecodeError as error:
             raise VirnucError(
-                f"{shown_as}, line {line_no}: header is not valid UTF-8 "
-                f"(byte {raw[1 + error.start]:#x} at column {error.start + 2})"
+                f"{shown}, line {line_no}: id is not valid UTF-8 (byte {ident[error.start]:#04x} "
+                f"at column {column + error.start}); write ids in ASCII or UTF-8"
             ) from None
-        words = header.split()
-        if not words:
-            raise VirnucError(f"{shown_as}, line {line_no}: header has no id after '>'")
-        ident = words[0].encode()
+        if len(ident.translate(None, _CONTROL)) != len(ident):
+            at = next(i for i, b in enumerate(ident) if b in _CONTROL)
+            raise VirnucError(
+                f"{shown}, line {line_no}: id contains the control character {ident[at]:#04x} "
+                f"at column {column + at}; remove it from the header"
+            )
         self.ids += ident
         self.id_offsets.append(len(self.ids))
         self.hashes.append(hash(ident))
         self.file_no.append(number)
         self.line.append(line_no)
 
-    def _residues(self, raw: bytes, record: list, shown_as: str, line_no: int) -> None:
-        letters = raw.translate(None, _WHITESPACE)
+    def _residues(self, body: bytes, record: list, shown: str, line_no: int) -> None:
+        letters = body.translate(None, _WHITESPACE)
         if record[4]:
-            raise VirnucError(
-                f"{shown_as}, line {line_no}: sequence {self._last_id()}: '*' inside the "
-                f"sequence at position {record[3]}; only a final '*' is allowed"
-                + ("" if self.invalid_to_x else " (or use --invalid-to-x to read it as X)")
-            )
-        if letters.endswith(b"*"):
+            # A '*' ended an earlier line, so it was not the record's last letter.
+            if not self.invalid_to_x:
+                raise VirnucError(
+                    f"{shown}, line {record[4]}: sequence {self._last_id()}: '*' inside the "
+                    f"sequence at position {record[3] + 1}; only a final '*' is allowed (or use "
+                    "--invalid-to-x to read it as X)"
+                )
+            record[3] += 1
+            record[4] = 0
+        if letters[-1:] == b"*":
             letters = letters[:-1]
-            record[4] = True
+            record[4] = line_no
         if not self.invalid_to_x:
             bad = letters.translate(None, _VALID)
             if bad:
-                column = letters.index(bad[:1])
-                shown = repr(bad[:1].decode("latin-1"))
+                position = record[3] + letters.index(bad[:1]) + 1
+                if bad[:1] == b"*":
+                    raise VirnucError(
+                        f"{shown}, line {line_no}: sequence {self._last_id()}: '*' inside the "
+                        f"sequence at position {position}; only a final '*' is allowed (or use "
+                        "--invalid-to-x to read it as X)"
+                    )
+                byte = bad[0]
+                what = f"letter '{chr(byte)}'" if 0x21 <= byte < 0x7F else f"byte {byte:#04x}"
                 raise VirnucError(
-                    f"{shown_as}, line {line_no}: sequence {self._last_id()}: letter {shown} at "
-                    f"position {record[3] + column + 1} is not in ESM-2's alphabet; fix the "
-                    "input or use --invalid-to-x to read such letters as X"
+                    f"{shown}, line {line_no}: sequence {self._last_id()}: {what} "
+                    f"at position {position} is not in ESM-2's alphabet; fix the input or use "
+                    "--invalid-to-x to read such letters as X"
                 )
         record[3] += len(letters)
 
-    def _close(self, record: list | None, shown_as: str) -> None:
+    def _close(self, record: list | None, shown: str) -> None:
         if record is None:
             return
         header_line, offset, end, residues, _ = record
         if residues == 0:
             raise VirnucError(
-                f"{shown_as}, line {header_line}: sequence {self._last_id()} is empty"
+                f"{shown}, line {header_line}: sequence {self._last_id()} is empty (no residues "
+                "after its header); remove the record or add its sequence"
             )
         self.offset.append(offset)
         self.span.append(end - offset)
         self.length.append(residues)
 
     def _last_id(self) -> str:
-        return self.ids[self.id_offsets[-2] : self.id_offsets[-1]].decode()
+        return _shown_id(self.ids[self.id_offsets[-2] : self.id_offsets[-1]].decode())
 
 
-def _plain_copy(path: str, number: int, staging: str | Path | None) -> str:
-    """Return a path to a plain (uncompressed) version of ``path``, decompressing gzip once."""
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(2)
-    except OSError as error:
-        raise VirnucError(f"cannot read input {path}: {error.strerror or error}") from None
-    if magic != _GZIP_MAGIC:
-        return str(Path(path).resolve())
-    if staging is None:
-        raise VirnucError(f"{path} is gzip-compressed; a staging directory is needed to index it")
-    target = Path(staging) / f"input-{number:04d}-{Path(path).name.removesuffix('.gz')}"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + ".partial")
-    try:
-        with gzip.open(path, "rb") as src, open(partial, "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 22)
-    except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as error:
-        partial.unlink(missing_ok=True)
+def _odd_line(body: bytes, before_header: bool, shown: str, line_no: int) -> None:
+    """Refuse a residue line that is not one (rare); return for an indented residue line."""
+    first = body.lstrip(_WHITESPACE)[:1]
+    if first == b";":
         raise VirnucError(
-            f"{path}: damaged gzip file ({error}); re-download or re-compress it"
-        ) from None
-    os.replace(partial, target)
+            f"{shown}, line {line_no}: ';' comment lines are not read; remove them "
+            "(grep -v '^;' FILE)"
+        )
+    if first == b">":
+        raise VirnucError(
+            f"{shown}, line {line_no}: whitespace before the '>' of a header; a header must "
+            "start at the beginning of its line"
+        )
+    if b"\r" in body:
+        raise VirnucError(_lone_cr(shown, line_no))
+    if before_header:
+        raise VirnucError(
+            f"{shown}, line {line_no}: sequence data before the first '>' header; is this a "
+            "FASTA file?"
+        )
+
+
+def _lone_cr(shown: str, line_no: int) -> str:
+    return (
+        f"{shown}, line {line_no}: a carriage return (CR) inside the line: the file uses "
+        "classic Mac line breaks; convert them to LF (tr '\\r' '\\n' < FILE > NEW)"
+    )
+
+
+def _shown(path: str | Path) -> str:
+    """A path as a message shows it: quoted when it holds characters that would break the line."""
+    text = str(path)
+    return text if text.isprintable() else repr(text)
+
+
+def _shown_id(ident: str) -> str:
+    return ident if len(ident) <= _SHOWN_ID else ident[: _SHOWN_ID - 3] + "..."
+
+
+def _stat_input(path: str) -> os.stat_result:
+    """Return ``os.stat`` of an input; refuse what is neither a file nor a pipe."""
+    try:
+        info = os.stat(path)
+    except OSError as error:
+        raise VirnucError(_unreadable(path, error)) from None
+    if stat.S_ISDIR(info.st_mode):
+        raise VirnucError(
+            f"input {_shown(path)} is a directory; give the FASTA files inside it "
+            f"({_shown(os.path.join(path, '*.fasta'))})"
+        )
+    if not (stat.S_ISREG(info.st_mode) or stat.S_ISFIFO(info.st_mode)):
+        # A terminal (stdin not redirected) would wait for typing; /dev/zero would never end.
+        raise VirnucError(
+            f"input {_shown(path)} is a device or socket, not a file or a pipe; give a FASTA "
+            "file (or redirect standard input from one)"
+        )
+    return info
+
+
+def _check_distinct(paths: list[str], infos: list[os.stat_result]) -> None:
+    """Refuse a file given twice (under one name or two): every sequence would be seen twice."""
+    first: dict[tuple[int, int], int] = {}
+    for number, info in enumerate(infos):
+        if not stat.S_ISREG(info.st_mode):
+            continue
+        earlier = first.setdefault((info.st_dev, info.st_ino), number)
+        if earlier != number:
+            raise VirnucError(
+                f"input {_shown(paths[number])} is the same file as input "
+                f"{_shown(paths[earlier])}; give each file once"
+            )
+
+
+def _unreadable(path: str, error: OSError) -> str:
+    shown = _shown(path)
+    if error.errno == errno.ENOENT:
+        if os.path.islink(path):
+            return (
+                f"input {shown} is a broken symbolic link (to {_shown(os.readlink(path))}); "
+                "fix the link or give the file itself"
+            )
+        return f"input {shown} does not exist; check the path"
+    if error.errno == errno.ELOOP:
+        return f"input {shown} is a symbolic link loop; fix the link or give the file itself"
+    if error.errno in (errno.EACCES, errno.EPERM):
+        return f"cannot read input {shown}: permission denied; make it readable (chmod a+r)"
+    return f"cannot read input {shown}: {error.strerror or error}"
+
+
+def _plain_copy(path: str, info: os.stat_result, number: int, staging: str | Path | None) -> str:
+    """Return a path to a plain, seekable version of ``path``: itself, or a staged copy.
+
+    gzip inputs are decompressed once into ``staging``; so are pipes, which can be read only
+    once. Other compressed formats are refused with the command that decompresses them.
+    """
+    shown = _shown(path)
+    with contextlib.ExitStack() as stack:
+        try:
+            handle = stack.enter_context(open(path, "rb"))
+            magic = handle.read(_MAGIC_BYTES)
+        except OSError as error:
+            raise VirnucError(_unreadable(path, error)) from None
+        for prefix, (kind, fix) in _OTHER_FORMATS.items():
+            if magic.startswith(prefix):
+                raise VirnucError(f"input {shown} is {kind}, not FASTA; {fix}")
+        compressed = magic.startswith(_GZIP_MAGIC)
+        seekable = stat.S_ISREG(info.st_mode)
+        if seekable and not compressed:
+            return str(Path(path).resolve())
+        if staging is None:
+            what = "gzip-compressed" if compressed else "not a regular file (a pipe?)"
+            raise VirnucError(f"input {shown} is {what}; a staging directory is needed to index it")
+        if seekable:
+            handle.seek(0)
+            source: BinaryIO = handle
+        else:
+            source = _Prefixed(magic, handle)
+        name = Path(path).name
+        if compressed:
+            source = gzip.GzipFile(fileobj=source, mode="rb")
+            name = name.removesuffix(".gz")
+        target = Path(staging) / f"input-{number:04d}-{name}"
+        _copy(source, target, path)
     return str(target.resolve())
 
 
-def _file_digest(path: str) -> str:
+class _Prefixed(io.RawIOBase):
+    """Bytes already read from a pipe, then the rest of it: a pipe cannot seek back."""
+
+    def __init__(self, prefix: bytes, stream: BinaryIO) -> None:
+        self._prefix, self._stream = prefix, stream
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self._prefix[: len(buffer)] or self._stream.read(len(buffer))
+        self._prefix = self._prefix[len(data) :]
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def _copy(source: BinaryIO, target: Path, path: str) -> None:
+    """Copy ``source`` to ``target`` atomically; errors become messages that say the fix."""
+    partial = target.with_name(target.name + ".partial")
+    cannot_write = f"cannot write {_shown(partial)} to stage input {_shown(path)}"
+    try:
+        with contextlib.ExitStack() as stack:
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                out = stack.enter_context(open(partial, "wb"))
+            except OSError as error:
+                raise VirnucError(f"{cannot_write}: {error.strerror or error}") from None
+            while block := _read_block(source, path):
+                try:
+                    out.write(block)
+                except OSError as error:
+                    raise VirnucError(
+                        f"{cannot_write}: {error.strerror or error}; free space there or choose "
+                        "another work directory (--work-dir)"
+                    ) from None
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    os.replace(partial, target)
+
+
+def _read_block(source: BinaryIO, path: str) -> bytes:
+    """One block of a staged input; damaged gzip data becomes a message that says the fix."""
+    shown = _shown(path)
+    try:
+        return source.read(1 << 22)
+    except EOFError:
+        raise VirnucError(
+            f"input {shown} is a truncated gzip file (it ends inside its compressed data: a "
+            "download or copy cut short?); fetch or compress it again"
+        ) from None
+    except gzip.BadGzipFile as error:
+        if str(error).startswith("Not a gzipped file"):
+            raise VirnucError(
+                f"input {shown} has bytes after the end of its gzip data that are not gzip "
+                "(trailing garbage); re-compress it (gzip -dc FILE | gzip > NEW.gz)"
+            ) from None
+        raise VirnucError(
+            f"input {shown} is a damaged gzip file ({error}); fetch or compress it again"
+        ) from None
+    except zlib.error as error:
+        raise VirnucError(
+            f"input {shown} is a damaged gzip file ({error}); fetch or compress it again"
+        ) from None
+    except OSError as error:
+        raise VirnucError(_unreadable(path, error)) from None
+
+
+def _file_digest(path: str, shown_as: str) -> str:
     digest = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            digest.update(block)
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(1 << 24):
+                digest.update(block)
+    except OSError as error:
+        raise VirnucError(_unreadable(shown_as, error)) from None
     return digest.hexdigest()
 
 
 def _check_duplicates(index: FastaIndex, hashes: np.ndarray, policy: str) -> None:
     """Find ids seen twice via their hashes (no set of strings), then refuse or suffix them."""
     order = np.argsort(hashes, kind="stable")
-    same = np.flatnonzero(hashes[order][1:] == hashes[order][:-1])
+    sorted_hashes = hashes[order]
+    same = np.flatnonzero(sorted_hashes[1:] == sorted_hashes[:-1])
     if not len(same):
         return
     candidates = np.unique(np.concatenate([order[same], order[same + 1]]))
@@ -323,46 +566,63 @@ def _check_duplicates(index: FastaIndex, hashes: np.ndarray, policy: str) -> Non
     duplicates: list[int] = []
     for row in sorted(candidates.tolist()):
         ident = index.id(row)
-        if ident in seen:
-            duplicates.append(row)
-        seen.setdefault(ident, row)
-    if not duplicates:
-        return  # hash collisions of different ids
-    if policy == "error":
-        row = duplicates[0]
-        first = seen[index.id(row)]
-        raise VirnucError(
-            f"duplicate id {index.id(row)!r}: {index.inputs[index.file[first]]} line "
-            f"{index.line[first]} and {index.inputs[index.file[row]]} line {index.line[row]}; "
-            "make ids unique or use --duplicate-ids suffix"
-        )
-    _suffix_duplicates(index, duplicates)
+        first = seen.setdefault(ident, row)
+        if first == row:
+            continue
+        if policy == "error":
+            raise VirnucError(
+                f"duplicate id {_shown_id(ident)!r}: {_shown(index.inputs[index.file[first]])} "
+                f"line {index.line[first]} and {_shown(index.inputs[index.file[row]])} line "
+                f"{index.line[row]}; make ids unique or use --duplicate-ids suffix"
+            )
+        duplicates.append(row)
+    if duplicates:  # else only hash collisions of different ids
+        _suffix_duplicates(index, sorted_hashes, order, duplicates)
 
 
-def _suffix_duplicates(index: FastaIndex, duplicates: list[int]) -> None:
-    """Rename later occurrences of an id ``ID.2``, ``ID.3``, ... skipping names in use."""
-    taken = set(index.ids())
+def _suffix_duplicates(
+    index: FastaIndex, sorted_hashes: np.ndarray, order: np.ndarray, duplicates: list[int]
+) -> None:
+    """Rename later occurrences of an id ``ID.2``, ``ID.3``, ... skipping names in use.
+
+    Whether a name is in use is looked up through the sorted hashes, so memory stays bounded
+    by the duplicates, not by the number of sequences.
+    """
+    new_names: set[bytes] = set()
+
+    def in_use(name: bytes) -> bool:
+        if name in new_names:
+            return True
+        h = hash(name)
+        lo = int(np.searchsorted(sorted_hashes, h, side="left"))
+        hi = int(np.searchsorted(sorted_hashes, h, side="right"))
+        return any(_id_bytes(index, int(order[i])) == name for i in range(lo, hi))
+
     renamed: dict[int, bytes] = {}
-    counts: dict[str, int] = {}
+    counts: dict[bytes, int] = {}
     for row in duplicates:
-        ident = index.id(row)
-        k = counts.get(ident, 1)
-        while f"{ident}.{k + 1}" in taken:
+        ident = _id_bytes(index, row)
+        k = counts.get(ident, 1) + 1
+        while in_use(ident + b".%d" % k):
             k += 1
-        counts[ident] = k + 1
-        name = f"{ident}.{k + 1}"
-        taken.add(name)
-        renamed[row] = name.encode()
-    parts, offsets = [], [0]
-    for row in range(len(index)):
-        ident = (
-            renamed.get(row)
-            or index.id_bytes[index.id_offsets[row] : index.id_offsets[row + 1]].tobytes()
-        )
-        parts.append(ident)
-        offsets.append(offsets[-1] + len(ident))
-    index.id_bytes = np.frombuffer(b"".join(parts), dtype=np.uint8)
-    index.id_offsets = np.array(offsets, dtype=np.int64)
+        counts[ident] = k
+        renamed[row] = ident + b".%d" % k
+        new_names.add(renamed[row])
+    # Copy the unchanged runs of ids between renamed rows as whole blocks.
+    lengths = np.diff(index.id_offsets)
+    pieces, previous = [], 0
+    for row, name in sorted(renamed.items()):
+        pieces.append(index.id_bytes[index.id_offsets[previous] : index.id_offsets[row]].tobytes())
+        pieces.append(name)
+        lengths[row] = len(name)
+        previous = row + 1
+    pieces.append(index.id_bytes[index.id_offsets[previous] :].tobytes())
+    index.id_bytes = np.frombuffer(b"".join(pieces), dtype=np.uint8)
+    index.id_offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+
+
+def _id_bytes(index: FastaIndex, row: int) -> bytes:
+    return index.id_bytes[index.id_offsets[row] : index.id_offsets[row + 1]].tobytes()
 
 
 def read_sequences(index: FastaIndex, rows: np.ndarray) -> list[bytes]:
