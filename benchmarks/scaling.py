@@ -126,13 +126,16 @@ def main() -> None:
         write_fasta(warmup, workload_lengths(args.workload, 64 * max(args.workers), 99), 99)
         for workers in args.workers:
             rows.append(measure(workers, args.cpu, fasta, warmup, folder, args))
+            rows[-1].update(
+                agreement(folder / f"out-{args.workers[0]}.h5", folder / f"out-{workers}.h5")
+            )
             print(f"{workers} workers: {rows[-1]['steady_tokens_per_s']:,.0f} tokens/s", flush=True)
 
     base = rows[0]["steady_tokens_per_s"] / rows[0]["workers"]
     print(f"\n{args.model}, {args.workload}, {args.sequences:,} sequences, {tokens:,} tokens")
     print(
         f"{'workers':>7} {'tokens/s':>12} {'speed-up':>9} {'efficiency':>10} "
-        f"{'steady s':>9} {'total s':>8} {'balance':>8}"
+        f"{'steady s':>9} {'total s':>8} {'balance':>8} {'min cos':>9} {'max err':>8}"
     )
     for row in rows:
         speedup = row["steady_tokens_per_s"] / rows[0]["steady_tokens_per_s"]
@@ -141,7 +144,8 @@ def main() -> None:
         print(
             f"{row['workers']:>7} {row['steady_tokens_per_s']:>12,.0f} {speedup:>8.2f}x "
             f"{row['efficiency']:>9.1%} {row['steady_seconds']:>9.1f} "
-            f"{row['total_seconds']:>8.1f} {row['lane_balance']:>8.3f}"
+            f"{row['total_seconds']:>8.1f} {row['lane_balance']:>8.3f} "
+            f"{row['min_cosine_vs_first']:>9.6f} {row['max_rel_error_vs_first']:>8.4f}"
         )
 
     result = {
@@ -158,6 +162,23 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, default=str))
     print(f"wrote {out}")
+
+
+def agreement(first: Path, other: Path) -> dict:
+    """How closely two runs' outputs agree: same ids in the same order, row cosine and error."""
+    import virnuc_dask
+
+    with virnuc_dask.open_embeddings(first) as a, virnuc_dask.open_embeddings(other) as b:
+        if list(a.sequence.values) != list(b.sequence.values):
+            raise AssertionError(f"{other} has other ids or another order than {first}")
+        x = a.embedding.values.astype(np.float64)
+        y = b.embedding.values.astype(np.float64)
+    cosine = (x * y).sum(1) / np.linalg.norm(x, axis=1) / np.linalg.norm(y, axis=1)
+    error = np.linalg.norm(x - y, axis=1) / np.linalg.norm(x, axis=1)
+    return {
+        "min_cosine_vs_first": float(cosine.min()),
+        "max_rel_error_vs_first": float(error.max()),
+    }
 
 
 def machine(cpu: bool) -> dict:

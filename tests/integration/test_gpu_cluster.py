@@ -1,0 +1,65 @@
+"""On GPUs: the whole run through ``LocalCUDACluster`` equals the fp32 reference within bf16.
+
+Marked ``gpu``: skipped without CUDA, run on a GPU machine with ``pytest -m gpu``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from distributed import Client
+
+import virnuc_dask
+from tests.helpers import random_sequences, write_fasta
+from virnuc_dask.engine.reference import ReferenceEngine
+from virnuc_dask.models import load_model, resolve_weights
+
+pytestmark = pytest.mark.gpu
+MODEL = "esm2_t6_8M_UR50D"
+
+
+def _compare(actual: np.ndarray, expected: np.ndarray) -> tuple[float, float]:
+    a, b = actual.astype(np.float64), expected.astype(np.float64)
+    cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    error = np.linalg.norm(a - b, axis=1) / np.linalg.norm(b, axis=1)
+    return float(cosine.min()), float(error.max())
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_local_cuda_cluster_matches_fp32_reference(workers, tmp_path):
+    if torch.cuda.device_count() < workers:
+        pytest.skip(f"needs {workers} GPUs")
+    from virnuc_dask.cluster import connect
+
+    seqs = random_sequences(1500, 1, 1100, seed=workers)
+    fasta = tmp_path / "in.fasta"
+    write_fasta(fasta, seqs)
+    model = load_model(resolve_weights(MODEL, random_weights=True, seed=0)).cuda()
+    expected = ReferenceEngine(model, layers=[6]).embed([s.encode() for s in seqs])[:, 0]
+    del model
+    torch.cuda.empty_cache()
+
+    with connect(workers=workers) as (client, info):
+        assert isinstance(client, Client) and info.gpus == workers
+        outputs = []
+        for budget in (None, 8192):  # the automatic budget, and ~100 consecutive batches
+            path = virnuc_dask.embed(
+                [fasta],
+                tmp_path / f"out-{budget}.h5",
+                client=client,
+                model=MODEL,
+                random_weights=True,
+                tokens_per_batch=budget,
+                progress=False,
+            )
+            ds = virnuc_dask.open_embeddings(path).load()
+            assert ds.attrs["compute_dtype"] == "bf16"
+            assert list(ds.sequence.values) == [f"seq{i}" for i in range(len(seqs))]
+            outputs.append(ds.embedding.values)
+    for actual in outputs:
+        cosine, error = _compare(actual, expected)
+        print(f"{workers} GPU(s): min cosine {cosine:.6f}, max relative error {error:.4f}")
+        assert cosine >= 0.9999 and error <= 0.01
+    cosine, error = _compare(outputs[0], outputs[1])
+    assert cosine >= 0.9999 and error <= 0.01
