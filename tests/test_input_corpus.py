@@ -139,22 +139,7 @@ def test_docs_mirror_the_corpus():
     assert not missing, f"cases missing from docs/input.md: {missing}"
 
 
-def _cli_expectation(case: Case):
-    if not case.unprivileged:
-        return case
-    # click's own ``Path`` type checks readability first and answers with its usage error
-    # (three lines, without the file/line format); the command line must leave that to the index.
-    return pytest.param(
-        case,
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="cli.py: click.Path(readable=True) answers an unreadable input with click's "
-            "usage error instead of 'virnuc-dask: error:'",
-        ),
-    )
-
-
-@pytest.mark.parametrize("case", [_cli_expectation(c) for c in ERRORS], ids=lambda c: c.name)
+@pytest.mark.parametrize("case", ERRORS, ids=lambda c: c.name)
 def test_refused_through_the_command_line(case: Case, cli_runs):
     built, output, result = cli_runs[case.name].result()
     lines = result.stderr.splitlines()

@@ -35,7 +35,8 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("inputs", nargs=-1, required=True, type=click.Path(dir_okay=True))
+# Inputs are plain strings: the index checks each path and says what is wrong in our format.
+@click.argument("inputs", nargs=-1, required=True)
 @click.option("-o", "--output", required=True, type=click.Path(), help="HDF5 file to write.")
 @click.option(
     "--model",

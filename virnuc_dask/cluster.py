@@ -79,6 +79,7 @@ def connect(
     workers: int | None = None,
     host: str = "127.0.0.1",
     dashboard_port: int = 8787,
+    local_directory: str | os.PathLike | None = None,
 ) -> Iterator[tuple[Client, ClusterInfo]]:
     """Yield a client and what is known of its cluster; close what this call started.
 
@@ -94,6 +95,8 @@ def connect(
         Interface a local cluster and its dashboard listen on.
     dashboard_port
         Port of a local cluster's dashboard (another is taken if it is busy).
+    local_directory
+        Scratch space of a local cluster's workers; default: Dask's ``temporary-directory``.
     """
     if scheduler and scheduler_file:
         raise VirnucError("give --scheduler or --scheduler-file, not both")
@@ -112,6 +115,7 @@ def connect(
             CUDA_VISIBLE_DEVICES=list(range(plan.workers)),
             host=host,
             dashboard_address=dashboard,
+            local_directory=local_directory,
         )
     else:
         cluster = LocalCluster(
@@ -120,6 +124,7 @@ def connect(
             processes=True,
             host=host,
             dashboard_address=dashboard,
+            local_directory=local_directory,
         )
     with cluster, Client(cluster) as client:
         yield (

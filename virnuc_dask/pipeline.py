@@ -175,11 +175,12 @@ class EmbeddingJob:
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
         }
 
-    def run(self, client, *, progress: bool = True) -> Path:
+    def run(self, client, *, progress: bool = True, cleanup: bool = True) -> Path:
         """Register the model plugin on ``client``'s workers and compute the graph.
 
         Returns the output path. Shards stay in the work directory when the run fails, for
-        ``resume``; the work directory is removed when it succeeds.
+        ``resume``; the work directory is removed when it succeeds, unless ``cleanup`` is
+        False (then :meth:`remove_work_dir` does it, e.g. after a cluster using it has closed).
         """
         from distributed import progress as progress_bar
 
@@ -198,10 +199,15 @@ class EmbeddingJob:
             raise
         finally:
             self.release()
-        shutil.rmtree(self.work_dir, ignore_errors=True)
+        if cleanup:
+            self.remove_work_dir()
         self.report = RunReport.from_shards(output, shards, time.perf_counter() - started)
         logger.info(self.report.summary())
         return Path(output)
+
+    def remove_work_dir(self) -> None:
+        """Remove the work directory (after a successful run)."""
+        shutil.rmtree(self.work_dir, ignore_errors=True)
 
     def release(self) -> None:
         """Release the run's locks (done by :meth:`run`; call it for a job never run)."""
@@ -520,10 +526,18 @@ def embed(
         **options,
         **settings,
     )
-    with connect(workers=plan.workers) as (client, info):
+    # The local workers keep their scratch space in the work directory, so the run writes
+    # nothing outside it and the output; it goes once the cluster has closed.
+    scratch = job.work_dir / "dask-scratch"
+    with (
+        dask.config.set({"temporary-directory": str(scratch)}),
+        connect(workers=plan.workers, local_directory=scratch) as (client, info),
+    ):
         if progress:
             print(f"Dask dashboard: {info.dashboard}", flush=True)
-        return job.run(client, progress=progress)
+        path = job.run(client, progress=progress, cleanup=False)
+    job.remove_work_dir()
+    return path
 
 
 def _has_gpus(client) -> bool:

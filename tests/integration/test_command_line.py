@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -65,6 +66,22 @@ def test_real_proteins_on_the_local_cluster_with_zarr(tmp_path, tiny_model):
     np.testing.assert_array_equal(
         virnuc_dask.open_embeddings(store).embedding.values, ds.embedding.values
     )
+
+
+def test_writes_nothing_outside_the_output_and_work_directories(tmp_path):
+    """Temporary files, Dask's scratch space included, stay in the work directory."""
+    temp, cwd, out_dir = tmp_path / "tmp", tmp_path / "cwd", tmp_path / "out"
+    for folder in (temp, cwd, out_dir):
+        folder.mkdir()
+    result = subprocess.run(
+        [*CLI, "embed", str(EXAMPLE), "-o", str(out_dir / "x.h5"), "--model", TINY,
+         "--random-weights", "--workers", "1", "--quiet"],
+        capture_output=True, text=True, timeout=300, cwd=cwd,
+        env={**os.environ, "TMPDIR": str(temp)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(p.name for p in out_dir.iterdir()) == ["x.h5"]
+    assert list(temp.iterdir()) == [] and list(cwd.iterdir()) == []
 
 
 def test_checkpoint_in_the_hub_cache_by_name(tmp_path, monkeypatch):
