@@ -32,7 +32,22 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 CHUNK_TOKENS = 6_000
 
 
-class SlowChunks(WorkerPlugin):
+class EnginePatch(WorkerPlugin):
+    """A fault injected into the reference engine of every worker process.
+
+    Subclasses define ``embed(self, original, engine, sequences)``, which stands in for
+    ``ReferenceEngine.embed`` and may call ``original(engine, sequences)``.
+    """
+
+    def setup(self, worker) -> None:
+        from virnuc_dask.engine.reference import ReferenceEngine
+
+        original = getattr(ReferenceEngine, "_unpatched_embed", ReferenceEngine.embed)
+        ReferenceEngine._unpatched_embed = original
+        ReferenceEngine.embed = lambda engine, sequences: self.embed(original, engine, sequences)
+
+
+class SlowChunks(EnginePatch):
     """Make every chunk take at least ``seconds`` longer, so a fault lands mid-run."""
 
     name = "test-slow-chunks"
@@ -40,21 +55,12 @@ class SlowChunks(WorkerPlugin):
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
 
-    def setup(self, worker) -> None:
-        from virnuc_dask.engine.reference import ReferenceEngine
-
-        original = getattr(ReferenceEngine, "_unpatched_embed", ReferenceEngine.embed)
-        seconds = self.seconds
-
-        def embed(engine, sequences):
-            time.sleep(seconds)
-            return original(engine, sequences)
-
-        ReferenceEngine._unpatched_embed = original
-        ReferenceEngine.embed = embed
+    def embed(self, original, engine, sequences):
+        time.sleep(self.seconds)
+        return original(engine, sequences)
 
 
-class PoisonSequence(WorkerPlugin):
+class PoisonSequence(EnginePatch):
     """Make the engine raise on one sequence, recording each attempt in ``log``."""
 
     name = "test-poison"
@@ -62,24 +68,15 @@ class PoisonSequence(WorkerPlugin):
     def __init__(self, poison: bytes, log: str) -> None:
         self.poison, self.log = poison, log
 
-    def setup(self, worker) -> None:
-        from virnuc_dask.engine.reference import ReferenceEngine
-
-        original = getattr(ReferenceEngine, "_unpatched_embed", ReferenceEngine.embed)
-        poison, log = self.poison, self.log
-
-        def embed(engine, sequences):
-            if poison in sequences:
-                with open(log, "a") as f:
-                    f.write("attempt\n")
-                raise ValueError("this sequence breaks the model")
-            return original(engine, sequences)
-
-        ReferenceEngine._unpatched_embed = original
-        ReferenceEngine.embed = embed
+    def embed(self, original, engine, sequences):
+        if self.poison in sequences:
+            with open(self.log, "a") as f:
+                f.write("attempt\n")
+            raise ValueError("this sequence breaks the model")
+        return original(engine, sequences)
 
 
-class MemorySpike(WorkerPlugin):
+class MemorySpike(EnginePatch):
     """On the first chunk of the run (once, marked by a file), hold ``gigabytes`` of memory."""
 
     name = "test-memory-spike"
@@ -87,24 +84,15 @@ class MemorySpike(WorkerPlugin):
     def __init__(self, gigabytes: float, marker: str) -> None:
         self.gigabytes, self.marker = gigabytes, marker
 
-    def setup(self, worker) -> None:
-        from virnuc_dask.engine.reference import ReferenceEngine
-
-        original = getattr(ReferenceEngine, "_unpatched_embed", ReferenceEngine.embed)
-        size, marker = int(self.gigabytes * 1e9), self.marker
-
-        def embed(engine, sequences):
-            try:
-                fd = os.open(marker, os.O_CREAT | os.O_EXCL)
-            except FileExistsError:
-                return original(engine, sequences)
-            os.close(fd)
-            ballast = np.ones(size, dtype=np.uint8)  # touched pages: real resident memory
-            time.sleep(30)  # the nanny's memory monitor ends the worker long before this
-            return ballast
-
-        ReferenceEngine._unpatched_embed = original
-        ReferenceEngine.embed = embed
+    def embed(self, original, engine, sequences):
+        try:
+            fd = os.open(self.marker, os.O_CREAT | os.O_EXCL)
+        except FileExistsError:
+            return original(engine, sequences)
+        os.close(fd)
+        ballast = np.ones(int(self.gigabytes * 1e9), dtype=np.uint8)  # real resident memory
+        time.sleep(30)  # the nanny's memory monitor ends the worker long before this
+        return ballast
 
 
 @pytest.fixture(scope="module")
