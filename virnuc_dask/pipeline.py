@@ -274,12 +274,13 @@ def prepare(
     inputs: list[str | Path],
     output: str | Path,
     *,
-    lanes: int,
+    client=None,
+    lanes: int | None = None,
     zarr: str | Path | None = None,
     work_dir: str | Path | None = None,
     resume: bool = False,
     torch_threads: int | None = None,
-    on_gpu: bool = False,
+    on_gpu: bool | None = None,
     **settings,
 ) -> EmbeddingJob:
     """Validate, index and partition on the driver; return the job, nothing computed yet.
@@ -290,8 +291,10 @@ def prepare(
         FASTA files, plain or gzip.
     output
         Final HDF5 path. Its folder must exist.
+    client
+        The cluster the job will run on: gives ``lanes`` and ``on_gpu`` when they are not set.
     lanes
-        Workers the partition deals to (the cluster's worker count).
+        Workers the partition deals to; default: the client's worker count, else 1.
     zarr
         Also write a Zarr v3 store here.
     work_dir
@@ -301,10 +304,15 @@ def prepare(
     torch_threads
         torch threads per worker (CPU workers).
     on_gpu
-        Whether the workers have GPUs: resolves ``dtype="auto"`` to bf16 (else fp32).
+        Whether the workers have GPUs: resolves ``dtype="auto"`` to bf16 (else fp32);
+        default: asked of the client's workers, else False.
     **settings
         Any field of :class:`~virnuc_dask.config.EmbedConfig`.
     """
+    if lanes is None:
+        lanes = max(1, len(client.scheduler_info(n_workers=-1)["workers"])) if client else 1
+    if on_gpu is None:
+        on_gpu = _has_gpus(client) if client else False
     config = EmbedConfig.from_settings(**settings)
     if config.dtype == "auto":
         config = dataclasses.replace(config, dtype="bf16" if on_gpu else "fp32")
@@ -506,14 +514,11 @@ def embed(
     inputs = [inputs] if isinstance(inputs, str | Path) else list(inputs)
     options = dict(zarr=zarr, work_dir=work_dir, resume=resume)
     if client is not None:
-        lanes = len(client.scheduler_info(n_workers=-1)["workers"]) or 1
-        job = prepare(inputs, output, lanes=lanes, on_gpu=_has_gpus(client), **options, **settings)
+        job = prepare(inputs, output, client=client, **options, **settings)
         return job.run(client, progress=progress)
     if scheduler or scheduler_file:
-        with connect(scheduler=scheduler, scheduler_file=scheduler_file) as (client, info):
-            job = prepare(
-                inputs, output, lanes=info.workers, on_gpu=_has_gpus(client), **options, **settings
-            )
+        with connect(scheduler=scheduler, scheduler_file=scheduler_file) as (client, _):
+            job = prepare(inputs, output, client=client, **options, **settings)
             return job.run(client, progress=progress)
     # A local cluster: index and validate first, so bad input fails before any worker starts.
     plan = local_plan(settings.get("workers"))

@@ -36,7 +36,7 @@ def _run(client, fasta, out, **settings):
     job = virnuc_dask.prepare(
         [fasta],
         out,
-        lanes=len(client.scheduler_info(n_workers=-1)["workers"]),
+        client=client,
         model=TINY,
         random_weights=True,
         **settings,
@@ -95,6 +95,7 @@ def test_shapes_dtypes_and_attributes(two_worker_run):
 
 def test_stride_partition_is_balanced_and_both_workers_work(two_worker_run):
     job, _ = two_worker_run
+    assert job.partition.lanes == 2  # one lane per worker of the client
     lanes = job.partition.lane_tokens()
     assert np.abs(lanes / lanes.mean() - 1).max() < 0.10
     assert len(job.report.worker_tokens) == 2
