@@ -5,7 +5,8 @@ The data flow, one module each: :mod:`~virnuc_dask.index` (scan FASTA into numpy
 :mod:`~virnuc_dask.cluster` (local GPU/CPU cluster or an existing scheduler),
 :mod:`~virnuc_dask.worker` (resident model per worker, one task per chunk),
 :mod:`~virnuc_dask.engine` (tokens to pooled vectors on a device),
-:mod:`~virnuc_dask.output` (shards, the final HDF5/Zarr file), and
+:mod:`~virnuc_dask.output` (shards, the final HDF5/Zarr file),
+:mod:`~virnuc_dask.workdir` (locks, saved partition, what a resumed run reuses), and
 :mod:`~virnuc_dask.pipeline` (the Dask graph that ties them), with :mod:`~virnuc_dask.cli` on top.
 """
 

@@ -16,13 +16,12 @@ inputs and settings (same fingerprint); without it an existing work directory is
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -30,14 +29,15 @@ import dask
 import numpy as np
 from dask.delayed import Delayed
 
+from virnuc_dask import workdir
 from virnuc_dask.config import EmbedConfig
 from virnuc_dask.errors import VirnucError
 from virnuc_dask.index import FastaIndex, build_index
 from virnuc_dask.lock import RunLock
 from virnuc_dask.models import WeightsSource, resolve_weights
-from virnuc_dask.output import POOLING, ShardInfo, assemble, shard_matches
-from virnuc_dask.partition import Chunk, Partition, partition
-from virnuc_dask.worker import ChunkJob, EngineSettings, ModelPlugin, embed_chunk, shard_path
+from virnuc_dask.output import POOLING, ShardInfo, assemble
+from virnuc_dask.partition import Chunk, Partition
+from virnuc_dask.worker import ChunkJob, EngineSettings, ModelPlugin, embed_chunk
 
 logger = logging.getLogger(__name__)
 
@@ -325,7 +325,7 @@ def prepare(
         random_weights=config.random_weights,
         seed=config.seed,
     )
-    locks, saved = _lock_and_open(output, work, resume)
+    locks, saved = workdir.lock_and_open(output, work, resume)
     try:
         index = build_index(
             inputs,
@@ -333,10 +333,10 @@ def prepare(
             invalid_to_x=config.invalid_to_x,
             duplicate_ids=config.duplicate_ids,
         )
-        fingerprint = _fingerprint(index, weights, config)
-        parts = _partition(work, saved, fingerprint, index, lanes, config)
+        fingerprint = workdir.fingerprint(index, weights, config)
+        parts = workdir.saved_or_new_partition(work, saved, fingerprint, index, lanes, config)
         index.save(work / "index")
-        reused = _finished_shards(work, parts, fingerprint) if saved is not None else []
+        reused = workdir.finished_shards(work, parts, fingerprint) if saved is not None else []
     except BaseException:
         for lock in reversed(locks):
             lock.release()
@@ -362,47 +362,6 @@ def prepare(
     )
 
 
-def _lock_and_open(output: Path, work: Path, resume: bool) -> tuple[list[RunLock], dict | None]:
-    """Lock the output, open the work directory (see :func:`_open_work_dir`) and lock it."""
-    locks = [RunLock(output.with_name(output.name + ".lock"), f"output {output}").acquire()]
-    try:
-        saved = _open_work_dir(work, resume)
-        locks.append(RunLock(work / "lock", f"work directory {work}").acquire())
-    except BaseException:
-        locks[0].release()
-        raise
-    return locks, saved
-
-
-def _partition(
-    work: Path, saved: dict | None, fingerprint: str, index: FastaIndex, lanes: int, config
-) -> Partition:
-    """The saved partition of an earlier run of the same fingerprint, else a new one."""
-    if saved and saved.get("fingerprint") == fingerprint:
-        return Partition(
-            order=np.load(work / "order.npy"),
-            chunks=[Chunk(**c) for c in saved["chunks"]],
-            lanes=saved["lanes"],
-        )
-    if saved:
-        logger.warning(
-            "work directory %s holds shards of a run with other inputs or settings: "
-            "recomputing every chunk",
-            work,
-        )
-        shutil.rmtree(work / "shards", ignore_errors=True)
-    parts = partition(index.length, lanes, config.chunk_tokens, config.max_residues)
-    np.save(work / "order.npy", parts.order)
-    (work / "shards").mkdir(exist_ok=True)
-    manifest = {
-        "fingerprint": fingerprint,
-        "lanes": parts.lanes,
-        "chunks": [asdict(c) for c in parts.chunks],
-    }
-    (work / "manifest.json").write_text(json.dumps(manifest))
-    return parts
-
-
 def _check_output(path: Path, what: str) -> Path:
     path = path.expanduser().absolute()
     if not path.parent.is_dir():
@@ -412,53 +371,6 @@ def _check_output(path: Path, what: str) -> Path:
     if path.is_dir() and what == "output":
         raise VirnucError(f"output {path} is a directory; give a file name such as out.h5")
     return path
-
-
-def _open_work_dir(work: Path, resume: bool) -> dict | None:
-    """Create the work directory, or return an earlier run's manifest when resuming."""
-    if work.exists():
-        if not resume:
-            raise VirnucError(
-                f"work directory {work} exists from an earlier run; pass --resume to reuse its "
-                "finished chunks, or remove it"
-            )
-        manifest = work / "manifest.json"
-        return json.loads(manifest.read_text()) if manifest.is_file() else {}
-    work.mkdir()
-    return None
-
-
-def _fingerprint(index: FastaIndex, weights: WeightsSource, config: EmbedConfig) -> str:
-    """Hash of the inputs' bytes and of every setting that changes the stored numbers."""
-    identity = {
-        "inputs": index.digest,
-        "weights": weights.describe(),
-        "layers": config.layer_list(),
-        "dtype": config.dtype,
-        "output_dtype": config.output_dtype,
-        "max_residues": config.max_residues,
-        "invalid_to_x": config.invalid_to_x,
-        "duplicate_ids": config.duplicate_ids,
-    }
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
-
-
-def _finished_shards(work: Path, parts: Partition, fingerprint: str) -> list[ShardInfo]:
-    """Shards on disk that are complete and belong to this run; anything else is removed."""
-    for partial in (work / "shards").glob(".*.partial"):
-        logger.warning("removing the half-written shard %s", partial.name)
-        partial.unlink()
-    reused = []
-    for chunk in parts.chunks:
-        path = shard_path(str(work / "shards"), chunk)
-        if not os.path.exists(path):
-            continue
-        if shard_matches(path, fingerprint, parts.order[chunk.start : chunk.stop]):
-            reused.append(ShardInfo(chunk.number, path, chunk.size, chunk.tokens, "resumed", 0.0))
-        else:
-            logger.warning("shard %s does not match this run: recomputing it", path)
-            os.unlink(path)
-    return reused
 
 
 def embed(
