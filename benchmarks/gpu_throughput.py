@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from virnuc_dask.compare import row_agreement
 from virnuc_dask.engine.packed import PackedEngine
 from virnuc_dask.engine.reference import ReferenceEngine
 from virnuc_dask.models import load_model, model_spec, resolve_weights
@@ -153,10 +154,7 @@ def timed(device: torch.device, fn: Callable[[], np.ndarray]) -> tuple[np.ndarra
 def fidelity(run: Run, reference: Run) -> dict:
     """Smallest cosine and largest relative error against ``reference`` on common sequences."""
     common, mine, theirs = np.intersect1d(run.indices, reference.indices, return_indices=True)
-    a = run.embeddings[mine].reshape(len(common), -1).astype(np.float64)
-    b = reference.embeddings[theirs].reshape(len(common), -1).astype(np.float64)
-    cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
-    error = np.linalg.norm(a - b, axis=1) / np.linalg.norm(b, axis=1)
+    cosine, error = row_agreement(run.embeddings[mine], reference.embeddings[theirs])
     return {
         "compared": len(common),
         "min_cosine": round(float(cosine.min()), 7),

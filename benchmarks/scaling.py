@@ -28,7 +28,8 @@ AMINO = np.frombuffer(b"ACDEFGHIKLMNPQRSTVWY", dtype=np.uint8)
 
 
 def workload_lengths(name: str, count: int, seed: int) -> np.ndarray:
-    """Residue counts of the benchmark workloads (see ``gpu_throughput.py``)."""
+    """Residue counts: ``viral`` uniform in 60-170 (the peer figures' definition), ``proteome``
+    as in ``gpu_throughput.py``. Only lengths matter to scaling, so no reads are translated."""
     rng = np.random.default_rng(seed)
     if name == "viral":  # six-frame peptides of 300-500 bp reads: 60-170 residues
         return rng.integers(60, 171, count)
@@ -167,14 +168,12 @@ def main() -> None:
 def agreement(first: Path, other: Path) -> dict:
     """How closely two runs' outputs agree: same ids in the same order, row cosine and error."""
     import virnuc_dask
+    from virnuc_dask.compare import row_agreement
 
     with virnuc_dask.open_embeddings(first) as a, virnuc_dask.open_embeddings(other) as b:
         if list(a.sequence.values) != list(b.sequence.values):
             raise AssertionError(f"{other} has other ids or another order than {first}")
-        x = a.embedding.values.astype(np.float64)
-        y = b.embedding.values.astype(np.float64)
-    cosine = (x * y).sum(1) / np.linalg.norm(x, axis=1) / np.linalg.norm(y, axis=1)
-    error = np.linalg.norm(x - y, axis=1) / np.linalg.norm(x, axis=1)
+        cosine, error = row_agreement(b.embedding.values, a.embedding.values)
     return {
         "min_cosine_vs_first": float(cosine.min()),
         "max_rel_error_vs_first": float(error.max()),

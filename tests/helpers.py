@@ -13,9 +13,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from virnuc_dask.compare import row_agreement
+
 #: The 2-layer, 64-wide ESM-2 architecture that keeps CPU tests fast.
 TINY = "esm2_t2_tiny"
 AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
+#: The command line, run by this interpreter.
+CLI = [sys.executable, "-m", "virnuc_dask.cli"]
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "data" / "some_proteins.fasta"
 
 
@@ -56,9 +60,7 @@ def fair_esm_embeddings(model, sequences: list[str], layers: list[int]) -> np.nd
 def assert_rows_close(actual: np.ndarray, expected: np.ndarray, rtol: float = 1e-5):
     """Every row equal to the reference within ``rtol`` relative (norm of the difference)."""
     assert actual.shape == expected.shape
-    flat_a = actual.reshape(len(actual), -1).astype(np.float64)
-    flat_e = expected.reshape(len(expected), -1).astype(np.float64)
-    error = np.linalg.norm(flat_a - flat_e, axis=1) / np.linalg.norm(flat_e, axis=1)
+    _, error = row_agreement(actual, expected)
     worst = int(error.argmax())
     assert error.max() <= rtol, f"row {worst}: relative error {error[worst]:.3g} > {rtol}"
 

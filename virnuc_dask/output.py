@@ -211,7 +211,7 @@ def _to_netcdf(dataset, path: Path) -> None:
     # This runs inside a Dask task: write with the local synchronous scheduler, not the
     # cluster, so the staged array is streamed to the file block by block.
     with dask.config.set(scheduler="synchronous"):
-        dataset.to_netcdf(path, engine="h5netcdf", encoding=encoding, invalid_netcdf=False)
+        dataset.to_netcdf(path, engine="h5netcdf", encoding=encoding)
 
 
 def _to_zarr(dataset, path: Path) -> None:

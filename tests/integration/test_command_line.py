@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 import virnuc_dask
 from tests.helpers import (
+    CLI,
     EXAMPLE,
     TINY,
     assert_rows_close,
@@ -19,8 +19,6 @@ from tests.helpers import (
 )
 from tests.test_models import write_fair_esm_checkpoint
 from virnuc_dask.models import hub_checkpoint, load_model, resolve_weights
-
-CLI = [sys.executable, "-m", "virnuc_dask.cli"]
 
 
 def _example():

@@ -12,6 +12,7 @@ from distributed import Client
 
 import virnuc_dask
 from tests.helpers import random_sequences, write_fasta
+from virnuc_dask.compare import row_agreement
 from virnuc_dask.engine.reference import ReferenceEngine
 from virnuc_dask.models import load_model, resolve_weights
 
@@ -20,9 +21,7 @@ MODEL = "esm2_t6_8M_UR50D"
 
 
 def _compare(actual: np.ndarray, expected: np.ndarray) -> tuple[float, float]:
-    a, b = actual.astype(np.float64), expected.astype(np.float64)
-    cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
-    error = np.linalg.norm(a - b, axis=1) / np.linalg.norm(b, axis=1)
+    cosine, error = row_agreement(actual, expected)
     return float(cosine.min()), float(error.max())
 
 

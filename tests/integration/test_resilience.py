@@ -23,7 +23,7 @@ import pytest
 from distributed import Client, LocalCluster, WorkerPlugin
 
 import virnuc_dask
-from tests.helpers import TINY, dask_processes, random_sequences, write_fasta
+from tests.helpers import CLI, TINY, dask_processes, random_sequences, write_fasta
 from virnuc_dask.errors import VirnucError
 from virnuc_dask.output import write_shard
 
@@ -216,9 +216,7 @@ def test_worker_over_its_memory_limit_is_restarted_without_losing_work(
 def _start_cli(fasta: Path, out: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
         [
-            sys.executable,
-            "-m",
-            "virnuc_dask.cli",
+            *CLI,
             "embed",
             str(fasta),
             "-o",
@@ -270,9 +268,7 @@ def test_driver_interrupted_then_resumed(how, workload, baseline, tmp_path):
 
     refused = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "virnuc_dask.cli",
+            *CLI,
             "embed",
             str(fasta),
             "-o",
