@@ -1,0 +1,86 @@
+"""Ownership: the tool deletes or replaces only folders it created itself.
+
+Every folder the tool creates and may later remove (a run's work directory, a Zarr store)
+carries a marker file written at creation, holding what the folder is and the fingerprint of
+the run that made it. A folder without the marker is the user's: it is refused with a message
+and never touched, whatever the caller asked for. This is the only module that removes a tree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from virnuc_dask.errors import VirnucError
+
+#: Name of the marker file inside every folder the tool created.
+MARKER = ".virnuc-dask"
+
+
+def claim(folder: str | Path, kind: str, fingerprint: str | None = None) -> Path:
+    """Create ``folder`` (it must not exist) and mark it as the tool's own.
+
+    Parameters
+    ----------
+    folder
+        The folder to create; its parent must exist.
+    kind
+        What it is, e.g. ``"work directory"`` or ``"zarr store"``.
+    fingerprint
+        The run's fingerprint, when known.
+    """
+    folder = Path(folder)
+    folder.mkdir()
+    write_marker(folder, kind, fingerprint)
+    return folder
+
+
+def write_marker(folder: str | Path, kind: str, fingerprint: str | None = None) -> None:
+    """Write (or rewrite) the marker of a folder the tool created."""
+    data = {"kind": kind, "fingerprint": fingerprint, "pid": os.getpid(), "created": time.time()}
+    path = Path(folder) / MARKER
+    tmp = path.with_name(f"{MARKER}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def marker(folder: str | Path) -> dict | None:
+    """The marker of ``folder``, or None when the folder is not the tool's (or is no folder)."""
+    path = Path(folder) / MARKER
+    if Path(folder).is_symlink():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and "kind" in data else None
+
+
+def require_owned(folder: str | Path, kind: str, hint: str = "") -> dict:
+    """Return the marker of an existing ``folder`` of ``kind``; refuse anything else.
+
+    Raises
+    ------
+    VirnucError
+        When the folder is not marked as a ``kind`` the tool created: it is left untouched.
+    """
+    found = marker(folder)
+    if found is None or found.get("kind") != kind:
+        what = "it is a file" if Path(folder).is_file() else f"it is not a {kind} this tool made"
+        raise VirnucError(
+            f"refusing to use {folder} as {kind}: {what} (no {MARKER} marker inside), so it "
+            f"may hold your files; nothing in it was touched. {hint}".rstrip()
+        )
+    return found
+
+
+def remove(folder: str | Path, kind: str) -> None:
+    """Remove a folder the tool created; refuse (and touch nothing) when it is not marked."""
+    folder = Path(folder)
+    if not folder.exists():
+        return
+    require_owned(folder, kind)
+    shutil.rmtree(folder)
