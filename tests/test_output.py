@@ -1,23 +1,49 @@
-"""Shards and assembly: input order, every id once, alignment proven, files xarray opens."""
+"""Shards and assembly: input order, every id once, alignment proven, files xarray opens.
+
+Also the output side's safety rules: foreign shards refused, a full disk reported as one error
+with the partial files removed (on a real, small tmpfs), existing outputs replaced only when
+asked and only once the new one is complete, and ids read back without fixed-width strings.
+"""
 
 from __future__ import annotations
 
+import gc
+import json
+import os
+import subprocess
+import uuid
 import warnings
 
+import h5py
 import numpy as np
 import pytest
 import xarray as xr
+import zarr
 
-from virnuc_dask.output import ShardInfo, assemble, open_embeddings, shard_matches, write_shard
+from virnuc_dask import ownership
+from virnuc_dask.errors import VirnucError
+from virnuc_dask.output import (
+    DiskFull,
+    ShardInfo,
+    ShardMismatch,
+    assemble,
+    check_target,
+    open_embeddings,
+    remove_stale_partials,
+    shard_matches,
+    write_shard,
+)
 
 IDS = [f"P{i:05d}" for i in range(50)]
 LENGTHS = np.arange(50) * 30
 
 
-def _shards(tmp_path, embedding, splits, ids=IDS, fingerprint="fp"):
+def _shards(tmp_path, embedding, splits, ids=IDS, fingerprint="fp", layers=None, dtype="float32"):
     rng = np.random.default_rng(0)
     order = rng.permutation(len(ids))
     shards = []
+    # Shards record their layers only when told them, as callers that predate layers do.
+    recorded = {"layers": layers} if layers is not None else {}
     for number, rows in enumerate(np.array_split(order, splits)):
         path = tmp_path / f"shard-{number}.h5"
         write_shard(
@@ -26,23 +52,29 @@ def _shards(tmp_path, embedding, splits, ids=IDS, fingerprint="fp"):
             ids=[ids[r] for r in rows],
             embedding=embedding[rows],
             fingerprint=fingerprint,
+            dtype=dtype,
+            **recorded,
         )
         shards.append(ShardInfo(number, str(path), len(rows), 0, "w", 0.0))
     return shards
 
 
 def _assemble(tmp_path, shards, layers=(2,), **kwargs):
+    kwargs = {"output": tmp_path / "out.h5", "staging": tmp_path / "stage", **kwargs}
     return assemble(
         shards,
-        ids=IDS,
-        lengths=LENGTHS,
+        ids=kwargs.pop("ids", IDS),
+        lengths=kwargs.pop("lengths", LENGTHS),
         max_residues=1022,
         layers=list(layers),
-        output=tmp_path / "out.h5",
-        staging=tmp_path / "stage",
-        attrs={"model": "m"},
+        attrs=kwargs.pop("attrs", {"model": "m"}),
         **kwargs,
     )
+
+
+def _files(folder):
+    """Every file under ``folder`` (folders themselves excluded), relative names."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if not p.is_dir())
 
 
 def test_assembles_in_input_order_and_opens_without_warnings(tmp_path):
@@ -63,7 +95,7 @@ def test_assembles_in_input_order_and_opens_without_warnings(tmp_path):
 
 def test_several_layers_float16_and_zarr_hold_the_same_content(tmp_path):
     embedding = np.random.default_rng(2).normal(size=(50, 3, 8)).astype(np.float32)
-    shards = _shards(tmp_path, embedding, 3)
+    shards = _shards(tmp_path, embedding, 3, dtype="float16")
     _assemble(tmp_path, shards, layers=(0, 1, 2), dtype="float16", zarr_path=tmp_path / "o.zarr")
     h5 = open_embeddings(tmp_path / "out.h5")
     zr = open_embeddings(tmp_path / "o.zarr")
@@ -111,3 +143,340 @@ def test_shard_matches_only_its_own_run_and_rows(tmp_path):
     assert not shard_matches(path, "run-1", rows[::-1])
     path.write_bytes(path.read_bytes()[:100])  # a half-written file
     assert not shard_matches(path, "run-1", rows)
+
+
+# --- Foreign shards -------------------------------------------------------------------------
+
+#: (what differs, the foreign shard's (layers, width, dtype, fingerprint), the word expected in
+#: the message). The run embeds layer 2 at width 4 in float32 under fingerprint "fp".
+FOREIGN = {
+    "fingerprint": (([2], 4, "float32", "another-run"), "fingerprint"),
+    "width": (([2], 8, "float32", "fp"), "width"),
+    "layer-count": (([1, 2], 4, "float32", "fp"), "layers"),
+    "layer-numbers": (([5], 4, "float32", "fp"), "layers"),
+    "dtype": (([2], 4, "float16", "fp"), "dtype"),
+}
+
+
+@pytest.mark.parametrize("case", FOREIGN, ids=list(FOREIGN))
+def test_foreign_shard_is_refused_and_the_shards_are_kept(tmp_path, case):
+    (layers, width, dtype, fingerprint), word = FOREIGN[case]
+    embedding = np.ones((50, 1, 4), np.float32)
+    shards = _shards(tmp_path, embedding, 4, layers=[2])
+    rows = np.asarray(h5py.File(shards[1].path, "r")["rows"][:])
+    write_shard(
+        shards[1].path,
+        rows=rows,
+        ids=[IDS[r] for r in rows],
+        embedding=np.ones((len(rows), len(layers), width)),
+        fingerprint=fingerprint,
+        layers=layers,
+        dtype=dtype,
+    )
+    with pytest.raises(ShardMismatch, match=word) as caught:
+        _assemble(tmp_path, shards, layers=[2], fingerprint="fp", width=4)
+    message = str(caught.value)
+    assert shards[1].path in message and "kept" in message
+    assert isinstance(caught.value, VirnucError)
+    assert all(os.path.exists(s.path) for s in shards)
+    assert not (tmp_path / "out.h5").exists() and not list(tmp_path.glob(".out.h5*"))
+    assert _files(tmp_path / "stage") == []
+
+
+def test_shards_of_different_widths_are_refused_even_without_a_width(tmp_path):
+    # Without a check, a width-1 shard broadcasts silently into every feature of its rows.
+    shards = _shards(tmp_path, np.ones((50, 1, 4), np.float32), 2)
+    rows = np.asarray(h5py.File(shards[1].path, "r")["rows"][:])
+    write_shard(
+        shards[1].path,
+        rows=rows,
+        ids=[IDS[r] for r in rows],
+        embedding=np.ones((len(rows), 1, 1)),
+        fingerprint="fp",
+    )
+    with pytest.raises(ShardMismatch, match="width"):
+        _assemble(tmp_path, shards)
+    assert not (tmp_path / "out.h5").exists()
+
+
+def test_shard_matches_checks_layers_width_and_dtype_when_given(tmp_path):
+    rows = np.array([4, 2, 9])
+    path = tmp_path / "s.h5"
+    write_shard(
+        path,
+        rows=rows,
+        ids=["a", "b", "c"],
+        embedding=np.zeros((3, 2, 5)),
+        fingerprint="run-1",
+        layers=[3, 6],
+        dtype="float16",
+    )
+    with h5py.File(path, "r") as f:
+        assert f.attrs["layers"].tolist() == [3, 6] and f.attrs["width"] == 5
+    assert shard_matches(path, "run-1", rows, layers=[3, 6], width=5, dtype="float16")
+    assert not shard_matches(path, "run-1", rows, layers=[3, 7])
+    assert not shard_matches(path, "run-1", rows, layers=[6])
+    assert not shard_matches(path, "run-1", rows, width=4)
+    assert not shard_matches(path, "run-1", rows, dtype="float32")
+
+
+# --- Staging --------------------------------------------------------------------------------
+
+
+def test_staging_array_is_the_attempts_own_and_removed_after(tmp_path):
+    # Another attempt's staging arrays in the same folder: whatever their name, never touched.
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    others = [stage / "embedding.npy", stage / f"embedding-{uuid.uuid4()}.npy"]
+    for other in others:
+        other.write_bytes(b"another attempt's array")
+    embedding = np.random.default_rng(3).normal(size=(50, 1, 4)).astype(np.float32)
+    shards = _shards(tmp_path, embedding, 3)
+    _assemble(tmp_path, shards)
+    with pytest.raises(RuntimeError, match="missing"):
+        _assemble(tmp_path, shards[:-1], output=tmp_path / "again.h5")
+    assert _files(stage) == sorted(p.name for p in others)
+    assert all(p.read_bytes() == b"another attempt's array" for p in others)
+    np.testing.assert_array_equal(open_embeddings(tmp_path / "out.h5").embedding, embedding[:, 0])
+
+
+# --- A full disk ----------------------------------------------------------------------------
+
+#: Features per row of the disk-full tests: 50 rows of float32 make a 1 MB staging array.
+WIDE = 5000
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """``small_disk(kib)`` mounts a tmpfs of that size; skipped where mounting is not allowed."""
+    mounted = []
+
+    def mount(kib: int):
+        if os.geteuid() != 0:
+            pytest.skip("a full disk is simulated with a small tmpfs, which only root can mount")
+        folder = tmp_path / f"disk-{len(mounted)}"
+        folder.mkdir()
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(folder)],
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode:
+            pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip()}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    gc.collect()  # release file handles held by caught tracebacks before unmounting
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def _wide_shards(tmp_path):
+    embedding = np.random.default_rng(4).normal(size=(50, 1, WIDE)).astype(np.float32)
+    shard_dir = tmp_path / "shards"
+    shard_dir.mkdir()
+    return _shards(shard_dir, embedding, 4), embedding
+
+
+def _assert_disk_full(caught, path, shards, disk):
+    message = str(caught.value)
+    assert isinstance(caught.value, VirnucError)
+    assert str(path) in message and "space" in message
+    assert "resume=True" in message and "kept" in message
+    assert all(os.path.exists(s.path) for s in shards)
+    assert _files(disk) == []  # partial files and the staging array are gone
+    # The process is healthy: HDF5 still writes files.
+    with h5py.File(disk.parent / "after.h5", "w") as f:
+        f["x"] = np.arange(3)
+
+
+def test_disk_full_while_staging_raises_disk_full(tmp_path, small_disk):
+    disk = small_disk(256)
+    shards, _ = _wide_shards(tmp_path)
+    with pytest.raises(DiskFull) as caught:
+        _assemble(tmp_path, shards, output=disk / "out.h5", staging=disk / "stage")
+    _assert_disk_full(caught, disk / "stage", shards, disk)
+
+
+# h5py reports the failed write once more from the finaliser of one of its temporary objects.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_disk_full_while_writing_the_output_raises_disk_full(tmp_path, small_disk):
+    # The staging array (1 MB) fits; the output beside it (1 MB more) does not.
+    disk = small_disk(1536)
+    shards, _ = _wide_shards(tmp_path)
+    with pytest.raises(DiskFull) as caught:
+        _assemble(tmp_path, shards, output=disk / "out.h5", staging=disk / "stage")
+    _assert_disk_full(caught, disk / "out.h5", shards, disk)
+    del caught
+    gc.collect()  # the failed file, collected, neither crashes the process nor holds space
+    assert os.statvfs(disk).f_bfree == os.statvfs(disk).f_blocks
+
+
+def test_disk_full_while_writing_the_zarr_store_leaves_neither_output(tmp_path, small_disk):
+    disk = small_disk(256)
+    shards, _ = _wide_shards(tmp_path)
+    with pytest.raises(DiskFull) as caught:
+        _assemble(tmp_path, shards, zarr_path=disk / "out.zarr")
+    _assert_disk_full(caught, disk / "out.zarr", shards, disk)
+    assert not (tmp_path / "out.h5").exists()
+
+
+# --- Existing outputs -----------------------------------------------------------------------
+
+
+def test_check_target_refuses_an_existing_output_unless_overwrite(tmp_path):
+    path = tmp_path / "out.h5"
+    check_target(path, "output", overwrite=False)
+    path.write_bytes(b"old")
+    with pytest.raises(VirnucError, match="overwrite=True"):
+        check_target(path, "output", overwrite=False)
+    check_target(path, "output", overwrite=True)
+    folder = tmp_path / "folder.h5"
+    folder.mkdir()
+    with pytest.raises(VirnucError, match="directory"):
+        check_target(folder, "output", overwrite=True)
+    link = tmp_path / "link.h5"
+    link.symlink_to(path)
+    with pytest.raises(VirnucError, match="symbolic link"):
+        check_target(link, "output", overwrite=True)
+    assert path.read_bytes() == b"old"
+
+
+def test_check_target_refuses_a_zarr_path_the_tool_did_not_make(tmp_path):
+    users = tmp_path / "mine.zarr"
+    users.mkdir()
+    (users / "notes.txt").write_text("keep me")
+    for overwrite in (False, True):
+        with pytest.raises(VirnucError, match="not a zarr store this tool made"):
+            check_target(users, "zarr store", overwrite=overwrite)
+    ours = ownership.claim(tmp_path / "ours.zarr", "zarr store")
+    with pytest.raises(VirnucError, match="overwrite=True"):
+        check_target(ours, "zarr store", overwrite=False)
+    check_target(ours, "zarr store", overwrite=True)
+    (tmp_path / "file.zarr").write_text("a file")
+    with pytest.raises(VirnucError):
+        check_target(tmp_path / "file.zarr", "zarr store", overwrite=True)
+    (tmp_path / "link.zarr").symlink_to(ours)
+    with pytest.raises(VirnucError, match="symbolic link"):
+        check_target(tmp_path / "link.zarr", "zarr store", overwrite=True)
+
+
+def test_assemble_refuses_an_existing_output_without_overwrite(tmp_path):
+    (tmp_path / "out.h5").write_bytes(b"the user's file")
+    shards = _shards(tmp_path, np.ones((50, 1, 4), np.float32), 2)
+    with pytest.raises(VirnucError, match="overwrite=True"):
+        _assemble(tmp_path, shards)
+    assert (tmp_path / "out.h5").read_bytes() == b"the user's file"
+
+
+def test_assemble_never_touches_a_zarr_path_it_did_not_make(tmp_path):
+    users = tmp_path / "mine.zarr"
+    users.mkdir()
+    (users / "notes.txt").write_text("keep me")
+    shards = _shards(tmp_path, np.ones((50, 1, 4), np.float32), 2)
+    with pytest.raises(VirnucError, match="not a zarr store this tool made"):
+        _assemble(tmp_path, shards, zarr_path=users, overwrite=True)
+    assert _files(users) == ["notes.txt"] and (users / "notes.txt").read_text() == "keep me"
+    assert not (tmp_path / "out.h5").exists()
+
+
+def test_overwrite_replaces_both_outputs_only_once_the_new_ones_are_complete(tmp_path):
+    first = np.zeros((50, 1, 4), np.float32)
+    second = np.random.default_rng(5).normal(size=(50, 1, 4)).astype(np.float32)
+    store = tmp_path / "out.zarr"
+    _assemble(tmp_path, _shards(tmp_path, first, 2), zarr_path=store, attrs={"fingerprint": "a"})
+    # A failed attempt with overwrite leaves the old outputs as they were.
+    shards = _shards(tmp_path, second, 2)
+    with pytest.raises(RuntimeError, match="missing"):
+        _assemble(tmp_path, shards[:1], zarr_path=store, overwrite=True)
+    np.testing.assert_array_equal(open_embeddings(tmp_path / "out.h5").embedding, first[:, 0])
+    np.testing.assert_array_equal(open_embeddings(store).embedding, first[:, 0])
+    _assemble(tmp_path, shards, zarr_path=store, overwrite=True, attrs={"fingerprint": "b"})
+    np.testing.assert_array_equal(open_embeddings(tmp_path / "out.h5").embedding, second[:, 0])
+    np.testing.assert_array_equal(open_embeddings(store).embedding, second[:, 0])
+    assert ownership.marker(store)["fingerprint"] == "b"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_an_output_created_meanwhile_is_refused_at_the_rename(tmp_path, monkeypatch):
+    import virnuc_dask.output as output
+
+    write = output._to_netcdf
+
+    def someone_else_writes_the_output(dataset, path):
+        write(dataset, path)
+        (tmp_path / "out.h5").write_bytes(b"written meanwhile")
+
+    monkeypatch.setattr(output, "_to_netcdf", someone_else_writes_the_output)
+    shards = _shards(tmp_path, np.ones((50, 1, 4), np.float32), 2)
+    with pytest.raises(VirnucError, match="overwrite=True"):
+        _assemble(tmp_path, shards)
+    assert (tmp_path / "out.h5").read_bytes() == b"written meanwhile"
+    assert not list(tmp_path.glob(".out.h5*"))
+
+
+def test_zarr_store_carries_the_marker_and_still_opens(tmp_path):
+    store = tmp_path / "out.zarr"
+    embedding = np.random.default_rng(6).normal(size=(50, 1, 4)).astype(np.float32)
+    _assemble(
+        tmp_path, _shards(tmp_path, embedding, 2), zarr_path=store, attrs={"fingerprint": "fp"}
+    )
+    found = json.loads((store / ownership.MARKER).read_text())
+    assert found["kind"] == "zarr store" and found["fingerprint"] == "fp"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nor a word about the marker file in the store
+        group = zarr.open_group(store, mode="r")
+        assert sorted(group.array_keys()) == ["embedding", "length", "sequence", "truncated"]
+        ds = xr.open_zarr(store).load()
+        ours = open_embeddings(store).load()
+    np.testing.assert_array_equal(ds.embedding.values, embedding[:, 0])
+    xr.testing.assert_identical(ours, open_embeddings(tmp_path / "out.h5").load())
+
+
+def test_remove_stale_partials_removes_only_this_outputs_leftovers(tmp_path):
+    output = tmp_path / "out.h5"
+    hex_ = uuid.uuid4().hex
+    stale_file = tmp_path / f".out.h5.{hex_}.partial"
+    stale_file.write_bytes(b"half")
+    stale_store = ownership.claim(tmp_path / f".out.h5.{uuid.uuid4().hex}.partial", "zarr store")
+    (stale_store / "zarr.json").write_text("{}")
+    unmarked = tmp_path / f".out.h5.{uuid.uuid4().hex}.partial"
+    unmarked.mkdir()
+    kept = [
+        unmarked,
+        tmp_path / ".out.h5.not-hex.partial",
+        tmp_path / f".other.h5.{hex_}.partial",
+        tmp_path / f"out.h5.{hex_}.partial",
+        tmp_path / f".out.h5.{hex_}.partial.bak",
+    ]
+    for path in kept[1:]:
+        path.write_bytes(b"not ours")
+    assert sorted(remove_stale_partials(output)) == sorted([stale_file, stale_store])
+    assert not stale_file.exists() and not stale_store.exists()
+    assert all(p.exists() for p in kept)
+    assert remove_stale_partials(output) == []
+
+
+# --- Ids ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["hdf5", "zarr"])
+def test_a_long_id_is_read_back_without_fixed_width_strings(tmp_path, kind):
+    # One 100 kB id among 300 would make a fixed-width array of 300 * 100 k * 4 bytes (120 MB).
+    ids = [f"P{i:05d}" for i in range(300)] + ["L" * 100_000]
+    embedding = np.random.default_rng(7).normal(size=(301, 1, 4)).astype(np.float32)
+    shards = _shards(tmp_path, embedding, 3, ids=ids)
+    store = tmp_path / "out.zarr"
+    _assemble(tmp_path, shards, ids=ids, lengths=np.arange(301), zarr_path=store)
+    with h5py.File(tmp_path / "out.h5", "r") as f:
+        assert h5py.check_string_dtype(f["sequence"].dtype).length is None  # variable length
+    ds = open_embeddings(tmp_path / "out.h5" if kind == "hdf5" else store)
+    assert ds.sequence.dtype == object
+    assert ds.sequence.values.nbytes < 10_000
+    assert ds.indexes["sequence"].dtype == object
+    assert list(ds.sequence.values) == ids
+    np.testing.assert_array_equal(ds.sel(sequence=ids[-1]).embedding.values, embedding[-1, 0])
+    np.testing.assert_array_equal(
+        ds.sel(sequence=["P00003", ids[-1]]).embedding.values, embedding[[3, -1], 0]
+    )
