@@ -5,12 +5,19 @@ from __future__ import annotations
 import gzip
 import os
 import threading
+import zlib
 
 import numpy as np
 import pytest
 
 from virnuc_dask.errors import VirnucError
-from virnuc_dask.index import FastaIndex, _check_duplicates, build_index, read_sequences
+from virnuc_dask.index import (
+    MAX_ID_BYTES,
+    FastaIndex,
+    _check_duplicates,
+    build_index,
+    read_sequences,
+)
 
 LETTERS = b"ACDEFGHIKLMNPQRSTVWYXBUZO.-"
 
@@ -197,6 +204,51 @@ def test_read_sequences_notices_a_changed_file(tmp_path):
         read_sequences(index, np.array([0]))
 
 
+def test_read_sequences_refuses_a_same_length_edit(tmp_path):
+    """An edit that keeps every length (one residue swapped) is caught by the checksum."""
+    path = write(tmp_path / "a.fa", b">a\nMKVL\n>b x\nACDEF\nGHIKL\nMNPQR\n>c\nW\n")
+    index = build_index([path])
+    data = (tmp_path / "a.fa").read_bytes()
+    where = data.index(b"GHIKL") + 2
+    write(tmp_path / "a.fa", data[:where] + b"W" + data[where + 1 :])
+    with pytest.raises(VirnucError) as error:
+        read_sequences(index, np.array([1]))
+    message = str(error.value)
+    assert message.startswith(f"{path} changed since it was indexed: sequence b ")
+    assert "must not change during a run" in message
+    assert read_sequences(index, np.array([2, 0])) == [b"W", b"MKVL"]
+
+
+def test_read_sequences_names_the_input_of_a_changed_staged_copy(tmp_path):
+    packed = write(tmp_path / "a.fa.gz", gzip.compress(b">a\nMKVL\n"))
+    index = build_index([packed], tmp_path / "staging")
+    write(tmp_path / "staging" / "input-0000-a.fa", b">a\nMKVW\n")
+    with pytest.raises(VirnucError, match="staged copy .* of input .*a.fa.gz changed since"):
+        read_sequences(index, np.array([0]))
+
+
+def test_checksum_is_of_the_bytes_read_back(tmp_path):
+    """Per sequence, CRC-32 of exactly the span a worker reads: inner blank lines, CRLF, spaces
+    and a final '*' included, the header and the line end after the last residue excluded."""
+    rng = np.random.default_rng(11)
+    data = random_fasta(rng, 300) + b">last\nMK\r\n\r\n \t\nVL*  \r\n\n"
+    path = write(tmp_path / "a.fa", data)
+    index = build_index([path])
+    assert index.checksum.dtype == np.uint32
+    spans = [data[o : o + s] for o, s in zip(index.offset, index.span, strict=True)]
+    assert spans[-1] == b"MK\r\n\r\n \t\nVL*"
+    assert index.checksum.tolist() == [zlib.crc32(span) for span in spans]
+
+
+def test_load_refuses_an_index_without_checksums(tmp_path):
+    """An index saved by a version without checksums (a worker on another version)."""
+    index = build_index([write(tmp_path / "a.fa", b">a\nMK\n")])
+    index.save(tmp_path / "index")
+    (tmp_path / "index" / "checksum.npy").unlink(missing_ok=True)
+    with pytest.raises(VirnucError, match="index .* has no per-sequence checksums"):
+        FastaIndex.load(tmp_path / "index")
+
+
 def test_save_and_load_round_trip_memory_mapped(tmp_path):
     rng = np.random.default_rng(3)
     data = random_fasta(rng, 50)
@@ -283,6 +335,20 @@ def test_description_in_any_encoding_but_id_in_utf8(tmp_path):
     assert "line 3: id is not valid UTF-8 (byte 0xe9 at column 4)" in error_of([path])
 
 
+def test_ids_are_capped_in_utf8_bytes(tmp_path):
+    at_cap = "β" * (MAX_ID_BYTES // 2)
+    path = write(tmp_path / "a.fa", f">a\nA\n>{at_cap} d\nA\n".encode())
+    assert build_index([path]).ids() == ["a", at_cap]
+    over = at_cap + "x"  # one character more than half the cap, but over it in bytes
+    write(tmp_path / "a.fa", f">a\nA\n>{over} d\nA\n".encode())
+    message = error_of([path])
+    assert message.startswith(
+        f"{path}, line 3: id '{'β' * 60}...' is {MAX_ID_BYTES + 1} bytes long (UTF-8), over "
+        f"the limit of {MAX_ID_BYTES}"
+    )
+    assert "shorten the header's first word" in message
+
+
 # --- invalid letters --------------------------------------------------------------------------
 
 
@@ -321,6 +387,20 @@ def test_refused_letters(tmp_path, data, expected):
 
 def test_no_inputs():
     assert error_of([]) == "no input files given"
+
+
+def test_the_same_file_given_twice_is_refused(tmp_path, monkeypatch):
+    path = write(tmp_path / "a.fa", b">a\nMK\n")
+    (tmp_path / "link.fa").symlink_to(path)
+    os.link(path, tmp_path / "hard.fa")
+    monkeypatch.chdir(tmp_path)
+    for again in (path, "a.fa", "./a.fa", str(tmp_path / "link.fa"), "hard.fa"):
+        message = error_of([path, write(tmp_path / "b.fa", b">b\nW\n"), again])
+        assert message == (
+            f"input {again} is the same file as input {path}; give each file once"
+        ), again
+    for policy in ("error", "suffix"):
+        assert "is the same file" in error_of([path, path], duplicate_ids=policy)
 
 
 def test_every_input_is_checked_before_the_first_scan(tmp_path, monkeypatch):

@@ -8,7 +8,8 @@ the Dask graph only ever carries row numbers.
 Decisions (``docs/input.md`` lists every accepted and refused input with its message):
 
 - The id is the first word of the header (words are separated by ASCII whitespace); it must be
-  UTF-8 without control characters. The rest of the header is ignored, whatever its encoding.
+  UTF-8 without control characters, and at most ``MAX_ID_BYTES`` long. The rest of the header is
+  ignored, whatever its encoding.
 - Upper and lower case are the same residue; whitespace inside sequence lines (spaces, tabs,
   CR of CRLF files) is ignored; blank lines between records are accepted; a UTF-8 byte-order
   mark at the start of a file is skipped.
@@ -23,6 +24,10 @@ Decisions (``docs/input.md`` lists every accepted and refused input with its mes
 - gzip inputs (recognised by their magic bytes, not their name) are decompressed once into the
   staging directory during the scan, so that workers can seek in them; so are inputs that
   cannot seek (pipes such as ``<(zcat a.fa.gz)``). Other compressions are refused by name.
+- Inputs must not change during a run: workers read them long after the scan. The scan keeps a
+  CRC-32 of each sequence's bytes as a worker will read them (4 bytes a sequence), and
+  :func:`read_sequences` refuses bytes that differ, so an edit, even one that keeps every
+  length, stops the run instead of mixing old and new sequences in one output.
 """
 
 from __future__ import annotations
@@ -73,6 +78,11 @@ _OTHER_FORMATS = {
 _MAGIC_BYTES = max(len(m) for m in _OTHER_FORMATS)
 _SHOWN_ID = 60  # characters of an id quoted in a message
 
+#: The longest id accepted, in UTF-8 bytes. Ids become the output's coordinate, which every
+#: reader loads whole when it opens the file: one 1 MB id made opening the output extremely
+#: expensive. Real ids (accessions, even ``sp|P12345|NAME_SPECIES/1-100``) are far shorter.
+MAX_ID_BYTES = 1000
+
 
 #: What to do with an id seen twice: refuse the input, or keep both by suffixing.
 DUPLICATE_POLICIES = ("error", "suffix")
@@ -97,6 +107,9 @@ class FastaIndex:
         Line number of the header (1-based), for messages.
     id_bytes, id_offsets
         All ids, UTF-8, back to back; id ``i`` is ``id_bytes[id_offsets[i]:id_offsets[i+1]]``.
+    checksum
+        Per sequence, ``zlib.crc32`` (uint32) of the ``span`` bytes at ``offset``: what
+        :func:`read_sequences` reads, checked there so that a changed input is refused.
     digest
         BLAKE2b of the inputs' bytes, for fingerprints.
     invalid_to_x
@@ -112,6 +125,7 @@ class FastaIndex:
     line: np.ndarray
     id_bytes: np.ndarray
     id_offsets: np.ndarray
+    checksum: np.ndarray
     digest: str
     invalid_to_x: bool = False
 
@@ -128,7 +142,7 @@ class FastaIndex:
         rows = range(len(self)) if rows is None else rows
         return [self.id(int(r)) for r in rows]
 
-    _ARRAYS = ("file", "offset", "span", "length", "line", "id_bytes", "id_offsets")
+    _ARRAYS = ("file", "offset", "span", "length", "line", "id_bytes", "id_offsets", "checksum")
 
     def save(self, directory: str | Path) -> None:
         """Write the index as ``.npy`` files plus a small JSON, for workers to memory-map."""
@@ -148,10 +162,23 @@ class FastaIndex:
 
     @classmethod
     def load(cls, directory: str | Path) -> FastaIndex:
-        """Open an index written by :meth:`save`, its arrays memory-mapped read-only."""
+        """Open an index written by :meth:`save`, its arrays memory-mapped read-only.
+
+        Raises
+        ------
+        VirnucError
+            If the index lacks an array, as one saved by an older version does.
+        """
         import json
 
         directory = Path(directory)
+        if (directory / "index.json").is_file() and not (directory / "checksum.npy").is_file():
+            # Saved by a client on an older version than this worker; reading on without
+            # checksums would silently drop the check that the inputs did not change.
+            raise VirnucError(
+                f"index {_shown(directory)} has no per-sequence checksums: it was saved by an "
+                "older virnuc-dask; run the client and every worker on the same version"
+            )
         meta = json.loads((directory / "index.json").read_text())
         arrays = {n: np.load(directory / f"{n}.npy", mmap_mode="r") for n in cls._ARRAYS}
         return cls(**meta, **arrays)
@@ -210,6 +237,7 @@ def build_index(
         line=np.frombuffer(scan.line, dtype=np.int64),
         id_bytes=np.frombuffer(scan.ids, dtype=np.uint8),
         id_offsets=np.frombuffer(scan.id_offsets, dtype=np.int64),
+        checksum=np.frombuffer(scan.checksum, dtype=np.uint32),
         digest=digest.hexdigest(),
         invalid_to_x=invalid_to_x,
     )
@@ -224,6 +252,7 @@ class _Scan:
         self.invalid_to_x = invalid_to_x
         self.file_no, self.offset, self.span = array("i"), array("q"), array("q")
         self.length, self.line, self.hashes = array("q"), array("q"), array("q")
+        self.checksum = array("I")
         self.ids, self.id_offsets = bytearray(), array("q", [0])
 
     def file(self, path: str, number: int, shown_as: str) -> None:
@@ -234,6 +263,12 @@ class _Scan:
         # line and so may be the final one (0: none)].
         record = None
         position, line_no = 0, 0
+        # The record's checksum is carried over whole lines, one zlib call each (zlib resumes
+        # from a value): `crc` covers its bytes up to the end of the line just read, and `base`
+        # them up to its last residue line, `last` (that line without its line end, where the
+        # span stops). The checksum is crc32(last, base), taken when the record closes.
+        crc = base = 0
+        last = b""
         try:
             with open(path, "rb") as f:
                 for raw in f:
@@ -243,20 +278,25 @@ class _Scan:
                         raw, start = raw[len(_UTF8_BOM) :], start + len(_UTF8_BOM)
                     head = raw[:1]
                     if head == b">":
-                        self._close(record, shown)
+                        self._close(record, shown, zlib.crc32(last, base))
                         self._header(raw, shown, line_no, number)
                         record = [line_no, position, position, 0, 0]
+                        crc = base = 0
+                        last = b""
                         continue
                     body = raw.rstrip(_WHITESPACE)
                     if not body:
+                        crc = zlib.crc32(raw, crc)
                         continue
                     if record is None or head in b"; \t\v\f" or b"\r" in body:
                         _odd_line(body, record is None, shown, line_no)
                     self._residues(body, record, shown, line_no)
                     record[2] = start + len(body)
+                    base, last = crc, body
+                    crc = zlib.crc32(raw, crc)
         except OSError as error:
             raise VirnucError(_unreadable(shown_as, error)) from None
-        self._close(record, shown)
+        self._close(record, shown, zlib.crc32(last, base))
         if len(self.line) == before:
             if line_no == 0:
                 raise VirnucError(
@@ -280,7 +320,7 @@ class _Scan:
         ident = words[0]
         column = raw.index(ident) + 1  # 1-based column of the id in the line
         try:
-            ident.decode("utf-8")
+            text = ident.decode("utf-8")
         except UnicodeDecodeError as error:
             raise VirnucError(
                 f"{shown}, line {line_no}: id is not valid UTF-8 (byte {ident[error.start]:#04x} "
@@ -291,6 +331,12 @@ class _Scan:
             raise VirnucError(
                 f"{shown}, line {line_no}: id contains the control character {ident[at]:#04x} "
                 f"at column {column + at}; remove it from the header"
+            )
+        if len(ident) > MAX_ID_BYTES:
+            raise VirnucError(
+                f"{shown}, line {line_no}: id '{text[:_SHOWN_ID]}...' is {len(ident)} bytes long "
+                f"(UTF-8), over the limit of {MAX_ID_BYTES}; shorten the header's first word "
+                "(after a space, the rest of the header is a description of any length)"
             )
         self.ids += ident
         self.id_offsets.append(len(self.ids))
@@ -332,7 +378,7 @@ class _Scan:
                 )
         record[3] += len(letters)
 
-    def _close(self, record: list | None, shown: str) -> None:
+    def _close(self, record: list | None, shown: str, checksum: int) -> None:
         if record is None:
             return
         header_line, offset, end, residues, _ = record
@@ -344,6 +390,7 @@ class _Scan:
         self.offset.append(offset)
         self.span.append(end - offset)
         self.length.append(residues)
+        self.checksum.append(checksum)
 
     def _last_id(self) -> str:
         return _shown_id(self.ids[self.id_offsets[-2] : self.id_offsets[-1]].decode())
@@ -630,6 +677,11 @@ def read_sequences(index: FastaIndex, rows: np.ndarray) -> list[bytes]:
 
     Reads each file in offset order (one ``seek`` and ``read`` per sequence) and returns the
     sequences in the order of ``rows``.
+
+    Raises
+    ------
+    VirnucError
+        If a sequence's bytes differ from those indexed (its checksum): the input changed.
     """
     rows = np.asarray(rows, dtype=np.int64)
     out: list[bytes] = [b""] * len(rows)
@@ -643,15 +695,27 @@ def read_sequences(index: FastaIndex, rows: np.ndarray) -> list[bytes]:
                 handles[number] = stack.enter_context(open(index.files[number], "rb"))
             handle = handles[number]
             handle.seek(int(index.offset[row]))
-            data = handle.read(int(index.span[row])).translate(None, _WHITESPACE)
+            data = handle.read(int(index.span[row]))
+            if zlib.crc32(data) != index.checksum[row]:
+                raise VirnucError(_changed(index, number, row))
+            data = data.translate(None, _WHITESPACE)
             if data.endswith(b"*"):
                 data = data[:-1]
             if index.invalid_to_x:
                 data = data.translate(_TO_X)
             out[position] = data.translate(_TO_UPPER)
-            if len(out[position]) != index.length[row]:
-                raise VirnucError(
-                    f"{index.files[number]} changed since it was indexed: sequence "
-                    f"{index.id(row)} has {len(out[position])} residues, not {index.length[row]}"
-                )
     return out
+
+
+def _changed(index: FastaIndex, number: int, row: int) -> str:
+    """The message for a sequence whose bytes are no longer those indexed."""
+    given, read = index.inputs[number], index.files[number]
+    if str(Path(given).resolve()) == read:
+        what = _shown(given)
+    else:  # gzip inputs and pipes are read from a copy in the work directory
+        what = f"the staged copy {_shown(read)} of input {_shown(given)}"
+    return (
+        f"{what} changed since it was indexed: sequence {_shown_id(index.id(row))} no longer "
+        "holds the bytes it held; inputs must not change during a run: run again once the "
+        "input is final"
+    )
