@@ -1,10 +1,19 @@
 """The work directory of a run: its locks, saved partition, shards, and what may be reused.
 
-Layout (default ``OUTPUT.work`` beside the output): ``lock``, ``manifest.json`` (fingerprint
-and chunks), ``order.npy`` (the partition), ``index/`` (the saved index), ``staging/`` (gzip
-inputs decompressed for seeking), ``shards/`` (one file per finished chunk) and, for local
-clusters, ``dask-scratch/``. The *fingerprint* hashes the inputs' bytes and every setting that
-changes the stored numbers; a shard is reused only under the same fingerprint, for the same rows.
+Layout (default ``OUTPUT.work`` beside the output): ``.virnuc-dask`` (the ownership marker),
+``lock``, ``manifest.json`` (fingerprint and chunks), ``order.npy`` (the partition), ``index/``
+(the saved index), ``staging/`` (gzip inputs decompressed for seeking), ``shards/`` (one file
+per finished chunk) and, for local clusters, ``dask-scratch/``.
+
+Decisions:
+
+- The tool creates the work directory itself and marks it (:mod:`~virnuc_dask.ownership`). An
+  existing folder is used only to resume, and only if it carries the marker: a folder of the
+  user's given as the work directory is refused and never touched, with or without resume.
+- The *fingerprint* hashes the inputs' bytes, the model's name and the weights' identity
+  (checkpoint digest, or the seed of random weights), the torch and fair-esm versions, the
+  engine's version (:data:`~virnuc_dask.engine.ENGINE_VERSION`) and every setting that changes
+  the stored numbers. A shard is reused only under the same fingerprint, for the same rows.
 """
 
 from __future__ import annotations
@@ -13,14 +22,16 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from dataclasses import asdict
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
+from virnuc_dask import ownership
 from virnuc_dask.config import EmbedConfig
-from virnuc_dask.errors import VirnucError
+from virnuc_dask.engine import ENGINE_VERSION
+from virnuc_dask.errors import VirnucError, option
 from virnuc_dask.index import FastaIndex
 from virnuc_dask.lock import RunLock
 from virnuc_dask.models import WeightsSource
@@ -31,12 +42,21 @@ from virnuc_dask.worker import shard_path
 logger = logging.getLogger(__name__)
 
 
-def lock_and_open(output: Path, work: Path, resume: bool) -> tuple[list[RunLock], dict | None]:
-    """Lock the output, open the work directory (see :func:`open_work_dir`) and lock it."""
-    locks = [RunLock(output.with_name(output.name + ".lock"), f"output {output}").acquire()]
+#: The kind recorded in the work directory's ownership marker.
+KIND = "work directory"
+
+
+def lock_and_open(
+    output: Path, work: Path, resume: bool, token: str = ""
+) -> tuple[list[RunLock], dict | None]:
+    """Lock the output, open the work directory (see :func:`open_work_dir`) and lock it.
+
+    Returns the locks (output first) and the earlier run's manifest when resuming (else None).
+    """
+    locks = [RunLock(output.with_name(output.name + ".lock"), f"output {output}", token).acquire()]
     try:
         saved = open_work_dir(work, resume)
-        locks.append(RunLock(work / "lock", f"work directory {work}").acquire())
+        locks.append(RunLock(work / "lock", f"work directory {work}", token).acquire())
     except BaseException:
         locks[0].release()
         raise
@@ -44,24 +64,71 @@ def lock_and_open(output: Path, work: Path, resume: bool) -> tuple[list[RunLock]
 
 
 def open_work_dir(work: Path, resume: bool) -> dict | None:
-    """Create the work directory, or return an earlier run's manifest when resuming."""
-    if work.exists():
-        if not resume:
+    """Create and mark the work directory, or return an earlier run's manifest when resuming.
+
+    Raises
+    ------
+    VirnucError
+        When the folder exists and ``resume`` is not set, when it is not a work directory this
+        tool made (it is then left untouched), or when its manifest is damaged.
+    """
+    if not work.exists() and not work.is_symlink():
+        try:
+            ownership.claim(work, KIND)
+        except OSError as error:
             raise VirnucError(
-                f"work directory {work} exists from an earlier run; pass --resume to reuse its "
-                "finished chunks, or remove it"
-            )
-        manifest = work / "manifest.json"
-        return json.loads(manifest.read_text()) if manifest.is_file() else {}
-    work.mkdir()
-    return None
+                f"cannot create the work directory {work}: {error.strerror}"
+            ) from None
+        return None
+    hint = f"give {option('work_dir', 'DIR')} a path that does not exist yet"
+    ownership.require_owned(work, KIND, hint=hint)
+    if not resume:
+        raise VirnucError(
+            f"work directory {work} exists from an earlier run; pass {option('resume')} to "
+            "reuse its finished chunks, or remove it"
+        )
+    manifest = work / "manifest.json"
+    if not manifest.exists():
+        return {}
+    try:
+        saved = json.loads(manifest.read_text())
+        if not isinstance(saved, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as error:
+        raise VirnucError(
+            f"the manifest {manifest} of the work directory is damaged ({error}); remove the "
+            f"work directory {work} and run again without {option('resume')}"
+        ) from None
+    return saved
+
+
+def remove(work: Path) -> None:
+    """Remove the work directory after a successful run (only if this tool made it)."""
+    ownership.remove(work, KIND)
+
+
+def remove_if_unused(work: Path) -> bool:
+    """Remove the work directory when no chunk has been finished in it yet; say whether it was.
+
+    After a failure before the first shard there is nothing to resume: leaving the folder
+    behind would only make the corrected rerun ask for ``resume``.
+    """
+    shards = work / "shards"
+    if shards.is_dir() and any(shards.glob("shard-*.h5")):
+        return False
+    ownership.remove(work, KIND)
+    return True
 
 
 def fingerprint(index: FastaIndex, weights: WeightsSource, config: EmbedConfig) -> str:
-    """Hash of the inputs' bytes and of every setting that changes the stored numbers."""
+    """Hash of the inputs' bytes, the model and weights, versions and numeric settings."""
     identity = {
         "inputs": index.digest,
-        "weights": weights.describe(),
+        "model": config.model,
+        "weights": weights.identity(),
+        "torch": metadata.version("torch"),
+        "fair-esm": metadata.version("fair-esm"),
+        "engine": ENGINE_VERSION,
         "layers": config.layer_list(),
         "dtype": config.dtype,
         "output_dtype": config.output_dtype,
@@ -82,18 +149,25 @@ def saved_or_new_partition(
 ) -> Partition:
     """The saved partition of an earlier run of the same fingerprint, else a new one."""
     if saved and saved.get("fingerprint") == fingerprint:
-        return Partition(
-            order=np.load(work / "order.npy"),
-            chunks=[Chunk(**c) for c in saved["chunks"]],
-            lanes=saved["lanes"],
-        )
+        try:
+            return Partition(
+                order=np.load(work / "order.npy"),
+                chunks=[Chunk(**c) for c in saved["chunks"]],
+                lanes=saved["lanes"],
+            )
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise VirnucError(
+                f"the work directory {work} is damaged ({type(error).__name__}: {error}); "
+                f"remove it and run again without {option('resume')}"
+            ) from None
     if saved:
         logger.warning(
             "work directory %s holds shards of a run with other inputs or settings: "
             "recomputing every chunk",
             work,
         )
-        shutil.rmtree(work / "shards", ignore_errors=True)
+        for stale in (work / "shards").glob("*shard-*"):
+            stale.unlink()
     parts = partition(index.length, lanes, config.chunk_tokens, config.max_residues)
     np.save(work / "order.npy", parts.order)
     (work / "shards").mkdir(exist_ok=True)
@@ -102,7 +176,11 @@ def saved_or_new_partition(
         "lanes": parts.lanes,
         "chunks": [asdict(c) for c in parts.chunks],
     }
-    (work / "manifest.json").write_text(json.dumps(manifest))
+    # Written whole or not at all: a killed driver never leaves a truncated manifest.
+    tmp = work / f"manifest.json.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(manifest))
+    os.replace(tmp, work / "manifest.json")
+    ownership.write_marker(work, KIND, fingerprint)
     return parts
 
 

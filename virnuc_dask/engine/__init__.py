@@ -10,11 +10,22 @@ Two engines share one interface (``embed(list[bytes]) -> float32 array``):
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from virnuc_dask.tokens import MODEL_WINDOW
 
-_TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+if TYPE_CHECKING:
+    import torch
+
+#: Bumped whenever a change of the engines changes the numbers they produce: part of every
+#: run's fingerprint, so shards of an older engine are never reused by a newer one.
+ENGINE_VERSION = 1
+
+
+def _torch_dtype(dtype: str) -> torch.dtype:
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> str:
@@ -40,7 +51,7 @@ def build_engine(
     place: there is never a second copy of its weights on the device.
     """
     dtype = resolve_dtype(dtype, device)
-    model = model.to(device=device, dtype=_TORCH_DTYPES[dtype]).eval()
+    model = model.to(device=device, dtype=_torch_dtype(dtype)).eval()
     if dtype == "fp32":
         from virnuc_dask.engine.reference import ReferenceEngine
 
@@ -57,6 +68,6 @@ def build_engine(
         layers=layers,
         max_residues=max_residues,
         tokens_per_batch=tokens_per_batch,
-        dtype=_TORCH_DTYPES[dtype],
+        dtype=_torch_dtype(dtype),
         compile=compile,
     )

@@ -1,0 +1,81 @@
+"""The work directory: marked as the tool's own, and a fingerprint that cannot collide."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from tests.helpers import TINY, random_sequences, write_fasta
+from virnuc_dask import ownership, workdir
+from virnuc_dask.config import EmbedConfig
+from virnuc_dask.errors import VirnucError
+from virnuc_dask.index import build_index
+from virnuc_dask.models import resolve_weights
+
+
+@pytest.fixture
+def index(tmp_path):
+    fasta = tmp_path / "in.fasta"
+    write_fasta(fasta, random_sequences(5, 10, 20))
+    return build_index([fasta])
+
+
+def _fingerprint(index, model=TINY, seed=0, **settings):
+    config = EmbedConfig.from_settings(model=model, random_weights=True, seed=seed, **settings)
+    weights = resolve_weights(model, random_weights=True, seed=seed)
+    return workdir.fingerprint(index, weights, dataclasses.replace(config, dtype="fp32"))
+
+
+def test_the_fingerprint_covers_the_model_name_weights_and_settings(index):
+    base = _fingerprint(index)
+    assert _fingerprint(index) == base
+    others = [
+        _fingerprint(index, model="esm2_t6_8M_UR50D"),
+        _fingerprint(index, seed=1),
+        _fingerprint(index, layers=[1]),
+        _fingerprint(index, max_residues=100),
+        _fingerprint(index, output_dtype="float16"),
+    ]
+    assert len({base, *others}) == 6
+
+
+def test_the_fingerprint_covers_versions_and_the_engine(index, monkeypatch):
+    base = _fingerprint(index)
+    monkeypatch.setattr(workdir, "ENGINE_VERSION", 999)
+    assert _fingerprint(index) != base
+    monkeypatch.undo()
+    real = workdir.metadata.version
+    monkeypatch.setattr(
+        workdir.metadata, "version", lambda name: "0.0" if name == "torch" else real(name)
+    )
+    assert _fingerprint(index) != base
+
+
+def test_a_work_directory_is_created_marked_and_removed(tmp_path):
+    work = tmp_path / "w"
+    assert workdir.open_work_dir(work, resume=False) is None
+    assert ownership.marker(work)["kind"] == workdir.KIND
+    (work / "shards").mkdir()
+    assert workdir.remove_if_unused(work)
+    assert not work.exists()
+
+
+def test_a_work_directory_with_shards_is_kept_after_a_failure(tmp_path):
+    work = tmp_path / "w"
+    workdir.open_work_dir(work, resume=False)
+    (work / "shards").mkdir()
+    (work / "shards" / "shard-000000.h5").write_bytes(b"x")
+    assert not workdir.remove_if_unused(work)
+    assert work.exists()
+
+
+def test_an_unmarked_folder_is_never_removed(tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "data.txt").write_text("keep")
+    with pytest.raises(VirnucError, match="nothing in it was touched"):
+        workdir.remove(folder)
+    with pytest.raises(VirnucError, match="nothing in it was touched"):
+        workdir.open_work_dir(folder, resume=True)
+    assert (folder / "data.txt").read_text() == "keep"
