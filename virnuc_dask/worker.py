@@ -5,12 +5,27 @@ engine on every worker (and on workers that join later), off the event loop so h
 on while a 3B model loads. The model never travels through the scheduler: the plugin carries
 only the description of the weights. :func:`embed_chunk` is the task body; it finds the engine
 through ``get_worker()``, reads its sequences by offset, embeds them and writes one shard.
+
+Decisions:
+
+- A chunk whose shard is already on disk with the run's fingerprint and rows is not computed
+  again: when Dask re-runs a finished task because its small result lived on a lost worker,
+  the task returns the shard at once, so a lost worker costs only its chunk in flight.
+- A task writes its shard only while its run still holds the work directory's lock (the
+  lock carries the run's token): a task that outlives an interrupted run writes nothing.
+- Each chunk has a time limit (:func:`time_limit`). A chunk past it ends its worker process
+  (a hung GPU call or a deadlock cannot be interrupted from Python): the nanny starts a new
+  worker and the scheduler gives the chunk to a worker again, up to Dask's
+  ``distributed.scheduler.allowed-failures`` times; then the run stops naming the chunk.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 
@@ -18,11 +33,21 @@ import numpy as np
 from distributed import WorkerPlugin, get_worker
 
 from virnuc_dask.errors import VirnucError
+from virnuc_dask.lock import holds
 from virnuc_dask.models import WeightsSource
-from virnuc_dask.output import ShardInfo, write_shard
+from virnuc_dask.output import ShardInfo, shard_matches, write_shard
 from virnuc_dask.partition import Chunk
 
+logger = logging.getLogger(__name__)
+
 PLUGIN_NAME = "virnuc-dask-model"
+#: Time limit of a chunk before this worker has measured its speed: generous, since the
+#: first chunk of a worker may include compiling and warming up the engine.
+FIRST_CHUNK_SECONDS = 1800.0
+#: The time limit is this many times the chunk's expected time at the slowest speed seen.
+SLACK = 10.0
+#: No chunk is given less than this.
+MIN_CHUNK_SECONDS = 120.0
 
 
 class ChunkError(VirnucError):
@@ -33,9 +58,17 @@ class ChunkError(VirnucError):
     """
 
 
+class RunAbandoned(VirnucError):
+    """A chunk task whose run no longer holds the work directory: its result is discarded."""
+
+
 # The per-worker engine cache: reused when a later run on the same cluster asks for the same
-# model and settings, replaced when it asks for another.
+# model and settings, replaced when it asks for another. Plain `dask worker` runs several task
+# threads: the lock makes sure one engine is built at a time.
 _ENGINES: dict[tuple, object] = {}
+_ENGINES_LOCK = threading.Lock()
+# The slowest tokens per second a chunk of this worker process has run at (time limits).
+_SLOWEST_RATE: dict[str, float] = {}
 
 
 @dataclass(frozen=True)
@@ -78,13 +111,16 @@ class ModelPlugin(WorkerPlugin):
     def _load(self) -> None:
         import torch
 
+        if self.settings.torch_threads:
+            torch.set_num_threads(self.settings.torch_threads)
+        with _ENGINES_LOCK:
+            if self.settings not in _ENGINES:
+                self._build(torch)
+
+    def _build(self, torch) -> None:
         from virnuc_dask.engine import build_engine
         from virnuc_dask.models import load_model
 
-        if self.settings.torch_threads:
-            torch.set_num_threads(self.settings.torch_threads)
-        if self.settings in _ENGINES:
-            return
         _ENGINES.clear()
         device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
         if device.type == "cuda":
@@ -106,15 +142,33 @@ class ModelPlugin(WorkerPlugin):
 
 def worker_engine(settings: EngineSettings):
     """Return this worker's engine for ``settings``, loading it if the plugin has not."""
-    if settings not in _ENGINES:
-        # A worker that restarted between the plugin's setup and this task: load here.
-        ModelPlugin(settings)._load()
+    # A worker that restarted between the plugin's setup and this task loads here.
+    ModelPlugin(settings)._load()
     return _ENGINES[settings]
 
 
 @dataclass(frozen=True)
 class ChunkJob:
-    """Everything a chunk task needs besides its chunk: paths and the run's identity."""
+    """Everything a chunk task needs besides its chunk: paths and the run's identity.
+
+    Attributes
+    ----------
+    index_dir, order_path, shard_dir
+        The saved index, the partition's order and the shard folder, in the work directory.
+    fingerprint
+        The run's fingerprint, stored in every shard.
+    output_dtype
+        Stored precision of the shards.
+    engine
+        What the worker's engine is built from.
+    lock_path, token
+        The work directory's lock and the run's token: shards are written only while the
+        lock holds this token.
+    width
+        Features per layer (the model's width), checked when reusing a shard.
+    chunk_seconds
+        Time limit of a chunk; None: automatic (:func:`time_limit`); 0: none.
+    """
 
     index_dir: str
     order_path: str
@@ -122,11 +176,61 @@ class ChunkJob:
     fingerprint: str
     output_dtype: str
     engine: EngineSettings
+    lock_path: str = ""
+    token: str = ""
+    width: int | None = None
+    chunk_seconds: float | None = None
 
 
 def shard_path(shard_dir: str, chunk: Chunk) -> str:
     """The shard file of a chunk."""
     return os.path.join(shard_dir, f"shard-{chunk.number:06d}.h5")
+
+
+def time_limit(tokens: int, given: float | None, slowest_rate: float | None) -> float | None:
+    """Seconds a chunk of ``tokens`` may take before its worker is ended; None for no limit.
+
+    ``given`` wins when set (0 means no limit). Otherwise the limit is :data:`SLACK` times the
+    chunk's time at the slowest speed this worker has shown, at least
+    :data:`MIN_CHUNK_SECONDS`; before the worker's first chunk, :data:`FIRST_CHUNK_SECONDS`.
+    """
+    if given is not None:
+        return float(given) if given > 0 else None
+    if not slowest_rate:
+        return FIRST_CHUNK_SECONDS
+    return max(MIN_CHUNK_SECONDS, SLACK * tokens / slowest_rate)
+
+
+class _Watchdog:
+    """Ends this worker process if a chunk runs past its time limit.
+
+    A hung CUDA call or a deadlock cannot be interrupted from Python; ending the process is the
+    one remedy that always works, and Dask's nanny starts a fresh worker in its place.
+    """
+
+    def __init__(self, chunk: Chunk, seconds: float | None) -> None:
+        self.timer = None
+        if seconds is not None:
+            self.timer = threading.Timer(seconds, self._expire, args=(chunk.number, seconds))
+            self.timer.daemon = True
+
+    def _expire(self, number: int, seconds: float) -> None:
+        logger.error(
+            "chunk %d has run past its time limit of %.0f s: ending this worker so that the "
+            "chunk is given to a fresh one",
+            number,
+            seconds,
+        )
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def __enter__(self) -> _Watchdog:
+        if self.timer is not None:
+            self.timer.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
 
 
 def embed_chunk(chunk: Chunk, job: ChunkJob) -> ShardInfo:
@@ -149,13 +253,26 @@ def embed_chunk(chunk: Chunk, job: ChunkJob) -> ShardInfo:
     from virnuc_dask.index import FastaIndex, read_sequences
 
     started = time.perf_counter()
+    path = shard_path(job.shard_dir, chunk)
+    rows = np.array(np.load(job.order_path, mmap_mode="r")[chunk.start : chunk.stop])
+    worker = _worker_address()
+    if os.path.exists(path) and shard_matches(
+        path,
+        job.fingerprint,
+        rows,
+        layers=list(job.engine.layers),
+        width=job.width,
+        dtype=job.output_dtype,
+    ):
+        return ShardInfo(chunk.number, path, chunk.size, chunk.tokens, "existing", 0.0)
     engine = worker_engine(job.engine)
     index = FastaIndex.load(job.index_dir)
-    rows = np.array(np.load(job.order_path, mmap_mode="r")[chunk.start : chunk.stop])
     sequences = read_sequences(index, rows)
+    limit = time_limit(chunk.tokens, job.chunk_seconds, _SLOWEST_RATE.get("rate"))
     try:
         # Grad mode is thread-local and Dask runs tasks in its own threads: set it here.
-        with torch.inference_mode():
+        with _Watchdog(chunk, limit), torch.inference_mode():
+            computing = time.perf_counter()
             embedding = engine.embed(sequences)
     except Exception as error:
         ids = index.ids(rows[:5])
@@ -164,7 +281,13 @@ def embed_chunk(chunk: Chunk, job: ChunkJob) -> ShardInfo:
             f"chunk {chunk.number} ({len(rows)} sequences: {', '.join(ids)}{more}) failed: "
             f"{type(error).__name__}: {error}"
         ) from error
-    path = shard_path(job.shard_dir, chunk)
+    rate = chunk.tokens / max(time.perf_counter() - computing, 1e-3)
+    _SLOWEST_RATE["rate"] = min(rate, _SLOWEST_RATE.get("rate", rate))
+    if job.lock_path and not holds(job.lock_path, job.token):
+        raise RunAbandoned(
+            f"chunk {chunk.number}: the run that asked for it no longer holds {job.lock_path}; "
+            "its result is discarded"
+        )
     write_shard(
         path,
         rows=rows,
@@ -172,11 +295,15 @@ def embed_chunk(chunk: Chunk, job: ChunkJob) -> ShardInfo:
         embedding=embedding,
         fingerprint=job.fingerprint,
         dtype=job.output_dtype,
+        layers=list(job.engine.layers),
     )
-    try:
-        worker = get_worker().address
-    except ValueError:
-        worker = "local"
     return ShardInfo(
         chunk.number, path, chunk.size, chunk.tokens, worker, time.perf_counter() - started
     )
+
+
+def _worker_address() -> str:
+    try:
+        return get_worker().address
+    except ValueError:
+        return "local"

@@ -1,0 +1,104 @@
+"""The chunk task in this process: existing shards, abandoned runs, time limits, engine cache."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import virnuc_dask
+from tests.helpers import TINY, random_sequences, write_fasta
+from virnuc_dask import models, worker
+from virnuc_dask.lock import RunLock
+from virnuc_dask.worker import RunAbandoned, embed_chunk, shard_path, time_limit
+
+
+@pytest.fixture
+def job(tmp_path):
+    """A prepared job of 40 sequences in a few chunks (not run)."""
+    fasta = tmp_path / "in.fasta"
+    write_fasta(fasta, random_sequences(40, 30, 120, seed=9))
+    prepared = virnuc_dask.prepare(
+        [fasta], tmp_path / "o.h5", model=TINY, random_weights=True, chunk_tokens=1500
+    )
+    yield prepared
+    prepared.release()
+
+
+def _chunk_job(job):
+    return job.chunk_job()
+
+
+def test_a_task_of_an_abandoned_run_writes_nothing(job):
+    chunk_job = _chunk_job(job)
+    chunk = job.partition.chunks[0]
+    job.release()
+    # Another run takes the work directory over.
+    RunLock(job.work_dir / "lock", "work directory", "another-run").acquire()
+    with pytest.raises(RunAbandoned, match="no longer holds"):
+        embed_chunk(chunk, chunk_job)
+    assert not list((job.work_dir / "shards").iterdir())
+
+
+def test_a_chunk_with_its_shard_on_disk_is_not_computed_again(job, monkeypatch):
+    chunk_job = _chunk_job(job)
+    chunk = job.partition.chunks[0]
+    first = embed_chunk(chunk, chunk_job)
+    assert first.worker == "local"
+    written = shard_path(chunk_job.shard_dir, chunk)
+    mtime = os.stat(written).st_mtime_ns
+
+    def refuse(settings):
+        raise AssertionError("the engine was asked again")
+
+    monkeypatch.setattr(worker, "worker_engine", refuse)
+    again = embed_chunk(chunk, chunk_job)
+    assert again.worker == "existing" and again.path == first.path
+    assert os.stat(written).st_mtime_ns == mtime
+
+
+def test_time_limits():
+    assert time_limit(1000, 5, None) == 5
+    assert time_limit(1000, 0, 10.0) is None
+    assert time_limit(1000, None, None) == worker.FIRST_CHUNK_SECONDS
+    assert time_limit(1000, None, 1000.0) == worker.MIN_CHUNK_SECONDS
+    assert time_limit(10**6, None, 1000.0) == pytest.approx(worker.SLACK * 1000)
+
+
+def test_the_engine_is_built_once_when_threads_ask_at_once(job, monkeypatch):
+    builds = []
+    original = models.load_model
+
+    def slow_load(source, **kwargs):
+        builds.append(threading.get_ident())
+        time.sleep(0.5)
+        return original(source, **kwargs)
+
+    monkeypatch.setattr(models, "load_model", slow_load)
+    worker._ENGINES.clear()
+    settings = job.engine_settings
+    engines = []
+    threads = [
+        threading.Thread(target=lambda: engines.append(worker.worker_engine(settings)))
+        for _ in range(4)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(builds) == 1
+    assert all(engine is engines[0] for engine in engines)
+    worker._ENGINES.clear()
+
+
+def test_shards_carry_layers_and_fingerprint(job):
+    import h5py
+
+    chunk_job = _chunk_job(job)
+    info = embed_chunk(job.partition.chunks[0], chunk_job)
+    with h5py.File(info.path) as f:
+        assert f.attrs["fingerprint"] == job.fingerprint
+        assert list(np.asarray(f.attrs["layers"])) == [2]
