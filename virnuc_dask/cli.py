@@ -1,4 +1,10 @@
-"""Command line: ``virnuc-dask embed``. It only translates flags and calls the library."""
+"""Command line: ``virnuc-dask embed``. It only translates flags and calls the library.
+
+Options have no defaults of their own: an option not given is passed as ``None`` and the value
+comes from the one place defaults live, the ``virnuc-dask`` section of Dask's configuration
+(``virnuc_dask/virnuc-dask.yaml``, overridable in the user's Dask YAML files or with
+``DASK_VIRNUC_DASK__<NAME>`` variables). A flag given on the command line wins over both.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,7 @@ import sys
 import click
 
 from virnuc_dask.config import DTYPES, OUTPUT_DTYPES
-from virnuc_dask.errors import VirnucError
+from virnuc_dask.errors import VirnucError, command_line_spelling
 from virnuc_dask.index import DUPLICATE_POLICIES
 from virnuc_dask.models import DEFAULT_MODEL, MODELS
 
@@ -40,18 +46,17 @@ def main() -> None:
 @click.option("-o", "--output", required=True, type=click.Path(), help="HDF5 file to write.")
 @click.option(
     "--model",
-    default=DEFAULT_MODEL,
-    show_default=True,
     type=click.Choice(list(MODELS)),
-    help="fair-esm model name; weights from the torch hub cache.",
+    help=f"fair-esm model name; weights from the torch hub cache. [default: {DEFAULT_MODEL}]",
 )
 @click.option("--checkpoint", type=click.Path(), help="Checkpoint file in fair-esm's format.")
 @click.option(
     "--random-weights",
     is_flag=True,
+    default=None,
     help="Seeded random weights of the architecture (smoke tests; not a real model).",
 )
-@click.option("--seed", default=0, show_default=True, help="Seed of --random-weights.")
+@click.option("--seed", type=int, help="Seed of --random-weights. [default: 0]")
 @click.option(
     "--layers",
     multiple=True,
@@ -62,23 +67,15 @@ def main() -> None:
 @click.option(
     "--dtype",
     type=click.Choice(DTYPES),
-    default="auto",
-    show_default=True,
-    help="Compute precision; auto is bf16 on GPU, fp32 on CPU.",
+    help="Compute precision; auto is bf16 on GPU, fp32 on CPU. [default: auto]",
 )
 @click.option(
-    "--output-dtype",
-    type=click.Choice(OUTPUT_DTYPES),
-    default="float32",
-    show_default=True,
-    help="Stored precision.",
+    "--output-dtype", type=click.Choice(OUTPUT_DTYPES), help="Stored precision. [default: float32]"
 )
 @click.option(
     "--max-residues",
     type=int,
-    default=1022,
-    show_default=True,
-    help="Residues kept per sequence; longer ones are truncated and flagged.",
+    help="Residues kept per sequence; longer ones are truncated and flagged. [default: 1022]",
 )
 @click.option("--tokens-per-batch", type=int, help="Token budget of one forward pass.")
 @click.option("--chunk-tokens", type=int, help="Token budget of one task (one shard file).")
@@ -89,16 +86,26 @@ def main() -> None:
 @click.option("--work-dir", type=click.Path(), help="Work directory (default: OUTPUT.work).")
 @click.option("--resume", is_flag=True, help="Reuse finished chunks of an interrupted run.")
 @click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace an existing output (the old one stays until the new one is complete).",
+)
+@click.option(
     "--invalid-to-x",
     is_flag=True,
+    default=None,
     help="Read letters outside ESM-2's alphabet as X instead of stopping.",
 )
 @click.option(
     "--duplicate-ids",
     type=click.Choice(DUPLICATE_POLICIES),
-    default="error",
-    show_default=True,
-    help="Refuse repeated ids, or keep them as ID.2, ID.3, ...",
+    help="Refuse repeated ids, or keep them as ID.2, ID.3, ... [default: error]",
+)
+@click.option(
+    "--chunk-time-limit",
+    type=float,
+    help="Seconds a chunk may run before its worker is restarted and the chunk retried "
+    "(0: none). [default: 10x its expected time]",
 )
 @click.option(
     "--compile/--no-compile",
@@ -106,8 +113,13 @@ def main() -> None:
     help="torch.compile the GPU engine (default: on with CUDA).",
 )
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def embed(inputs, output, scheduler, scheduler_file, zarr, work_dir, resume, quiet, **settings):
-    """Embed the sequences of INPUT FASTA files (plain or gzip) into one HDF5 file."""
+def embed(
+    inputs, output, scheduler, scheduler_file, zarr, work_dir, resume, overwrite, quiet, **settings
+):
+    """Embed the sequences of INPUT FASTA files (plain or gzip) into one HDF5 file.
+
+    Defaults of the options come from Dask's configuration (section virnuc-dask).
+    """
     from virnuc_dask.pipeline import embed as run
 
     logging.basicConfig(
@@ -118,17 +130,19 @@ def embed(inputs, output, scheduler, scheduler_file, zarr, work_dir, resume, qui
     # is closed, locks are released and finished shards stay for --resume.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        path = run(
-            list(inputs),
-            output,
-            scheduler=scheduler,
-            scheduler_file=scheduler_file,
-            zarr=zarr,
-            work_dir=work_dir,
-            resume=resume,
-            progress=not quiet,
-            **settings,
-        )
+        with command_line_spelling():
+            path = run(
+                list(inputs),
+                output,
+                scheduler=scheduler,
+                scheduler_file=scheduler_file,
+                zarr=zarr,
+                work_dir=work_dir,
+                resume=resume,
+                overwrite=overwrite,
+                progress=not quiet,
+                **settings,
+            )
     except VirnucError as error:
         click.echo(f"virnuc-dask: error: {error}", err=True)
         sys.exit(2)

@@ -65,6 +65,12 @@ class EmbedConfig:
         ``torch.compile`` the GPU engine's layer; default: on for CUDA.
     retries
         Times a failing chunk is retried before the run stops.
+    chunk_time_limit
+        Seconds a chunk may run before its worker is ended and the chunk given to another;
+        default (None): ten times its expected time at the speed measured so far; 0: no limit.
+    wait_limit
+        Seconds a run waits for an unresponsive scheduler, or for workers when the cluster has
+        none, before it stops (it says why at intervals while it waits).
     """
 
     model: str = "esm2_t36_3B_UR50D"
@@ -82,6 +88,8 @@ class EmbedConfig:
     duplicate_ids: str = "error"
     compile: bool | None = None
     retries: int = 2
+    chunk_time_limit: float | None = None
+    wait_limit: float = 600.0
 
     @classmethod
     def from_settings(cls, **settings) -> EmbedConfig:
@@ -96,7 +104,8 @@ class EmbedConfig:
         values = {name: dask.config.get(f"virnuc-dask.{name}") for name in names}
         values.update({k: v for k, v in settings.items() if v is not None})
         if values["layers"] is not None:
-            values["layers"] = tuple(int(n) for n in values["layers"])
+            # A layer asked for twice is stored once, in the order first given.
+            values["layers"] = tuple(dict.fromkeys(int(n) for n in values["layers"]))
         config = cls(**values)
         config.validate()
         return config
@@ -120,6 +129,10 @@ class EmbedConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise VirnucError(f"{name.replace('_', ' ')} must be positive, got {value}")
+        if self.chunk_time_limit is not None and self.chunk_time_limit < 0:
+            raise VirnucError("chunk time limit must be 0 (none) or a number of seconds")
+        if self.wait_limit <= 0:
+            raise VirnucError("wait limit must be a positive number of seconds")
         if self.duplicate_ids not in DUPLICATE_POLICIES:
             raise VirnucError(f"duplicate ids must be one of {', '.join(DUPLICATE_POLICIES)}")
 

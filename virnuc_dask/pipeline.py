@@ -7,20 +7,36 @@ delayed ``embed_chunk`` per chunk and one delayed ``assemble`` over their result
 ``job.graph().visualize()`` draws it; ``job.run(client)`` computes it. :func:`embed` does both
 on a cluster that fits the machine.
 
-Work directory (default ``OUTPUT.work``, next to the output): the index, the partition, gzip
-inputs decompressed for seeking, and one shard per finished chunk. It is removed after a
-successful run. With ``resume=True`` a run reuses the shards of an earlier run of the same
-inputs and settings (same fingerprint); without it an existing work directory is refused.
+Decisions:
+
+- Every key of a run's graph carries a token unique to that graph
+  (``embed-chunk-<token>-000001``): two runs on one scheduler never share (or return) each
+  other's tasks, and a failed run's errored tasks never answer for the next run.
+- :meth:`EmbeddingJob.run` releases its futures when it ends; on failure or interrupt it
+  cancels them first. A remote failure is raised again as a local error whose message names
+  the chunk and its sequences, without the remote traceback objects.
+- Work directory (default ``OUTPUT.work``, next to the output): the index, the partition, gzip
+  inputs decompressed for seeking, and one shard per finished chunk. It is removed after a
+  successful run, and after a failure that happened before the first shard was written (there
+  is nothing to resume then); otherwise it is kept for ``resume``. It is removed *before* the
+  locks are released, so no run can start using it while it is being deleted.
+- With ``resume=True`` a run reuses the shards of an earlier run of the same inputs and
+  settings (same fingerprint); without it an existing work directory is refused.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
+import inspect
 import json
 import logging
-import os
-import shutil
+import multiprocessing
+import re
+import sys
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,15 +47,21 @@ from dask.delayed import Delayed
 
 from virnuc_dask import workdir
 from virnuc_dask.config import EmbedConfig
-from virnuc_dask.errors import VirnucError
+from virnuc_dask.errors import VirnucError, option
 from virnuc_dask.index import FastaIndex, build_index
 from virnuc_dask.lock import RunLock
-from virnuc_dask.models import WeightsSource, resolve_weights
-from virnuc_dask.output import POOLING, ShardInfo, assemble
+from virnuc_dask.models import WeightsSource, model_spec, resolve_weights
+from virnuc_dask.output import POOLING, ShardInfo, assemble, check_target, remove_stale_partials
 from virnuc_dask.partition import Chunk, Partition
+from virnuc_dask.paths import run_paths
 from virnuc_dask.worker import ChunkJob, EngineSettings, ModelPlugin, embed_chunk
 
 logger = logging.getLogger(__name__)
+
+#: Seconds between the driver's checks on the scheduler and its workers while a run computes.
+POLL_SECONDS = 2.0
+#: A question to the scheduler that has no answer after this many seconds counts as unanswered.
+ASK_SECONDS = 20.0
 
 
 @dataclass
@@ -68,11 +90,15 @@ class EmbeddingJob:
         Shards of an earlier run that are reused (resume).
     torch_threads
         torch threads per CPU worker.
+    token
+        This job's token, in its locks and output attributes.
+    overwrite
+        Replace an existing output (only once the new one is complete).
     report
         What the run did, once :meth:`run` has finished.
     locks
         The output's and work directory's locks, held from :func:`prepare` until :meth:`run`
-        ends (or :meth:`release`).
+        ends (or :meth:`finish`).
     """
 
     config: EmbedConfig
@@ -85,6 +111,8 @@ class EmbeddingJob:
     fingerprint: str
     reused: list[ShardInfo]
     torch_threads: int | None = None
+    token: str = ""
+    overwrite: bool = False
     report: RunReport | None = None
     locks: list[RunLock] = dataclasses.field(default_factory=list, repr=False)
 
@@ -111,28 +139,40 @@ class EmbeddingJob:
     def graph(self) -> Delayed:
         """The unevaluated graph: one task per chunk still to do, one assembly over all.
 
-        Tasks are prioritised by their place in their lane, so the longest sequences of every
-        lane run first and the run ends on short, quick chunks.
+        Each call names its keys with a new token (``embed-chunk-<token>-000001``), so graphs
+        of different runs never share a key on a scheduler. Tasks are prioritised by their
+        place in their lane, so the longest sequences of every lane run first and the run ends
+        on short, quick chunks.
         """
-        job = ChunkJob(
+        return self._graph(uuid.uuid4().hex[:12])[0]
+
+    def chunk_job(self) -> ChunkJob:
+        """What every chunk task of this job is given besides its chunk."""
+        return ChunkJob(
             index_dir=str(self.work_dir / "index"),
             order_path=str(self.work_dir / "order.npy"),
             shard_dir=str(self.work_dir / "shards"),
             fingerprint=self.fingerprint,
             output_dtype=self.config.output_dtype,
             engine=self.engine_settings,
+            lock_path=str(self.work_dir / "lock"),
+            token=self.token,
+            width=model_spec(self.config.model).embed_dim,
+            chunk_seconds=self.config.chunk_time_limit,
         )
-        job_node = dask.delayed(job, name="virnuc-job")
+
+    def _graph(self, key: str) -> tuple[Delayed, dict[str, Chunk]]:
+        job = self.chunk_job()
+        job_node = dask.delayed(job, name=f"virnuc-job-{key}")
         rank = _rank_in_lane(self.partition.chunks)
         shards = list(self.reused)
+        keys = {}
         for chunk in self.todo:
+            name = f"embed-chunk-{key}-{chunk.number:06d}"
+            keys[name] = chunk
             with dask.annotate(priority=-rank[chunk.number], retries=self.config.retries):
-                shards.append(
-                    dask.delayed(embed_chunk, pure=False)(
-                        chunk, job_node, dask_key_name=f"embed-chunk-{chunk.number:06d}"
-                    )
-                )
-        return dask.delayed(_assemble, pure=False)(
+                shards.append(dask.delayed(embed_chunk)(chunk, job_node, dask_key_name=name))
+        final = dask.delayed(_assemble)(
             shards,
             index_dir=job.index_dir,
             max_residues=self.config.max_residues,
@@ -142,24 +182,23 @@ class EmbeddingJob:
             attrs=self.attributes(),
             dtype=self.config.output_dtype,
             zarr_path=str(self.zarr) if self.zarr else None,
-            dask_key_name="assemble-output",
+            fingerprint=self.fingerprint,
+            width=job.width,
+            overwrite=self.overwrite,
+            dask_key_name=f"assemble-{key}",
         )
+        return final, keys
 
     def attributes(self) -> dict:
         """Attributes of the output file (netCDF-compatible values only)."""
-        import distributed
-        import esm
-        import torch
+        from importlib import metadata
 
         import virnuc_dask
 
         c = self.config
         versions = {
             "virnuc_dask": virnuc_dask.__version__,
-            "torch": torch.__version__,
-            "fair-esm": esm.__version__,
-            "dask": dask.__version__,
-            "distributed": distributed.__version__,
+            **{name: metadata.version(name) for name in _VERSIONED},
         }
         return {
             "model": c.model,
@@ -172,48 +211,222 @@ class EmbeddingJob:
             "versions": json.dumps(versions),
             "inputs": json.dumps(self.index.inputs),
             "fingerprint": self.fingerprint,
+            "run": self.token,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
         }
 
     def run(self, client, *, progress: bool = True, cleanup: bool = True) -> Path:
         """Register the model plugin on ``client``'s workers and compute the graph.
 
-        Returns the output path. Shards stay in the work directory when the run fails, for
-        ``resume``; the work directory is removed when it succeeds, unless ``cleanup`` is
-        False (then :meth:`remove_work_dir` does it, e.g. after a cluster using it has closed).
+        Returns the output path. When the run fails, its futures are cancelled and released,
+        and the error is raised as a local exception naming the chunk and its sequences;
+        finished shards stay in the work directory for ``resume``.
+
+        Parameters
+        ----------
+        client
+            A ``distributed.Client``.
+        progress
+            Show chunks and tokens done, rate and time left.
+        cleanup
+            Remove the work directory (after success, or after a failure before any shard)
+            and release the locks when the run ends. With False the caller does it with
+            :meth:`finish`, e.g. once a local cluster using the work directory has closed.
         """
-        from distributed import progress as progress_bar
+        from distributed import wait
 
         started = time.perf_counter()
+        key = uuid.uuid4().hex[:12]
+        futures, keys = [], {}
+        done, failure = False, None
         try:
             client.register_plugin(ModelPlugin(self.engine_settings), name=ModelPlugin.name)
-            future = client.compute(self.graph())
-            if progress:
-                progress_bar(future)
-            output, shards = future.result()
-        except BaseException:
-            logger.warning(
-                "run stopped; finished chunks are kept in %s: rerun with --resume to reuse them",
-                self.work_dir,
-            )
-            raise
+            final, keys = self._graph(key)
+            futures = client.compute([final, *_chunk_delayeds(final, keys)])
+            watch = _Watch(self, client, futures[1:], keys, progress)
+            while not futures[0].done():
+                try:
+                    wait(futures[0], timeout=POLL_SECONDS)
+                except TimeoutError:
+                    watch.check()
+            output, shards = futures[0].result()
+            watch.finish()
+            done = True
+        except KeyboardInterrupt:
+            if not self._output_complete():
+                client.cancel(futures, force=True)
+                logger.warning(
+                    "run interrupted; finished chunks are kept in %s: rerun with %s to reuse them",
+                    self.work_dir,
+                    option("resume"),
+                )
+                raise
+            # The interrupt came after the output was renamed into place: the run is done.
+            output, shards, done = str(self.output), [], True
+        except Exception as error:
+            client.cancel(futures, force=True)
+            failure = _local_error(error, keys, self)
         finally:
-            self.release()
-        if cleanup:
-            self.remove_work_dir()
+            for future in futures:
+                future.release()
+            futures = []
+            if cleanup:
+                self.finish(success=done)
+        if failure is not None:
+            # Raised outside the handler: no remote traceback stays attached as the context.
+            raise failure
         self.report = RunReport.from_shards(output, shards, time.perf_counter() - started)
         logger.info(self.report.summary())
         return Path(output)
 
-    def remove_work_dir(self) -> None:
-        """Remove the work directory (after a successful run)."""
-        shutil.rmtree(self.work_dir, ignore_errors=True)
+    def _output_complete(self) -> bool:
+        """Whether this run's output is in place (its ``run`` attribute is this job's token)."""
+        import h5py
+
+        try:
+            with h5py.File(self.output, "r") as f:
+                ours = f.attrs.get("run") == self.token
+        except OSError:
+            return False
+        return ours and (self.zarr is None or self.zarr.exists())
+
+    def finish(self, *, success: bool) -> None:
+        """Remove the work directory (after success, or when it holds no shard), then unlock.
+
+        Called by :meth:`run`; call it yourself for a job never run or run with
+        ``cleanup=False``. The work directory goes before the locks, so that no other run can
+        take it while it is being removed.
+        """
+        try:
+            if success:
+                workdir.remove(self.work_dir)
+            elif workdir.remove_if_unused(self.work_dir):
+                logger.info("nothing finished yet: removed the work directory %s", self.work_dir)
+            else:
+                logger.warning(
+                    "finished chunks are kept in %s: rerun with %s to reuse them",
+                    self.work_dir,
+                    option("resume"),
+                )
+        finally:
+            self.release()
 
     def release(self) -> None:
-        """Release the run's locks (done by :meth:`run`; call it for a job never run)."""
+        """Release the run's locks (done by :meth:`finish`)."""
         for lock in reversed(self.locks):
             lock.release()
         self.locks.clear()
+
+
+#: Packages whose versions every output file records.
+_VERSIONED = ("torch", "fair-esm", "dask", "distributed", "h5py", "xarray")
+
+
+def _chunk_delayeds(final: Delayed, keys: dict[str, Chunk]) -> list[Delayed]:
+    """The chunk tasks of ``final``'s graph as delayed objects of their own (for progress)."""
+    graph = final.__dask_graph__()
+    return [Delayed(name, graph) for name in keys]
+
+
+def _local_error(error: Exception, keys: dict[str, Chunk], job: EmbeddingJob) -> Exception:
+    """The remote ``error`` as a local exception, naming the chunk and its sequences."""
+    from distributed.scheduler import KilledWorker
+
+    if isinstance(error, KilledWorker):
+        found = re.search(r"embed-chunk-[0-9a-f]+-\d+", str(error))
+        chunk = keys.get(found.group(0)) if found else None
+        what = _chunk_words(job, chunk) if chunk else "a task of the run"
+        limit = job.config.chunk_time_limit
+        return VirnucError(
+            f"{what} ended its worker several times: it ran past its time limit "
+            f"({f'{limit:.0f} s' if limit else 'automatic'}; set {option('chunk_time_limit', 'S')}"
+            f" to change it), or crashed the worker process (out of memory?). Finished chunks "
+            f"are kept: rerun with {option('resume')}"
+        )
+    if isinstance(error, VirnucError):
+        return type(error)(str(error))
+    return RuntimeError(f"{type(error).__name__}: {error}")
+
+
+def _chunk_words(job: EmbeddingJob, chunk: Chunk) -> str:
+    rows = job.partition.order[chunk.start : chunk.stop]
+    ids = job.index.ids(rows[:5])
+    more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
+    return f"chunk {chunk.number} ({len(rows)} sequences: {', '.join(ids)}{more})"
+
+
+class _Watch:
+    """What the driver does while a run computes: progress, and checks on the cluster.
+
+    A cluster without workers, or a scheduler that stops answering, is reported at intervals;
+    after the job's ``wait_limit`` seconds of either the run stops with a message.
+    """
+
+    def __init__(self, job: EmbeddingJob, client, futures, keys, progress: bool) -> None:
+        from virnuc_dask.progress import TextProgress
+
+        self.job, self.client, self.futures = job, client, futures
+        self.tokens = [keys[f.key].tokens for f in futures]
+        self.reused_tokens = sum(s.tokens for s in job.reused)
+        self.bar = (
+            TextProgress(len(job.partition.chunks), int(job.partition.lane_tokens().sum()))
+            if progress
+            else None
+        )
+        self.trouble_since: float | None = None
+        self.last_warning = 0.0
+        self.last_check = time.monotonic()
+
+    def _done(self) -> tuple[int, int]:
+        finished = [f.status == "finished" for f in self.futures]
+        tokens = self.reused_tokens + sum(
+            t for t, ok in zip(self.tokens, finished, strict=True) if ok
+        )
+        return len(self.job.reused) + sum(finished), tokens
+
+    def check(self) -> None:
+        """Update the progress line; every few seconds ask the scheduler for its workers."""
+        if self.bar:
+            self.bar.update(*self._done())
+        now = time.monotonic()
+        limit = self.job.config.wait_limit
+        if now - self.last_check < min(10 * POLL_SECONDS, limit / 2):
+            return
+        self.last_check = now
+        address = self.client.scheduler.address
+        try:
+            workers = _count_workers(self.client, min(ASK_SECONDS, limit))
+            trouble = None if workers else f"no workers are connected to the scheduler {address}"
+        except TimeoutError:
+            trouble = f"the scheduler at {address} does not answer"
+        if trouble is None:
+            self.trouble_since = None
+            return
+        self.trouble_since = self.trouble_since or now
+        waited = now - self.trouble_since
+        if waited > limit:
+            raise VirnucError(
+                f"{trouble} (for {waited:.0f} s); finished chunks are kept: start workers or "
+                f"restart the scheduler, then rerun with {option('resume')}"
+            )
+        if now - self.last_warning > 30:
+            self.last_warning = now
+            logger.warning("%s (for %.0f s); waiting up to %.0f s", trouble, waited, limit)
+
+    def finish(self) -> None:
+        """Draw the final state of the progress line."""
+        if self.bar:
+            self.bar.update(*self._done(), final=True)
+
+
+def _count_workers(client, timeout: float) -> int:
+    """Workers the scheduler knows now; ``TimeoutError`` when it does not answer in time."""
+
+    async def ask():
+        info = await asyncio.wait_for(client.scheduler.identity(n_workers=-1), timeout)
+        return len(info.get("workers", {}))
+
+    return client.sync(ask)
 
 
 @dataclass(frozen=True)
@@ -247,9 +460,10 @@ class RunReport:
     def summary(self) -> str:
         """One line for a person: sequences, tokens, time and throughput."""
         rate = self.tokens / self.seconds if self.seconds else 0.0
+        workers = len(set(self.worker_tokens) - {"resumed", "existing"})
         return (
             f"{self.sequences:,} sequences, {self.tokens:,} tokens in {self.chunks} chunks "
-            f"({self.reused} reused) on {len(self.worker_tokens)} workers: "
+            f"({self.reused} reused) on {workers} workers: "
             f"{self.seconds:.1f} s, {rate:,.0f} tokens/s"
         )
 
@@ -279,11 +493,15 @@ def prepare(
     zarr: str | Path | None = None,
     work_dir: str | Path | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     torch_threads: int | None = None,
     on_gpu: bool | None = None,
     **settings,
 ) -> EmbeddingJob:
     """Validate, index and partition on the driver; return the job, nothing computed yet.
+
+    Every path relation, the model's weights and the inputs are checked before anything is
+    created; nothing is left behind when a check fails.
 
     Parameters
     ----------
@@ -298,9 +516,12 @@ def prepare(
     zarr
         Also write a Zarr v3 store here.
     work_dir
-        Work directory; default ``OUTPUT.work``.
+        Work directory (must not exist yet, unless resuming); default ``OUTPUT.work``.
     resume
         Reuse the shards of an earlier, interrupted run with the same fingerprint.
+    overwrite
+        Replace an existing output file (and Zarr store written by this tool); the old one
+        stays intact until the new one is complete.
     torch_threads
         torch threads per worker (CPU workers).
     on_gpu
@@ -309,24 +530,32 @@ def prepare(
     **settings
         Any field of :class:`~virnuc_dask.config.EmbedConfig`.
     """
-    if lanes is None:
-        lanes = max(1, len(client.scheduler_info(n_workers=-1)["workers"])) if client else 1
-    if on_gpu is None:
-        on_gpu = _has_gpus(client) if client else False
     config = EmbedConfig.from_settings(**settings)
-    if config.dtype == "auto":
-        config = dataclasses.replace(config, dtype="bf16" if on_gpu else "fp32")
-    output = _check_output(Path(output), "output")
-    zarr = _check_output(Path(zarr), "zarr output") if zarr else None
-    work = Path(work_dir) if work_dir else output.with_name(output.name + ".work")
+    inputs = [str(p) for p in inputs]
+    paths = run_paths(output, zarr, work_dir, inputs)
+    check_target(paths.output, "output", overwrite=overwrite)
+    if paths.zarr is not None:
+        check_target(paths.zarr, "zarr store", overwrite=overwrite)
     weights = resolve_weights(
         config.model,
         checkpoint=config.checkpoint,
         random_weights=config.random_weights,
         seed=config.seed,
     )
-    locks, saved = workdir.lock_and_open(output, work, resume)
+    if lanes is None:
+        lanes = max(1, len(client.scheduler_info(n_workers=-1)["workers"])) if client else 1
+    if on_gpu is None:
+        on_gpu = _has_gpus(client) if client else False
+    if config.dtype == "auto":
+        config = dataclasses.replace(config, dtype="bf16" if on_gpu else "fp32")
+    token = uuid.uuid4().hex[:12]
+    work = paths.work_dir
+    locks, saved = workdir.lock_and_open(paths.output, work, resume, token)
     try:
+        for target in (paths.output, paths.zarr):
+            if target is not None:
+                for stale in remove_stale_partials(target):
+                    logger.warning("removed %s, left by an assembly that was killed", stale)
         index = build_index(
             inputs,
             work / "staging",
@@ -338,10 +567,12 @@ def prepare(
         index.save(work / "index")
         reused = workdir.finished_shards(work, parts, fingerprint) if saved is not None else []
     except BaseException:
-        for lock in reversed(locks):
-            lock.release()
-        if saved is None:
-            shutil.rmtree(work, ignore_errors=True)
+        try:
+            if saved is None:
+                workdir.remove(work)
+        finally:
+            for lock in reversed(locks):
+                lock.release()
         raise
     if saved is not None:
         logger.info(
@@ -349,8 +580,8 @@ def prepare(
         )
     return EmbeddingJob(
         config,
-        output,
-        zarr,
+        paths.output,
+        paths.zarr,
         work,
         index,
         parts,
@@ -358,19 +589,10 @@ def prepare(
         fingerprint,
         reused,
         torch_threads,
+        token=token,
+        overwrite=overwrite,
         locks=locks,
     )
-
-
-def _check_output(path: Path, what: str) -> Path:
-    path = path.expanduser().absolute()
-    if not path.parent.is_dir():
-        raise VirnucError(f"{what} folder {path.parent} does not exist; create it first")
-    if not os.access(path.parent, os.W_OK):
-        raise VirnucError(f"{what} folder {path.parent} is not writable")
-    if path.is_dir() and what == "output":
-        raise VirnucError(f"output {path} is a directory; give a file name such as out.h5")
-    return path
 
 
 def embed(
@@ -383,6 +605,7 @@ def embed(
     zarr: str | Path | None = None,
     work_dir: str | Path | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     **settings,
 ) -> Path:
@@ -405,13 +628,16 @@ def embed(
         Work directory for shards; default ``OUTPUT.work``.
     resume
         Reuse the finished shards of an interrupted run.
+    overwrite
+        Replace an existing output (only once the new one is complete).
     progress
-        Show a progress bar.
+        Show progress.
     **settings
         Fields of :class:`~virnuc_dask.config.EmbedConfig`: ``model``, ``checkpoint``,
         ``random_weights``, ``seed``, ``layers``, ``dtype``, ``output_dtype``,
         ``max_residues``, ``tokens_per_batch``, ``chunk_tokens``, ``workers``,
-        ``invalid_to_x``, ``duplicate_ids``, ``compile``, ``retries``.
+        ``invalid_to_x``, ``duplicate_ids``, ``compile``, ``retries``,
+        ``chunk_time_limit``, ``wait_limit``.
 
     Examples
     --------
@@ -423,17 +649,20 @@ def embed(
     """
     from virnuc_dask.cluster import connect, local_plan
 
+    _refuse_inside_a_starting_worker()
     inputs = [inputs] if isinstance(inputs, str | Path) else list(inputs)
-    options = dict(zarr=zarr, work_dir=work_dir, resume=resume)
+    options = dict(zarr=zarr, work_dir=work_dir, resume=resume, overwrite=overwrite)
     if client is not None:
         job = prepare(inputs, output, client=client, **options, **settings)
         return job.run(client, progress=progress)
     if scheduler or scheduler_file:
-        with connect(scheduler=scheduler, scheduler_file=scheduler_file) as (client, _):
+        with connect(scheduler=scheduler, scheduler_file=scheduler_file) as (client, info):
+            if progress:
+                print(f"Dask dashboard: {info.dashboard}", flush=True)
             job = prepare(inputs, output, client=client, **options, **settings)
             return job.run(client, progress=progress)
     # A local cluster: index and validate first, so bad input fails before any worker starts.
-    plan = local_plan(settings.get("workers"))
+    plan = local_plan(settings.get("workers") or dask.config.get("virnuc-dask.workers"))
     job = prepare(
         inputs,
         output,
@@ -446,15 +675,62 @@ def embed(
     # The local workers keep their scratch space in the work directory, so the run writes
     # nothing outside it and the output; it goes once the cluster has closed.
     scratch = job.work_dir / "dask-scratch"
-    with (
-        dask.config.set({"temporary-directory": str(scratch)}),
-        connect(workers=plan.workers, local_directory=scratch) as (client, info),
-    ):
-        if progress:
-            print(f"Dask dashboard: {info.dashboard}", flush=True)
-        path = job.run(client, progress=progress, cleanup=False)
-    job.remove_work_dir()
+    path = None
+    try:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(dask.config.set({"temporary-directory": str(scratch)}))
+            try:
+                client, info = stack.enter_context(
+                    connect(workers=plan.workers, local_directory=scratch)
+                )
+            except Exception as error:
+                raise _cluster_failed(error) from error
+            if progress:
+                print(f"Dask dashboard: {info.dashboard}", flush=True)
+            path = job.run(client, progress=progress, cleanup=False)
+    except KeyboardInterrupt:
+        if path is None:
+            raise
+        # Interrupted while the cluster closed: the output is complete, the run succeeded.
+    finally:
+        job.finish(success=path is not None)
     return path
+
+
+def _refuse_inside_a_starting_worker() -> None:
+    """Refuse ``embed()`` in a worker process that is importing the user's script.
+
+    Dask starts worker processes with the ``spawn`` method, which imports the main script
+    again (as ``__mp_main__``). A script that calls ``embed()`` at top level, without
+    ``if __name__ == "__main__":``, would start a run inside every starting worker.
+    """
+    main = sys.modules.get("__main__")
+    if getattr(main, "__name__", "") == "__mp_main__" and multiprocessing.parent_process():
+        raise VirnucError(_GUARD_HINT)
+
+
+_GUARD_HINT = (
+    "embed() was called while a Dask worker process was starting: the script that calls it "
+    'has no `if __name__ == "__main__":` guard. Worker processes import the script again; put '
+    'the call under `if __name__ == "__main__":`'
+)
+
+
+def _cluster_failed(error: Exception) -> Exception:
+    """Explain a local cluster that did not start, naming the unguarded-script case."""
+    main = sys.modules.get("__main__")
+    script = getattr(main, "__file__", None)
+    called_at_top = any(
+        frame.frame.f_globals is getattr(main, "__dict__", None) and frame.function == "<module>"
+        for frame in inspect.stack()
+    )
+    if script and called_at_top:
+        return VirnucError(
+            f"the local Dask cluster did not start ({type(error).__name__}: {error}). If "
+            f"{script} calls embed() at top level, put the call under "
+            '`if __name__ == "__main__":`: Dask worker processes import the script again'
+        )
+    return error
 
 
 def _has_gpus(client) -> bool:
