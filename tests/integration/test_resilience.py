@@ -17,82 +17,17 @@ import threading
 import time
 from pathlib import Path
 
-import cloudpickle
 import numpy as np
 import pytest
-from distributed import Client, LocalCluster, WorkerPlugin
+from distributed import Client, LocalCluster
 
 import virnuc_dask
+from tests.faults import MemorySpike, PoisonSequence, SlowChunks
 from tests.helpers import CLI, TINY, dask_processes, random_sequences, write_fasta
 from virnuc_dask.errors import VirnucError
 from virnuc_dask.output import write_shard
 
-cloudpickle.register_pickle_by_value(sys.modules[__name__])
-
 CHUNK_TOKENS = 6_000
-
-
-class EnginePatch(WorkerPlugin):
-    """A fault injected into the reference engine of every worker process.
-
-    Subclasses define ``embed(self, original, engine, sequences)``, which stands in for
-    ``ReferenceEngine.embed`` and may call ``original(engine, sequences)``.
-    """
-
-    def setup(self, worker) -> None:
-        from virnuc_dask.engine.reference import ReferenceEngine
-
-        original = getattr(ReferenceEngine, "_unpatched_embed", ReferenceEngine.embed)
-        ReferenceEngine._unpatched_embed = original
-        ReferenceEngine.embed = lambda engine, sequences: self.embed(original, engine, sequences)
-
-
-class SlowChunks(EnginePatch):
-    """Make every chunk take at least ``seconds`` longer, so a fault lands mid-run."""
-
-    name = "test-slow-chunks"
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-
-    def embed(self, original, engine, sequences):
-        time.sleep(self.seconds)
-        return original(engine, sequences)
-
-
-class PoisonSequence(EnginePatch):
-    """Make the engine raise on one sequence, recording each attempt in ``log``."""
-
-    name = "test-poison"
-
-    def __init__(self, poison: bytes, log: str) -> None:
-        self.poison, self.log = poison, log
-
-    def embed(self, original, engine, sequences):
-        if self.poison in sequences:
-            with open(self.log, "a") as f:
-                f.write("attempt\n")
-            raise ValueError("this sequence breaks the model")
-        return original(engine, sequences)
-
-
-class MemorySpike(EnginePatch):
-    """On the first chunk of the run (once, marked by a file), hold ``gigabytes`` of memory."""
-
-    name = "test-memory-spike"
-
-    def __init__(self, gigabytes: float, marker: str) -> None:
-        self.gigabytes, self.marker = gigabytes, marker
-
-    def embed(self, original, engine, sequences):
-        try:
-            fd = os.open(self.marker, os.O_CREAT | os.O_EXCL)
-        except FileExistsError:
-            return original(engine, sequences)
-        os.close(fd)
-        ballast = np.ones(int(self.gigabytes * 1e9), dtype=np.uint8)  # real resident memory
-        time.sleep(30)  # the nanny's memory monitor ends the worker long before this
-        return ballast
 
 
 @pytest.fixture(scope="module")
