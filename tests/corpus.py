@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from virnuc_dask.index import MAX_ID_BYTES
+
 
 @dataclass(frozen=True)
 class Built:
@@ -197,6 +199,7 @@ def _lines(sequence: bytes, width: int = 60) -> bytes:
 LONG = _protein(100_000)
 MB_DESCRIPTION = b"x" * (1 << 20)
 MB_ID = b"P" * (1 << 20)
+ID_AT_LIMIT = b"P" * MAX_ID_BYTES
 ALPHABET = b"LAGVSERTIDPKQNFYMHWCXBUZO.-"
 
 
@@ -309,10 +312,30 @@ CASES: list[Case] = [
         "accept",
         records=(("a", b"MKVL"),),
     ),
-    Case("id_1mb", one(b">" + MB_ID + b"\nMKVL\n"), "accept", records=((MB_ID.decode(), b"MKVL"),)),
     Case(
-        "id_1mb_with_bad_letter",
-        one(b">" + MB_ID + b"\nMKJL\n"),
+        "id_at_limit",
+        one(b">" + ID_AT_LIMIT + b" d\nMKVL\n"),
+        "accept",
+        records=((ID_AT_LIMIT.decode(), b"MKVL"),),
+    ),
+    Case(
+        "id_1mb",
+        one(b">a\nM\n>" + MB_ID + b"\nMKVL\n"),
+        "error",
+        f"id '{'P' * 60}...' is {1 << 20} bytes long (UTF-8), over the limit of {MAX_ID_BYTES}; "
+        "shorten the header's first word",
+        "line 3",
+    ),
+    Case(
+        "id_over_limit_in_utf8_bytes",  # fewer characters than the limit, more bytes
+        one((">" + "β" * (MAX_ID_BYTES // 2 + 1) + "\nMK\n").encode()),
+        "error",
+        f"is {MAX_ID_BYTES + 2} bytes long (UTF-8), over the limit of {MAX_ID_BYTES}",
+        "line 1",
+    ),
+    Case(
+        "id_at_limit_with_bad_letter",
+        one(b">" + ID_AT_LIMIT + b"\nMKJL\n"),
         "error",
         "letter 'J' at position 3",
         "PPPPPPPPPP...",  # the message shortens the id, so it stays one readable line
