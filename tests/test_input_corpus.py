@@ -54,8 +54,9 @@ def _entry_point() -> list[str]:
 # interpreter may live where that user cannot read), then privileges are dropped for good.
 _AS_NOBODY = textwrap.dedent(
     """
-    import os, sys
+    import difflib, os, sys
     import virnuc_dask.cli, virnuc_dask.cluster, virnuc_dask.models, virnuc_dask.pipeline
+    import virnuc_dask.paths, virnuc_dask.workdir, virnuc_dask.output, virnuc_dask.worker
     uid, gid = int(os.environ.pop("CORPUS_UID")), int(os.environ.pop("CORPUS_GID"))
     os.setgroups([]); os.setgid(gid); os.setuid(uid)
     sys.argv[0] = "virnuc-dask"

@@ -81,7 +81,7 @@ def _absolute(path: str | os.PathLike, name: str) -> Path:
             f"({os.path.realpath(path)}) so that it is clear what gets replaced"
         )
     # Resolve the folders above it (links there are fine), not the last component.
-    return path.parent.resolve() / path.name
+    return Path(os.path.realpath(path.parent)) / path.name
 
 
 def _check_folder(path: Path, name: str) -> None:
@@ -96,7 +96,7 @@ def _check_input(given: str, named: list[tuple[str, Path]]) -> None:
     if given == "-":
         return
     source = Path(os.path.abspath(Path(given).expanduser()))
-    real = source.resolve()
+    real = Path(os.path.realpath(source))
     if not real.exists():
         return  # the index names missing or unreadable inputs in its own words
     for name, path in named:
