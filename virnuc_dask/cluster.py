@@ -1,33 +1,71 @@
 """Cluster: connect to the scheduler a run uses, or start a local cluster that fits the machine.
 
 - GPUs present (dask-cuda importable and an NVIDIA driver answering): ``LocalCUDACluster``,
-  one worker per GPU, each seeing its own GPU as ``cuda:0``.
+  one worker per GPU this process may use, each seeing its own GPU as ``cuda:0``. The GPUs are
+  those of ``CUDA_VISIBLE_DEVICES`` when it is set (a batch scheduler that hands out GPUs 2
+  and 3, UUIDs or MIG slices), all of the machine's otherwise (:func:`visible_devices`).
 - No GPU: a ``LocalCluster`` of worker processes, one thread each, torch given each worker's
   share of the cores (Dask pins ``OMP_NUM_THREADS=1`` in workers).
 - ``scheduler`` / ``scheduler_file``: an existing cluster (``dask scheduler`` with ``dask cuda
   worker`` or ``dask worker``); nothing is started or stopped.
 
-Local clusters and their dashboards listen on 127.0.0.1 only, unless ``host`` says otherwise.
+Decisions:
+
+- Local clusters and their dashboards listen on 127.0.0.1 only, unless ``host`` says otherwise.
+- Reaching an existing scheduler is bounded in time: the address and the scheduler file are
+  checked first, then a probe asks the scheduler who it is with a deadline. Distributed's own
+  connect waits without limit for the handshake of a peer that accepted the connection (a
+  frozen scheduler, a port that is not Dask's), so the probe runs before any ``Client``.
+- A scheduler without workers is waited for with a message at intervals, not in silence.
+- Worker processes of local clusters skip the final garbage collection of interpreter exit
+  (:class:`QuickExit`): over torch's object graph it costs a second of CPU per process, and
+  with several workers on a few cores the nanny lost patience (4 s) and killed them.
 """
 
 from __future__ import annotations
 
+import asyncio
+import atexit
+import concurrent.futures
 import contextlib
+import gc
+import json
 import logging
 import os
+import socket
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from distributed import Client, LocalCluster
+from distributed import Client, LocalCluster, WorkerPlugin
 
-from virnuc_dask.errors import VirnucError
+from virnuc_dask.errors import VirnucError, option
 
 logger = logging.getLogger(__name__)
+
+#: Seconds to reach an existing scheduler before giving up.
+CONNECT_TIMEOUT = 20.0
+#: Seconds to wait for the first worker of an existing scheduler.
+WORKER_TIMEOUT = 120.0
+# Seconds between the messages that say no worker has connected yet.
+_WAIT_MESSAGE_INTERVAL = 10.0
 
 
 @dataclass(frozen=True)
 class ClusterInfo:
-    """What the run learns about its cluster."""
+    """What the run learns about its cluster.
+
+    Parameters
+    ----------
+    workers
+        Number of workers.
+    gpus
+        Number of GPUs of a local cluster (0 for a CPU or an existing cluster).
+    torch_threads
+        Threads torch gets in each CPU worker of a local cluster.
+    dashboard
+        Link to the Dask dashboard.
+    """
 
     workers: int
     gpus: int
@@ -35,16 +73,63 @@ class ClusterInfo:
     dashboard: str | None
 
 
-def gpu_count() -> int:
-    """Number of NVIDIA GPUs usable by a ``LocalCUDACluster``: 0 without dask-cuda or driver."""
+def visible_devices(env_value: str | None, count: int) -> list[str]:
+    """The GPUs a process may use, as CUDA reads ``CUDA_VISIBLE_DEVICES``.
+
+    Parameters
+    ----------
+    env_value
+        The value of ``CUDA_VISIBLE_DEVICES``; ``None`` when it is unset.
+    count
+        GPUs on the machine (as NVML counts them).
+
+    Returns
+    -------
+    list of str
+        Unset: every GPU, ``"0"`` to ``count - 1``. Set: its entries in order (ordinals,
+        ``GPU-`` or ``MIG-`` UUIDs), up to the first that CUDA would not accept (an ordinal
+        out of range, a repeat, anything else), as CUDA stops there; ``""`` hides all GPUs.
+
+    Examples
+    --------
+    >>> visible_devices("2,3", 4)
+    ['2', '3']
+    >>> visible_devices(None, 2)
+    ['0', '1']
+    >>> visible_devices("", 8)
+    []
+    """
+    if env_value is None:
+        return [str(i) for i in range(count)]
+    devices: list[str] = []
+    for entry in (e.strip() for e in env_value.split(",")):
+        valid = int(entry) < count if entry.isdigit() else entry.startswith(("GPU-", "MIG-"))
+        if not valid or entry in devices:
+            break
+        devices.append(entry)
+    return devices
+
+
+def _physical_gpus() -> int:
     try:
-        from dask_cuda.utils import get_n_gpus
+        from dask_cuda.utils import get_gpu_count
     except ImportError:
         return 0
     try:
-        return int(get_n_gpus())
+        return int(get_gpu_count())
     except Exception:  # no driver, no NVML: a CPU machine with dask-cuda installed
         return 0
+
+
+def gpu_count() -> int:
+    """GPUs a ``LocalCUDACluster`` of this process may use: 0 without dask-cuda or driver.
+
+    Honours ``CUDA_VISIBLE_DEVICES`` (see :func:`visible_devices`).
+    """
+    physical = _physical_gpus()
+    if not physical:
+        return 0
+    return len(visible_devices(os.environ.get("CUDA_VISIBLE_DEVICES"), physical))
 
 
 def default_cpu_workers(cores: int) -> int:
@@ -59,8 +144,9 @@ def default_cpu_workers(cores: int) -> int:
 def local_plan(workers: int | None = None) -> ClusterInfo:
     """Decide the shape of a local cluster on this machine, before starting it.
 
-    One worker per GPU when there are GPUs (at most ``workers``); otherwise ``workers`` CPU
-    worker processes (default :func:`default_cpu_workers`), each given its share of cores.
+    One worker per usable GPU when there are GPUs (at most ``workers``); otherwise
+    ``workers`` CPU worker processes (default :func:`default_cpu_workers`), each given its
+    share of cores.
     """
     gpus = gpu_count()
     if gpus:
@@ -71,15 +157,35 @@ def local_plan(workers: int | None = None) -> ClusterInfo:
     return ClusterInfo(n, 0, max(1, cores // n), None)
 
 
+class QuickExit(WorkerPlugin):
+    """Let a worker process exit without a last garbage collection over torch's objects.
+
+    Python collects every tracked object when a process ends; with torch imported that takes
+    about a second of CPU per worker, several at once on a small machine, and the nanny kills
+    a worker that has not exited 4 s after closing. ``gc.freeze()`` at exit leaves the
+    objects to the operating system. Nothing is lost: shards are written and closed inside
+    their tasks, and C libraries (HDF5, CUDA) still run their own exit handlers.
+    """
+
+    name = "virnuc-dask-quick-exit"
+
+    def setup(self, worker) -> None:
+        """Register the freeze as the first thing the worker process does at exit."""
+        atexit.unregister(gc.freeze)  # idempotent when the plugin is registered again
+        atexit.register(gc.freeze)
+
+
 @contextlib.contextmanager
 def connect(
     *,
     scheduler: str | None = None,
-    scheduler_file: str | None = None,
+    scheduler_file: str | os.PathLike | None = None,
     workers: int | None = None,
     host: str = "127.0.0.1",
     dashboard_port: int = 8787,
     local_directory: str | os.PathLike | None = None,
+    timeout: float = CONNECT_TIMEOUT,
+    worker_timeout: float = WORKER_TIMEOUT,
 ) -> Iterator[tuple[Client, ClusterInfo]]:
     """Yield a client and what is known of its cluster; close what this call started.
 
@@ -97,11 +203,25 @@ def connect(
         Port of a local cluster's dashboard (another is taken if it is busy).
     local_directory
         Scratch space of a local cluster's workers; default: Dask's ``temporary-directory``.
+    timeout
+        Seconds to reach an existing scheduler and hear it answer.
+    worker_timeout
+        Seconds to wait for an existing scheduler's first worker; a message says so every
+        10 s.
+
+    Raises
+    ------
+    VirnucError
+        Both or a bad ``scheduler``/``scheduler_file``, a scheduler that cannot be reached or
+        does not answer within ``timeout``, or one without workers after ``worker_timeout``;
+        the message names the address or file and the fix.
     """
     if scheduler and scheduler_file:
-        raise VirnucError("give --scheduler or --scheduler-file, not both")
+        raise VirnucError(
+            f"give {option('scheduler', 'ADDRESS')} or {option('scheduler_file', 'FILE')}, not both"
+        )
     if scheduler or scheduler_file:
-        with _existing(scheduler, scheduler_file) as client:
+        with _existing(scheduler, scheduler_file, timeout, worker_timeout) as client:
             count = len(client.scheduler_info(n_workers=-1)["workers"])
             yield client, ClusterInfo(count, 0, None, client.dashboard_link)
         return
@@ -110,9 +230,10 @@ def connect(
     if plan.gpus:
         from dask_cuda import LocalCUDACluster
 
+        devices = visible_devices(os.environ.get("CUDA_VISIBLE_DEVICES"), _physical_gpus())
         cluster = LocalCUDACluster(
             n_workers=plan.workers,
-            CUDA_VISIBLE_DEVICES=list(range(plan.workers)),
+            CUDA_VISIBLE_DEVICES=devices[: plan.workers],
             host=host,
             dashboard_address=dashboard,
             local_directory=local_directory,
@@ -126,7 +247,10 @@ def connect(
             dashboard_address=dashboard,
             local_directory=local_directory,
         )
+    # The client closes before the cluster (inner context first), so the scheduler is not
+    # left waiting for a client that outlives it.
     with cluster, Client(cluster) as client:
+        client.register_plugin(QuickExit())
         yield (
             client,
             ClusterInfo(plan.workers, plan.gpus, plan.torch_threads, client.dashboard_link),
@@ -134,22 +258,142 @@ def connect(
 
 
 @contextlib.contextmanager
-def _existing(scheduler: str | None, scheduler_file: str | None) -> Iterator[Client]:
-    if scheduler_file and not os.path.isfile(scheduler_file):
-        raise VirnucError(f"scheduler file {scheduler_file} does not exist")
+def _existing(
+    scheduler: str | None,
+    scheduler_file: str | os.PathLike | None,
+    timeout: float,
+    worker_timeout: float,
+) -> Iterator[Client]:
+    if scheduler_file:
+        address = _address_from_file(os.fspath(scheduler_file))
+        where = f"{address} (from scheduler file {os.fspath(scheduler_file)})"
+    else:
+        address, where = scheduler, scheduler
+    _check_address(address, where)
+    _probe(address, where, timeout)
     try:
-        client = Client(address=scheduler, scheduler_file=scheduler_file, timeout="20s")
-    except OSError as error:
-        where = scheduler or scheduler_file
+        client = Client(address=address, timeout=timeout)
+    except (OSError, TimeoutError) as error:
         raise VirnucError(
-            f"cannot reach the Dask scheduler at {where}: {error}; is `dask scheduler` running?"
+            f"cannot connect to the Dask scheduler at {where}: {error}; check that "
+            "`dask scheduler` is running there"
         ) from None
     with client:
-        try:
-            client.wait_for_workers(1, timeout="120s")
-        except TimeoutError:
-            raise VirnucError(
-                f"the scheduler at {client.scheduler.address} has no workers after 120 s; "
-                "start some with `dask worker` or `dask cuda worker`"
-            ) from None
+        _wait_for_workers(client, address, worker_timeout)
         yield client
+
+
+def _address_from_file(path: str) -> str:
+    fix = f"give the file that `dask scheduler --scheduler-file {path}` writes"
+    if not os.path.isfile(path):
+        raise VirnucError(f"scheduler file {path} does not exist; {fix}, once it is running")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise VirnucError(
+            f"scheduler file {path} is not a Dask scheduler file ({error}); {fix}"
+        ) from None
+    address = data.get("address") if isinstance(data, dict) else None
+    if not isinstance(address, str) or not address:
+        raise VirnucError(f"scheduler file {path} holds no scheduler address; {fix}")
+    return address
+
+
+def _check_address(address: str, where: str) -> None:
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    try:
+        scheme, location = parse_address(address)
+        if scheme in ("tcp", "tls", "ws", "wss", "ucx"):
+            host, port = parse_host_port(location)
+            if not host or not 0 < port < 65536:
+                raise ValueError("no host, or a port out of range")
+    except (ValueError, TypeError) as error:
+        raise VirnucError(
+            f"scheduler address {where!r} is not a Dask address ({error}); give it as "
+            f"tcp://HOST:PORT, e.g. {option('scheduler', 'tcp://10.0.0.5:8786')}"
+        ) from None
+
+
+def _probe(address: str, where: str, timeout: float) -> None:
+    """Ask the scheduler who it is, within ``timeout`` seconds, or raise a user error."""
+
+    async def identity() -> dict:
+        from distributed.comm import connect as comm_connect
+
+        comm = await comm_connect(address, timeout=timeout)
+        try:
+            await comm.write({"op": "identity", "reply": True, "n_workers": 0})
+            return await comm.read()
+        finally:
+            comm.abort()
+
+    async def bounded() -> dict:
+        # Distributed's connect() deliberately has no timeout on the handshake that follows
+        # the TCP connection; this deadline covers connection, handshake and answer.
+        return await asyncio.wait_for(identity(), timeout)
+
+    # A private event loop in a thread: the caller may be inside one (Jupyter), and the
+    # client's own loop must not inherit a half-open connection.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        try:
+            reply = pool.submit(asyncio.run, bounded()).result()
+        except (OSError, ValueError) as error:  # timeouts are OSErrors
+            reason = _why_unreachable(address, timeout) or str(error)
+            raise VirnucError(
+                f"cannot reach the Dask scheduler at {where}: {reason}; check the address, "
+                "and that `dask scheduler` runs there and is not stopped or overloaded"
+            ) from None
+    kind = reply.get("type") if isinstance(reply, dict) else None
+    if kind != "Scheduler":
+        raise VirnucError(
+            f"{where} answers, but as {kind or 'something else'}, not a Dask scheduler; give "
+            "the scheduler's address (`dask scheduler` prints it)"
+        )
+
+
+def _why_unreachable(address: str, timeout: float) -> str | None:
+    """After a failed probe, a plain TCP connection tells which way the address failed.
+
+    Only then: a connection closed without a handshake is logged by the scheduler.
+    """
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    scheme, location = parse_address(address)
+    if scheme not in ("tcp", "tls"):
+        return None
+    try:
+        with socket.create_connection(parse_host_port(location), timeout=min(timeout, 5)):
+            return (
+                f"it accepts connections but did not answer within {timeout:g} s (a stopped "
+                "or overloaded scheduler, or a port that is not a Dask scheduler's)"
+            )
+    except ConnectionRefusedError:
+        return "connection refused: nothing listens on that port"
+    except TimeoutError:
+        return f"no connection within {min(timeout, 5):g} s (a host down or a firewall)"
+    except OSError as error:
+        return str(error)
+
+
+def _wait_for_workers(client: Client, address: str, timeout: float) -> None:
+    started = time.monotonic()
+    # A first short wait: workers usually join within a second, and a message then would
+    # only be noise.
+    step = min(1.0, timeout)
+    while True:
+        try:
+            client.wait_for_workers(1, timeout=step)
+            return
+        except TimeoutError:
+            waited = time.monotonic() - started
+        if waited >= timeout:
+            raise VirnucError(
+                f"the Dask scheduler at {address} has no workers after {timeout:g} s; start "
+                f"some with `dask worker {address}` or `dask cuda worker {address}`"
+            ) from None
+        logger.warning(
+            "waiting for workers at %s: none connected (%.0f s of %g s)", address, waited, timeout
+        )
+        step = min(_WAIT_MESSAGE_INTERVAL, timeout - waited)
