@@ -1,5 +1,8 @@
 """Shards and assembly: input order, every id once, alignment proven, files xarray opens.
 
+The writer fills the file as shards arrive, in any order, and the output path holds nothing
+until it is complete.
+
 Also the output side's safety rules: foreign shards refused, a full disk reported as one error
 with the partial files removed (on a real, small tmpfs), existing outputs replaced only when
 asked and only once the new one is complete, and ids read back without fixed-width strings.
@@ -10,9 +13,11 @@ from __future__ import annotations
 import gc
 import json
 import os
+import re
 import subprocess
 import uuid
 import warnings
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -24,6 +29,7 @@ from virnuc_dask import ownership
 from virnuc_dask.errors import VirnucError
 from virnuc_dask.output import (
     DiskFull,
+    OutputWriter,
     ShardInfo,
     ShardMismatch,
     assemble,
@@ -70,6 +76,28 @@ def _assemble(tmp_path, shards, layers=(2,), **kwargs):
         attrs=kwargs.pop("attrs", {"model": "m"}),
         **kwargs,
     )
+
+
+def _writer(tmp_path, layers=(2,), width=4, **kwargs):
+    kwargs = {"output": tmp_path / "out.h5", **kwargs}
+    return OutputWriter(
+        ids=kwargs.pop("ids", IDS),
+        lengths=kwargs.pop("lengths", LENGTHS),
+        max_residues=1022,
+        layers=list(layers),
+        width=width,
+        attrs=kwargs.pop("attrs", {"model": "m"}),
+        **kwargs,
+    )
+
+
+def _assert_holds(path, embedding, ids=IDS):
+    """The file at ``path`` holds ``embedding`` (rows, layers, width) for ``ids``, bit for bit."""
+    ds = open_embeddings(path)
+    assert list(ds.sequence.values) == list(ids)
+    values = ds.embedding.values
+    np.testing.assert_array_equal(values.reshape(embedding.shape), embedding)
+    assert values.dtype == embedding.dtype
 
 
 def _files(folder):
@@ -143,6 +171,158 @@ def test_shard_matches_only_its_own_run_and_rows(tmp_path):
     assert not shard_matches(path, "run-1", rows[::-1])
     path.write_bytes(path.read_bytes()[:100])  # a half-written file
     assert not shard_matches(path, "run-1", rows)
+
+
+# --- Writing as shards arrive --------------------------------------------------------------
+
+
+def test_shards_added_in_random_order_give_the_same_file_as_sorted(tmp_path):
+    embedding = np.random.default_rng(8).normal(size=(50, 3, 8)).astype(np.float32)
+    shards = _shards(tmp_path, embedding, 7)
+    shuffled = [shards[i] for i in np.random.default_rng(9).permutation(len(shards))]
+    assert [s.chunk for s in shuffled] != sorted(s.chunk for s in shuffled)
+    paths = []
+    for name, order in (("sorted.h5", shards), ("shuffled.h5", shuffled)):
+        with _writer(tmp_path, layers=(0, 1, 2), width=8, output=tmp_path / name) as writer:
+            for shard in order:
+                writer.add(shard)
+            paths.append(writer.close())
+    _assert_holds(paths[0], embedding)
+    _assert_holds(paths[1], embedding)
+    xr.testing.assert_identical(open_embeddings(paths[0]).load(), open_embeddings(paths[1]).load())
+    # Nothing in the file depends on the order: not even one byte.
+    assert Path(paths[0]).read_bytes() == Path(paths[1]).read_bytes()
+
+
+def test_the_output_path_holds_nothing_until_the_file_is_complete(tmp_path):
+    embedding = np.random.default_rng(10).normal(size=(50, 1, 4)).astype(np.float32)
+    shards = _shards(tmp_path, embedding, 4)
+    output = tmp_path / "out.h5"
+    with _writer(tmp_path) as writer:
+        for count, shard in enumerate(shards):
+            # A reader at the output path finds nothing while the file is being written ...
+            assert not output.exists()
+            with pytest.raises(VirnucError, match="no embedding file"):
+                open_embeddings(output)
+            # ... while the file being written is a hidden sibling, already complete in its
+            # layout: xarray opens it without a warning.
+            assert re.fullmatch(r"\.out\.h5\.[0-9a-f]{32}\.partial", writer.partial.name)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                with xr.open_dataset(writer.partial, engine="h5netcdf") as partial:
+                    assert partial.embedding.shape == (50, 4)
+                    assert list(partial.sequence.values) == IDS
+            if count == 2:
+                assert _files(tmp_path).count(writer.partial.name) == 1
+            writer.add(shard)
+        assert not output.exists()
+        writer.close()
+    _assert_holds(output, embedding)
+    assert not list(tmp_path.glob(".out.h5*"))
+
+
+def test_a_shard_with_shuffled_ids_is_refused_and_nothing_of_it_written(tmp_path):
+    embedding = np.random.default_rng(11).normal(size=(50, 1, 4)).astype(np.float32)
+    shards = _shards(tmp_path, embedding, 2)
+    rows = np.asarray(h5py.File(shards[1].path, "r")["rows"][:])
+    # Every row's id moved to another row of the same shard, values left as they were.
+    shuffled = [IDS[r] for r in np.roll(rows, 1)]
+    bad = tmp_path / "shuffled.h5"
+    write_shard(bad, rows=rows, ids=shuffled, embedding=embedding[rows], fingerprint="fp")
+    with _writer(tmp_path) as writer:
+        writer.add(shards[0])
+        with pytest.raises(RuntimeError, match="misaligned"):
+            writer.add(ShardInfo(1, str(bad), len(rows), 0, "w", 0.0))
+        # Nothing of the refused shard is in the file; its rows still count as missing.
+        values = np.memmap(writer.partial, dtype=np.float32, mode="r", offset=_offset(writer))
+        assert not values[: 50 * 4].reshape(50, 4)[rows].any()
+        del values
+        with pytest.raises(RuntimeError, match=f"{len(rows)} sequences missing"):
+            writer.close()
+    assert not (tmp_path / "out.h5").exists() and not list(tmp_path.glob(".out.h5*"))
+
+
+def _offset(writer):
+    with h5py.File(writer.partial, "r") as f:
+        return f["embedding"].id.get_offset()
+
+
+def test_the_comparison_fails_on_a_perturbed_or_swapped_row(tmp_path):
+    # The equality the tests of this file rely on: proven able to fail.
+    embedding = np.random.default_rng(12).normal(size=(50, 1, 4)).astype(np.float32)
+    output = _assemble(tmp_path, _shards(tmp_path, embedding, 3))
+    _assert_holds(output, embedding)
+    with h5py.File(output, "r+") as f:
+        value = f["embedding"][17, 2]
+        f["embedding"][17, 2] = np.nextafter(value, np.float32(np.inf))  # one ulp
+    with pytest.raises(AssertionError):
+        _assert_holds(output, embedding)
+    with h5py.File(output, "r+") as f:
+        f["embedding"][17, 2] = value
+        f["embedding"][[3, 4]] = embedding[[4, 3], 0]
+    with pytest.raises(AssertionError):
+        _assert_holds(output, embedding)
+    with h5py.File(output, "r+") as f:
+        f["embedding"][[3, 4]] = embedding[[3, 4], 0]
+    _assert_holds(output, embedding)
+
+
+def test_values_are_one_contiguous_variable_in_the_file(tmp_path):
+    embedding = np.random.default_rng(13).normal(size=(50, 3, 8)).astype(np.float16)
+    shards = _shards(tmp_path, embedding, 3, dtype="float16")
+    output = _assemble(tmp_path, shards, layers=(0, 1, 2), dtype="float16")
+    with h5py.File(output, "r") as f:
+        values = f["embedding"]
+        assert values.chunks is None and values.compression is None
+        offset = values.id.get_offset()
+    # The bytes at that offset are the values, in input order: what the writer mapped.
+    mapped = np.memmap(output, dtype=np.float16, mode="r", offset=offset, shape=(50, 3, 8))
+    np.testing.assert_array_equal(mapped, embedding)
+    _assert_holds(output, embedding)
+
+
+def test_close_adds_attributes_to_the_file_and_the_store(tmp_path):
+    embedding = np.random.default_rng(14).normal(size=(50, 1, 4)).astype(np.float32)
+    store = tmp_path / "out.zarr"
+    attrs = {"model": "m", "fingerprint": "fp", "phases": "none yet"}
+    with _writer(tmp_path, attrs=attrs, zarr_path=store) as writer:
+        for shard in _shards(tmp_path, embedding, 3):
+            writer.add(shard)
+        phases = json.dumps({"compute": 1.5, "assembly": 0.1})
+        writer.close(extra_attrs={"phases": phases, "chunks": 3})
+    for path in (tmp_path / "out.h5", store):
+        ds = open_embeddings(path)
+        assert ds.attrs["model"] == "m" and ds.attrs["phases"] == phases
+        assert int(np.squeeze(ds.attrs["chunks"])) == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        xr.open_dataset(tmp_path / "out.h5", engine="h5netcdf").close()
+    xr.testing.assert_identical(
+        open_embeddings(tmp_path / "out.h5").load(), open_embeddings(store).load()
+    )
+
+
+def test_leaving_the_writer_without_close_removes_its_partial_file(tmp_path):
+    shards = _shards(tmp_path, np.ones((50, 1, 4), np.float32), 2)
+    with pytest.raises(KeyError), _writer(tmp_path) as writer:
+        writer.add(shards[0])
+        raise KeyError("the run failed")
+    assert not list(tmp_path.glob(".out.h5*"))
+    with _writer(tmp_path) as writer:
+        writer.add(shards[0])
+    assert not list(tmp_path.glob(".out.h5*")) and not (tmp_path / "out.h5").exists()
+    writer.abort()  # again: nothing to do
+    with pytest.raises(RuntimeError, match="aborted"):
+        writer.add(shards[1])
+    # After a successful close, abort leaves the output alone.
+    writer = _writer(tmp_path)
+    for shard in shards:
+        writer.add(shard)
+    writer.close()
+    writer.abort()
+    assert (tmp_path / "out.h5").exists() and not list(tmp_path.glob(".out.h5*"))
+    with pytest.raises(RuntimeError, match="closed"):
+        writer.close()
 
 
 # --- Foreign shards -------------------------------------------------------------------------
@@ -220,11 +400,11 @@ def test_shard_matches_checks_layers_width_and_dtype_when_given(tmp_path):
     assert not shard_matches(path, "run-1", rows, dtype="float32")
 
 
-# --- Staging --------------------------------------------------------------------------------
+# --- Staging ---------------------------------------------------------------------------------
 
 
-def test_staging_array_is_the_attempts_own_and_removed_after(tmp_path):
-    # Another attempt's staging arrays in the same folder: whatever their name, never touched.
+def test_assemble_leaves_the_staging_folder_alone(tmp_path):
+    # Nothing is staged any more; whatever is in the folder it is given is never touched.
     stage = tmp_path / "stage"
     stage.mkdir()
     others = [stage / "embedding.npy", stage / f"embedding-{uuid.uuid4()}.npy"]
@@ -242,7 +422,7 @@ def test_staging_array_is_the_attempts_own_and_removed_after(tmp_path):
 
 # --- A full disk ----------------------------------------------------------------------------
 
-#: Features per row of the disk-full tests: 50 rows of float32 make a 1 MB staging array.
+#: Features per row of the disk-full tests: 50 rows of float32 make 1 MB of values.
 WIDE = 5000
 
 
@@ -285,28 +465,38 @@ def _assert_disk_full(caught, path, shards, disk):
     assert str(path) in message and "space" in message
     assert "resume=True" in message and "kept" in message
     assert all(os.path.exists(s.path) for s in shards)
-    assert _files(disk) == []  # partial files and the staging array are gone
+    assert _files(disk) == []  # the partial files are gone
     # The process is healthy: HDF5 still writes files.
     with h5py.File(disk.parent / "after.h5", "w") as f:
         f["x"] = np.arange(3)
 
 
-def test_disk_full_while_staging_raises_disk_full(tmp_path, small_disk):
+def test_disk_full_for_the_values_raises_disk_full_before_any_shard(tmp_path, small_disk):
+    # The values' blocks are reserved when the writer is created: a disk without room for them
+    # stops the run before any chunk is computed, not at the end.
     disk = small_disk(256)
     shards, _ = _wide_shards(tmp_path)
     with pytest.raises(DiskFull) as caught:
-        _assemble(tmp_path, shards, output=disk / "out.h5", staging=disk / "stage")
-    _assert_disk_full(caught, disk / "stage", shards, disk)
+        _writer(tmp_path, width=WIDE, output=disk / "out.h5")
+    _assert_disk_full(caught, disk / "out.h5", shards, disk)
+    with pytest.raises(DiskFull) as caught:
+        _assemble(tmp_path, shards, output=disk / "out.h5")
+    _assert_disk_full(caught, disk / "out.h5", shards, disk)
+    del caught
+    gc.collect()
+    assert os.statvfs(disk).f_bfree == os.statvfs(disk).f_blocks
 
 
 # h5py reports the failed write once more from the finaliser of one of its temporary objects.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_disk_full_while_writing_the_output_raises_disk_full(tmp_path, small_disk):
-    # The staging array (1 MB) fits; the output beside it (1 MB more) does not.
-    disk = small_disk(1536)
-    shards, _ = _wide_shards(tmp_path)
+def test_disk_full_while_writing_the_layout_raises_disk_full(tmp_path, small_disk):
+    # The ids (50 of 4 kB) do not fit, the values (800 bytes) would: HDF5 fails on the layout.
+    disk = small_disk(64)
+    ids = [f"{i:04d}" + "L" * 4000 for i in range(50)]
+    embedding = np.ones((50, 1, 4), np.float32)
+    shards = _shards(tmp_path, embedding, 2, ids=ids)
     with pytest.raises(DiskFull) as caught:
-        _assemble(tmp_path, shards, output=disk / "out.h5", staging=disk / "stage")
+        _assemble(tmp_path, shards, ids=ids, output=disk / "out.h5")
     _assert_disk_full(caught, disk / "out.h5", shards, disk)
     del caught
     gc.collect()  # the failed file, collected, neither crashes the process nor holds space
@@ -399,19 +589,14 @@ def test_overwrite_replaces_both_outputs_only_once_the_new_ones_are_complete(tmp
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
-def test_an_output_created_meanwhile_is_refused_at_the_rename(tmp_path, monkeypatch):
-    import virnuc_dask.output as output
-
-    write = output._to_netcdf
-
-    def someone_else_writes_the_output(dataset, path):
-        write(dataset, path)
-        (tmp_path / "out.h5").write_bytes(b"written meanwhile")
-
-    monkeypatch.setattr(output, "_to_netcdf", someone_else_writes_the_output)
+def test_an_output_created_meanwhile_is_refused_at_the_rename(tmp_path):
     shards = _shards(tmp_path, np.ones((50, 1, 4), np.float32), 2)
+    writer = _writer(tmp_path)
+    for shard in shards:
+        writer.add(shard)
+    (tmp_path / "out.h5").write_bytes(b"written meanwhile")
     with pytest.raises(VirnucError, match="overwrite=True"):
-        _assemble(tmp_path, shards)
+        writer.close()
     assert (tmp_path / "out.h5").read_bytes() == b"written meanwhile"
     assert not list(tmp_path.glob(".out.h5*"))
 

@@ -5,28 +5,43 @@ retried or resumed task never leaves half a shard. It holds the input rows it co
 (as read by the worker, so that assembly can prove the alignment), the pooled embeddings, and
 what they are: the run's fingerprint, the pooled layers and the width.
 
-The *final file* is assembled in one pass by one writer (h5py objects cannot cross processes):
-shards are scattered into a staged memory-mapped array in input order, every row is checked to
-be present exactly once with the id the index expects, and xarray writes the netCDF-4/HDF5 file
-through h5netcdf to a temporary name, renamed when complete. Layout (``docs/output.md``):
+The *final file* is built while the chunks finish, by one writer (:class:`OutputWriter`; h5py
+objects cannot cross processes): created with its whole netCDF-4 layout when the run starts,
+each shard's rows copied into it as the shard arrives, every row checked to be present exactly
+once with the id the index expects, and renamed into place. Layout (``docs/output.md``):
 
 - ``embedding`` (``sequence``, ``feature``) or (``sequence``, ``layer``, ``feature``), float32
-  or float16, chunked by rows;
+  or float16, contiguous;
 - ``sequence``: the ids, variable-length UTF-8, a dimension scale (``ds.sel(sequence=ID)``);
 - ``length`` (residues before truncation), ``truncated`` (bool);
 - attributes: model, layers, pooling, compute dtype, weights source, versions, inputs, time.
 
 Decisions:
 
+- The work after the last chunk must not grow with the output: the GPUs are idle then. So the
+  file is written in place as shards arrive, and closing it is a check of the row counts and a
+  rename (0.13 to 0.2 s for 1.2 GB on a 2-core machine, where staging the values and then
+  writing the file with xarray took 10 to 16 s: ``benchmarks/assembly.py``). The layout is
+  written through h5netcdf as xarray writes it, so xarray opens it without warnings; the
+  ``embedding`` variable alone is created contiguous, allocated at once and never filled, so
+  that its bytes have one fixed offset in the file, which is memory-mapped and written with
+  each shard's rows: no staging array, no second copy. Contiguous rather than chunked by rows:
+  a chunked variable's chunks have no place in the file until HDF5 writes them.
+- Those bytes are reserved (``posix_fallocate``) before they are mapped: a write to a mapped
+  page that the disk has no room for is a SIGBUS that kills the process, while the reservation
+  fails with ENOSPC, which becomes :class:`DiskFull`, like ENOSPC or EDQUOT anywhere in the
+  netCDF or Zarr writing. So a full disk stops the run when it starts, not after the compute.
+  Partial files are removed; the shards stay.
+- The Zarr store, when asked, is written at the end from the finished file: its chunks are
+  compressed blocks of rows, and the rows of a block arrive from many chunks (the partition
+  deals rows by length), so a block is complete only at the end.
+- No ``msync`` at close, only the unmapping: the mapped pages are the file's page cache, which
+  every reader of the file sees; writing them to the disk is left to the kernel, as for any
+  write (the earlier writer did not sync the file either). Syncing 1.2 GB of dirty pages took
+  2 s, the whole budget of the tail.
 - A shard of another run (fingerprint), another layer set, width or dtype is refused
   (:class:`ShardMismatch`), never cast or broadcast into the output: a width-1 shard would
   otherwise fill every feature of its rows with one number.
-- The staging array has a fresh name per attempt and is removed when the attempt ends, so two
-  attempts of one assembly (a retried task whose first worker still runs) never truncate each
-  other's memory map. Its blocks are reserved (``posix_fallocate``) before it is mapped: a
-  write to a mapped page that the disk has no room for is a SIGBUS that kills the worker, while
-  the reservation fails with ENOSPC, which becomes :class:`DiskFull`, like ENOSPC or EDQUOT
-  anywhere in the netCDF or Zarr writing. Partial files are removed; the shards stay.
 - Outputs are written to hidden siblings (``.NAME.<hex>.partial``, a Zarr one marked with the
   :mod:`~virnuc_dask.ownership` marker from its creation) and renamed into place only when both
   are complete, so both appear or neither does, and an existing output stays intact until it is
@@ -308,6 +323,274 @@ def remove_stale_partials(path: Path) -> list[Path]:
     return removed
 
 
+class OutputWriter:
+    """Builds the final file while chunks finish: create, add shards in any order, close.
+
+    At construction the file's whole netCDF-4 layout is written under a hidden partial name
+    beside the output (ids, lengths, ``truncated``, the ``layer`` coordinate, attributes), with
+    the ``embedding`` variable allocated, contiguous, at a fixed place in the file. Its blocks
+    are reserved and memory-mapped, and :meth:`add` copies each shard's rows straight there: no
+    staging array, no second copy of the values. :meth:`close` checks that every row arrived
+    exactly once, writes the Zarr store if asked, and renames into place. So the work left after
+    the last chunk is that check and the renames, whatever the size of the output.
+
+    Used as a context manager, leaving the block without :meth:`close` (an exception, or no
+    call) aborts: the partial files are removed, the shards are kept.
+
+    Parameters
+    ----------
+    ids
+        Ids of all sequences, in input order: the ``sequence`` coordinate, and what each shard's
+        ids must be at its rows.
+    lengths
+        Residues per sequence (before truncation), in input order.
+    max_residues
+        Truncation window, for the ``truncated`` flag.
+    layers
+        The pooled layers: the ``layer`` coordinate when there are several.
+    width
+        The embedding width; shards of another width are refused.
+    output
+        The final HDF5 path.
+    attrs
+        Attributes of the file (netCDF-compatible values); its ``fingerprint`` also goes into
+        the Zarr store's ownership marker.
+    dtype
+        Stored precision; shards of another dtype are refused.
+    fingerprint
+        The run's fingerprint; shards with another are refused. None: not checked.
+    zarr_path
+        Also write the same content as a Zarr v3 store here, at :meth:`close`.
+    overwrite
+        Replace an existing output file or Zarr store (one this tool made), once the new one is
+        complete. Checked here, before any work, and again just before the rename.
+
+    Raises
+    ------
+    DiskFull
+        The output's disk has no room for the file (its blocks are reserved here).
+    VirnucError
+        An output exists (without ``overwrite``) or may not be replaced (:func:`check_target`).
+
+    Examples
+    --------
+    >>> with OutputWriter(ids=ids, lengths=lengths, max_residues=1022, layers=[6], width=320,
+    ...                   output="out.h5", attrs={"model": "esm2_t6_8M_UR50D"}) as writer:
+    ...     for shard in shards_as_they_finish:
+    ...         writer.add(shard)
+    ...     path = writer.close()
+    """
+
+    def __init__(
+        self,
+        *,
+        ids: list[str],
+        lengths: np.ndarray,
+        max_residues: int,
+        layers: list[int],
+        width: int,
+        output: str | Path,
+        attrs: dict,
+        dtype: str = "float32",
+        fingerprint: str | None = None,
+        zarr_path: str | Path | None = None,
+        overwrite: bool = False,
+    ) -> None:
+        lengths = np.asarray(lengths)
+        if len(lengths) != len(ids):
+            raise ValueError(f"{len(ids)} ids but {len(lengths)} lengths")
+        self._ids = ids
+        self._layers = list(layers)
+        self._width = int(width)
+        self._dtype = np.dtype(dtype)
+        self._fingerprint = fingerprint
+        self._attrs = dict(attrs)
+        self._overwrite = overwrite
+        self._output = Path(output)
+        self._zarr = None if zarr_path is None else Path(zarr_path)
+        check_target(self._output, OUTPUT, overwrite=overwrite)
+        if self._zarr is not None:
+            check_target(self._zarr, ZARR_STORE, overwrite=overwrite)
+        self._seen = np.zeros(len(ids), dtype=np.int32)
+        self._values: np.memmap | None = None
+        self._partial = _partial_name(self._output)
+        self._state = "open"
+        shape = (len(ids), len(self._layers), self._width)
+        # The values, the ids, and HDF5's metadata and per-row variables.
+        values = int(np.prod(shape)) * self._dtype.itemsize
+        self._needed = values + sum(len(i) for i in ids) + 32 * len(ids)
+        try:
+            with _reporting_disk_full(self._output, "the output file", self._needed):
+                offset = _create_layout(
+                    self._partial,
+                    ids=ids,
+                    lengths=lengths,
+                    max_residues=max_residues,
+                    layers=self._layers,
+                    width=self._width,
+                    dtype=self._dtype,
+                    attrs=self._attrs,
+                )
+                self._values = _map_reserved(self._partial, offset, shape, self._dtype)
+        except BaseException:
+            self.abort()
+            raise
+
+    def __enter__(self) -> OutputWriter:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.abort()
+
+    @property
+    def partial(self) -> Path:
+        """The hidden file being written, renamed to the output path by :meth:`close`."""
+        return self._partial
+
+    def add(self, shard: ShardInfo) -> None:
+        """Validate a shard and write its rows into the file now.
+
+        Nothing of a refused shard is written, and the writer stays usable: its rows still
+        count as missing at :meth:`close`.
+
+        Parameters
+        ----------
+        shard
+            A finished chunk's shard, in any order relative to the others.
+
+        Raises
+        ------
+        ShardMismatch
+            The shard belongs to another run, layer set, width or dtype.
+        RuntimeError
+            The shard is misaligned: its ids are not the ids the index expects at its rows.
+        """
+        self._require_open()
+        with h5py.File(shard.path, "r") as f:
+            problem = _mismatch(
+                f,
+                fingerprint=self._fingerprint,
+                layers=self._layers,
+                width=self._width,
+                dtype=self._dtype,
+            )
+            if problem:
+                raise ShardMismatch(
+                    f"shard {shard.path} does not belong to this run: its {problem}. Nothing "
+                    "was written and the run's shards are kept; running again with "
+                    f"{option('resume')} recomputes the shards that do not match"
+                )
+            rows = f["rows"][:]
+            shard_ids = f["ids"].asstr()[:]
+            embedding = f["embedding"][:]
+        self._check_alignment(shard, rows, shard_ids, embedding)
+        if self._values is not None:
+            self._values[rows] = embedding
+        # add.at counts a row listed twice in one shard twice; ``seen[rows] += 1`` would not.
+        np.add.at(self._seen, rows, 1)
+
+    def close(self, extra_attrs: dict | None = None) -> str:
+        """Check that every row arrived exactly once, finish the outputs and rename them.
+
+        The Zarr store, when asked, is written here from the finished HDF5 file. Whatever
+        fails, the partial files are removed (the writer is aborted) and no output appears.
+
+        Parameters
+        ----------
+        extra_attrs
+            More attributes for the file (and the store), known only at the end, such as the
+            run's timing phases; they replace attributes of the same name.
+
+        Returns
+        -------
+        str
+            The output path.
+
+        Raises
+        ------
+        RuntimeError
+            Rows are missing, or arrived more than once.
+        DiskFull
+            The disk ran out of space while writing the attributes or the Zarr store.
+        VirnucError
+            An output appeared meanwhile (without ``overwrite``), see :func:`check_target`.
+        """
+        self._require_open()
+        try:
+            self._require_every_row_once()
+            self._unmap()
+            attrs = {**self._attrs, **(extra_attrs or {})}
+            if extra_attrs:
+                needed = 4096 + len(repr(extra_attrs))
+                with _reporting_disk_full(self._output, "the output file", needed):
+                    _add_attributes(self._partial, extra_attrs)
+            written = [(self._partial, self._output, OUTPUT)]
+            with contextlib.ExitStack() as partials:
+                if self._zarr is not None:
+                    with _reporting_disk_full(self._zarr, "the Zarr store", self._needed):
+                        store = partials.enter_context(_partial(self._zarr, ZARR_STORE, attrs))
+                        _hdf5_to_zarr(self._partial, store, self._ids, attrs)
+                    written.append((store, self._zarr, ZARR_STORE))
+                _commit(written, overwrite=self._overwrite)
+        except BaseException:
+            self.abort()
+            raise
+        self._state = "closed"
+        return str(self._output)
+
+    def abort(self) -> None:
+        """Remove the partial file; nothing appears at the output path. Idempotent.
+
+        After a successful :meth:`close` it does nothing: the output stays.
+        """
+        self._unmap()
+        if self._state == "closed":
+            return
+        self._state = "aborted"
+        _discard(self._partial)
+
+    def _require_open(self) -> None:
+        if self._state != "open":
+            raise RuntimeError(f"the writer of {self._output} is {self._state}")
+
+    def _check_alignment(self, shard, rows, shard_ids, embedding) -> None:
+        """Refuse a shard whose rows, ids and values do not line up with the index."""
+        if not len(rows) == len(shard_ids) == len(embedding):
+            raise RuntimeError(
+                f"shard {shard.path} is misaligned: it holds {len(rows)} rows, "
+                f"{len(shard_ids)} ids and {len(embedding)} vectors"
+            )
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(self._ids)):
+            raise RuntimeError(
+                f"shard {shard.path} is misaligned: its rows run from {rows.min()} to "
+                f"{rows.max()}, the index has {len(self._ids)}"
+            )
+        expected = [self._ids[r] for r in rows]
+        if list(shard_ids) != expected:
+            bad = next(
+                i for i, (a, b) in enumerate(zip(shard_ids, expected, strict=True)) if a != b
+            )
+            raise RuntimeError(
+                f"shard {shard.path} is misaligned: row {rows[bad]} holds {shard_ids[bad]!r}, "
+                f"the index says {expected[bad]!r}"
+            )
+
+    def _require_every_row_once(self) -> None:
+        missing = np.flatnonzero(self._seen == 0)
+        doubled = np.flatnonzero(self._seen > 1)
+        if len(missing) or len(doubled):
+            ids = self._ids
+            raise RuntimeError(
+                f"assembly found {len(missing)} sequences missing and {len(doubled)} embedded "
+                f"more than once (first missing: {[ids[i] for i in missing[:3]]}, first "
+                f"doubled: {[ids[i] for i in doubled[:3]]})"
+            )
+
+    def _unmap(self) -> None:
+        # Dropping the last reference unmaps; no msync (see the module's decisions).
+        self._values = None
+
+
 def assemble(
     shards: list[ShardInfo],
     *,
@@ -316,7 +599,7 @@ def assemble(
     max_residues: int,
     layers: list[int],
     output: str | Path,
-    staging: str | Path,
+    staging: str | Path | None,
     attrs: dict,
     dtype: str = "float32",
     zarr_path: str | Path | None = None,
@@ -324,7 +607,10 @@ def assemble(
     width: int | None = None,
     overwrite: bool = False,
 ) -> str:
-    """Assemble shards into the final file in input order, validate it, and rename it in place.
+    """Assemble finished shards into the final file at once: :class:`OutputWriter` in one call.
+
+    The reduction of the Dask graph, for callers that have every shard at hand; the pipeline
+    feeds an :class:`OutputWriter` while chunks finish instead.
 
     Parameters
     ----------
@@ -339,7 +625,8 @@ def assemble(
     output
         Final HDF5 path; written as a temporary name in the same folder, then renamed.
     staging
-        Folder for the memory-mapped staging array (one per attempt, removed at the end).
+        Unused: the values are written into the output file directly, nothing is staged.
+        Kept for callers that pass a staging folder.
     attrs
         Attributes of the file; its ``fingerprint`` also goes into the Zarr store's marker.
     dtype
@@ -350,7 +637,7 @@ def assemble(
         The run's fingerprint; shards with another are refused. None: not checked.
     width
         The embedding width; shards of another are refused. None: every shard must have the
-        width of the first.
+        width of the first (by chunk number).
     overwrite
         Replace an existing output file or Zarr store (one this tool made), once the new one
         is complete. Checked before any work and again just before the rename.
@@ -365,155 +652,147 @@ def assemble(
     ShardMismatch
         A shard belongs to another run, layer set, width or dtype.
     DiskFull
-        The disk of the staging folder or of an output ran out of space.
+        The disk of an output ran out of space.
     VirnucError
         An output exists (without ``overwrite``) or may not be replaced (:func:`check_target`).
     """
-    output = Path(output)
-    targets = [(output, OUTPUT)]
-    if zarr_path is not None:
-        targets.append((Path(zarr_path), ZARR_STORE))
-    for target, kind in targets:
-        check_target(target, kind, overwrite=overwrite)
-    staged_path = Path(staging) / f"embedding-{uuid.uuid4().hex}.npy"
-    try:
-        staged, seen = _scatter(
-            shards,
-            ids,
-            staged_path,
-            layers=layers,
-            width=width,
-            dtype=dtype,
-            fingerprint=fingerprint,
-        )
-        missing = np.flatnonzero(seen == 0)
-        doubled = np.flatnonzero(seen > 1)
-        if len(missing) or len(doubled):
-            raise RuntimeError(
-                f"assembly found {len(missing)} sequences missing and {len(doubled)} embedded "
-                f"more than once (first missing: {[ids[i] for i in missing[:3]]}, first "
-                f"doubled: {[ids[i] for i in doubled[:3]]})"
-            )
-        dataset = _dataset(staged, ids, np.asarray(lengths), max_residues, layers, attrs)
-        needed = staged.nbytes + sum(len(i) for i in ids) + 32 * len(ids)
-        writers = {OUTPUT: _to_netcdf, ZARR_STORE: _to_zarr}
-        with contextlib.ExitStack() as partials:
-            written = []
-            for target, kind in targets:
-                what = "the output file" if kind == OUTPUT else "the Zarr store"
-                with _reporting_disk_full(target, what, needed):
-                    partial = partials.enter_context(_partial(target, kind, attrs))
-                    writers[kind](dataset, partial)
-                written.append((partial, target, kind))
-            _commit(written, overwrite=overwrite)
-    finally:
-        staged_path.unlink(missing_ok=True)
-    return str(output)
+    shards = sorted(shards, key=lambda s: s.chunk)
+    if width is None:
+        if not shards:
+            raise RuntimeError("no shards to assemble")
+        with h5py.File(shards[0].path, "r") as f:
+            width = f["embedding"].shape[-1]
+    with OutputWriter(
+        ids=ids,
+        lengths=lengths,
+        max_residues=max_residues,
+        layers=layers,
+        width=width,
+        output=output,
+        attrs=attrs,
+        dtype=dtype,
+        fingerprint=fingerprint,
+        zarr_path=zarr_path,
+        overwrite=overwrite,
+    ) as writer:
+        for shard in shards:
+            writer.add(shard)
+        return writer.close()
 
 
-def _scatter(
-    shards: list[ShardInfo],
-    ids: list[str],
-    staged_path: Path,
+def _create_layout(
+    path: Path,
     *,
+    ids: list[str],
+    lengths: np.ndarray,
+    max_residues: int,
     layers: list[int],
-    width: int | None,
-    dtype: str,
-    fingerprint: str | None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Copy every shard's rows into a staged array in input order; count each row's copies."""
-    seen = np.zeros(len(ids), dtype=np.int32)
-    staged = None
-    for shard in sorted(shards, key=lambda s: s.chunk):
-        with h5py.File(shard.path, "r") as f:
-            problem = _mismatch(f, fingerprint=fingerprint, layers=layers, width=width, dtype=dtype)
-            if problem:
-                raise ShardMismatch(
-                    f"shard {shard.path} does not belong to this run: its {problem}. Nothing "
-                    "was written and the run's shards are kept; running again with "
-                    f"{option('resume')} recomputes the shards that do not match"
-                )
-            rows = f["rows"][:]
-            shard_ids = f["ids"].asstr()[:]
-            embedding = f["embedding"][:]
-        # Without a width from the caller, the first shard sets it for the others.
-        width = embedding.shape[2] if width is None else width
-        expected = [ids[r] for r in rows]
-        if list(shard_ids) != expected:
-            bad = next(
-                i for i, (a, b) in enumerate(zip(shard_ids, expected, strict=True)) if a != b
+    width: int,
+    dtype: np.dtype,
+    attrs: dict,
+) -> int | None:
+    """Write the file's netCDF-4 layout, all but the embedding values; return their offset.
+
+    Written through h5netcdf, as xarray writes it (the ids a variable-length UTF-8 dimension
+    scale, ``truncated`` as int8 marked ``dtype="bool"``, a NaN ``_FillValue`` on the values),
+    so that xarray opens it without warnings. Returns None when the values take no bytes.
+    """
+    import h5netcdf
+
+    single = len(layers) == 1
+    dimensions = {"sequence": len(ids)}
+    if not single:
+        dimensions["layer"] = len(layers)
+    dimensions["feature"] = width
+    # Contiguous and allocated now: the values get one fixed place in the file, which the
+    # shards are copied into through a memory map. Never filled: HDF5 would otherwise write
+    # the whole variable with NaN first, and close() refuses a file with rows left unwritten.
+    create = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    create.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    try:
+        with h5netcdf.File(path, "w") as f:
+            f.dimensions = dimensions
+            f.create_variable(
+                "sequence",
+                ("sequence",),
+                dtype=h5py.string_dtype(),
+                data=np.array(ids, dtype=object),
             )
-            raise RuntimeError(
-                f"shard {shard.path} is misaligned: row {rows[bad]} holds {shard_ids[bad]!r}, "
-                f"the index says {expected[bad]!r}"
+            if not single:
+                f.create_variable("layer", ("layer",), data=np.array(layers, dtype=np.int32))
+            f.create_variable("length", ("sequence",), data=lengths.astype(np.int64))
+            truncated = f.create_variable(
+                "truncated", ("sequence",), data=(lengths > max_residues).astype(np.int8)
             )
-        if staged is None:
-            shape = (len(ids), len(layers), width)
-            needed = int(np.prod(shape)) * np.dtype(dtype).itemsize
-            with _reporting_disk_full(staged_path, "the assembly's staging array", needed):
-                staged = _staging_array(staged_path, shape, dtype)
-        staged[rows] = embedding
-        seen[rows] += 1
-    if staged is None:
-        raise RuntimeError("no shards to assemble")
-    return staged, seen
+            truncated.attrs["dtype"] = "bool"
+            f.create_variable(
+                "embedding",
+                tuple(dimensions),
+                dtype=dtype,
+                fillvalue=np.array(np.nan, dtype=dtype),
+                chunks=None,
+                dcpl=create,
+                fill_time="never",
+            )
+            f.attrs.update(attrs)
+    except BaseException as error:
+        _close_half_closed(error, path)
+        raise
+    with h5py.File(path, "r") as f:
+        values = f["embedding"]
+        if values.size == 0:
+            return None  # h5netcdf chunks an empty variable; there is nothing to map anyway
+        if values.chunks is not None or values.dtype != dtype:
+            raise RuntimeError(f"{path}: embedding is not a contiguous {dtype} variable")
+        return values.id.get_offset()
 
 
-def _staging_array(path: Path, shape: tuple[int, ...], dtype: str) -> np.ndarray:
-    """A new ``.npy`` file at ``path`` with every block reserved, memory-mapped for writing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Create the file and its header, unmapped at once (the map is not kept) ...
-    np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
-    # ... reserve its blocks, so that a full disk is ENOSPC here and not a SIGBUS later ...
+def _map_reserved(
+    path: Path, offset: int | None, shape: tuple[int, ...], dtype: np.dtype
+) -> np.memmap | None:
+    """Reserve the embedding's bytes of the file at ``path`` and memory-map them for writing."""
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    if nbytes == 0:
+        return None
+    # Reserve the blocks first, so that a full disk is ENOSPC here and not a SIGBUS later (a
+    # write to a mapped page that the disk has no room for kills the process).
     with open(path, "r+b") as f:
         try:
-            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+            os.posix_fallocate(f.fileno(), offset, nbytes)
         except OSError as error:
             if error.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):
                 raise
             logger.warning("cannot reserve space for %s (%s): writing it unreserved", path, error)
-    # ... and map it only now.
-    return np.lib.format.open_memmap(path, mode="r+")
+    return np.memmap(path, dtype=dtype, mode="r+", offset=offset, shape=shape)
 
 
-def _dataset(staged, ids, lengths, max_residues, layers, attrs):
-    import dask.array as da
-    import xarray as xr
+def _add_attributes(path: Path, attrs: dict) -> None:
+    """Set attributes of the finished file at ``path``, as xarray would have written them."""
+    import h5netcdf
 
-    single = len(layers) == 1
-    values = da.from_array(staged, chunks=(ROWS_PER_CHUNK,) + staged.shape[1:])
-    if single:
-        values = values[:, 0, :]
-    dims = ("sequence", "feature") if single else ("sequence", "layer", "feature")
-    # Object dtype: a numpy string array would be as wide as the longest id on every row.
-    coords = {"sequence": np.array(ids, dtype=object)}
-    if not single:
-        coords["layer"] = np.array(layers, dtype=np.int32)
-    return xr.Dataset(
-        {
-            "embedding": (dims, values),
-            "length": ("sequence", lengths.astype(np.int64)),
-            "truncated": ("sequence", lengths > max_residues),
-        },
-        coords=coords,
-        attrs=attrs,
-    )
-
-
-def _to_netcdf(dataset, path: Path) -> None:
-    import dask
-
-    chunks = (ROWS_PER_CHUNK,) + dataset["embedding"].shape[1:]
-    chunks = tuple(min(c, s) for c, s in zip(chunks, dataset["embedding"].shape, strict=True))
-    encoding = {"embedding": {"chunksizes": chunks}, "sequence": {"dtype": str}}
     try:
-        # This runs inside a Dask task: write with the local synchronous scheduler, not the
-        # cluster, so the staged array is streamed to the file block by block.
-        with dask.config.set(scheduler="synchronous"):
-            dataset.to_netcdf(path, engine="h5netcdf", encoding=encoding)
+        with h5netcdf.File(path, "r+") as f:
+            f.attrs.update(attrs)
     except BaseException as error:
         _close_half_closed(error, path)
         raise
+
+
+def _hdf5_to_zarr(hdf5: Path, store: Path, ids: list[str], attrs: dict) -> None:
+    """Write the finished HDF5 file's content as a Zarr store, chunked by rows."""
+    import xarray as xr
+
+    rows = max(1, min(ROWS_PER_CHUNK, len(ids)))
+    with xr.open_dataset(
+        hdf5, engine="h5netcdf", drop_variables=["sequence"], chunks={"sequence": rows}
+    ) as source:
+        # Object ids: xarray's decoding would make them as wide as the longest id on every row.
+        dataset = source.assign_coords(sequence=np.array(ids, dtype=object))
+        # Encoded as a fresh dataset would be, not as the HDF5 file (contiguous, its source).
+        for variable in dataset.variables.values():
+            variable.encoding = {}
+        dataset.attrs = dict(attrs)
+        _to_zarr(dataset, store)
 
 
 def _to_zarr(dataset, path: Path) -> None:
