@@ -8,21 +8,35 @@ The data flow, one module each: :mod:`~virnuc_dask.index` (scan FASTA into numpy
 :mod:`~virnuc_dask.output` (shards, the final HDF5/Zarr file),
 :mod:`~virnuc_dask.workdir` (locks, saved partition, what a resumed run reuses), and
 :mod:`~virnuc_dask.pipeline` (the Dask graph that ties them), with :mod:`~virnuc_dask.cli` on top.
+
+The public names are imported on first use, so that ``virnuc-dask --help`` and the command
+line's usage errors answer without importing torch, Dask's distributed scheduler or xarray.
 """
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-from virnuc_dask.config import EmbedConfig
-from virnuc_dask.errors import VirnucError
-from virnuc_dask.output import open_embeddings
-from virnuc_dask.pipeline import EmbeddingJob, embed, prepare
+_PUBLIC = {
+    "EmbedConfig": "virnuc_dask.config",
+    "EmbeddingJob": "virnuc_dask.pipeline",
+    "RunReport": "virnuc_dask.pipeline",
+    "VirnucError": "virnuc_dask.errors",
+    "embed": "virnuc_dask.pipeline",
+    "open_embeddings": "virnuc_dask.output",
+    "prepare": "virnuc_dask.pipeline",
+}
 
-__all__ = [
-    "EmbedConfig",
-    "EmbeddingJob",
-    "VirnucError",
-    "embed",
-    "open_embeddings",
-    "prepare",
-    "__version__",
-]
+__all__ = [*_PUBLIC, "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'virnuc_dask' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -113,8 +113,21 @@ def main() -> None:
     help="torch.compile the GPU engine (default: on with CUDA).",
 )
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option(
+    "--verbose", is_flag=True, help="Also say where the time went (index, model load, ...)."
+)
 def embed(
-    inputs, output, scheduler, scheduler_file, zarr, work_dir, resume, overwrite, quiet, **settings
+    inputs,
+    output,
+    scheduler,
+    scheduler_file,
+    zarr,
+    work_dir,
+    resume,
+    overwrite,
+    quiet,
+    verbose,
+    **settings,
 ):
     """Embed the sequences of INPUT FASTA files (plain or gzip) into one HDF5 file.
 
@@ -126,6 +139,8 @@ def embed(
         level=logging.WARNING if quiet else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    if verbose:
+        logging.getLogger("virnuc_dask").setLevel(logging.DEBUG)
     # SIGTERM (a scheduler's preemption, `kill`) ends the run like Ctrl-C: the local cluster
     # is closed, locks are released and finished shards stay for --resume.
     signal.signal(signal.SIGTERM, _interrupt)

@@ -40,6 +40,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import dask
 import numpy as np
@@ -54,10 +55,16 @@ from virnuc_dask.models import WeightsSource, model_spec, resolve_weights
 from virnuc_dask.output import POOLING, ShardInfo, assemble, check_target, remove_stale_partials
 from virnuc_dask.partition import Chunk, Partition
 from virnuc_dask.paths import run_paths
-from virnuc_dask.worker import ChunkJob, EngineSettings, ModelPlugin, embed_chunk
+
+if TYPE_CHECKING:
+    from virnuc_dask.worker import ChunkJob, EngineSettings
 
 logger = logging.getLogger(__name__)
 
+#: Tokens per worker from which a GPU run compiles its engine (``compile=None``). Compiling
+#: ESM-2 3B costs about 10 s (a few with torch's cache warm) and makes the engine about 25%
+#: faster: it pays back from about 1-3 million tokens per worker; smaller jobs run eager.
+COMPILE_MIN_TOKENS = 2_000_000
 #: Seconds between the driver's checks on the scheduler and its workers while a run computes.
 POLL_SECONDS = 2.0
 #: A question to the scheduler that has no answer after this many seconds counts as unanswered.
@@ -96,6 +103,8 @@ class EmbeddingJob:
         Replace an existing output (only once the new one is complete).
     report
         What the run did, once :meth:`run` has finished.
+    phases
+        Seconds of the phases before the run (``index``; ``cluster_start`` from :func:`embed`).
     locks
         The output's and work directory's locks, held from :func:`prepare` until :meth:`run`
         ends (or :meth:`finish`).
@@ -114,11 +123,14 @@ class EmbeddingJob:
     token: str = ""
     overwrite: bool = False
     report: RunReport | None = None
+    phases: dict[str, float] = dataclasses.field(default_factory=dict)
     locks: list[RunLock] = dataclasses.field(default_factory=list, repr=False)
 
     @property
     def engine_settings(self) -> EngineSettings:
         """What each worker's :class:`~virnuc_dask.worker.ModelPlugin` loads."""
+        from virnuc_dask.worker import EngineSettings
+
         c = self.config
         return EngineSettings(
             weights=self.weights,
@@ -148,6 +160,8 @@ class EmbeddingJob:
 
     def chunk_job(self) -> ChunkJob:
         """What every chunk task of this job is given besides its chunk."""
+        from virnuc_dask.worker import ChunkJob
+
         return ChunkJob(
             index_dir=str(self.work_dir / "index"),
             order_path=str(self.work_dir / "order.npy"),
@@ -162,6 +176,8 @@ class EmbeddingJob:
         )
 
     def _graph(self, key: str) -> tuple[Delayed, dict[str, Chunk]]:
+        from virnuc_dask.worker import embed_chunk
+
         job = self.chunk_job()
         job_node = dask.delayed(job, name=f"virnuc-job-{key}")
         rank = _rank_in_lane(self.partition.chunks)
@@ -235,21 +251,62 @@ class EmbeddingJob:
         """
         from distributed import wait
 
+        from virnuc_dask.output import OutputWriter
+        from virnuc_dask.worker import ModelPlugin, setup_stats
+
         started = time.perf_counter()
-        key = uuid.uuid4().hex[:12]
-        futures, keys = [], {}
+        phases = dict(self.phases)
+        futures, pending, writer, keys = [], set(), None, {}
         done, failure = False, None
         try:
+            clock = time.perf_counter()
             client.register_plugin(ModelPlugin(self.engine_settings), name=ModelPlugin.name)
-            final, keys = self._graph(key)
-            futures = client.compute([final, *_chunk_delayeds(final, keys)])
-            watch = _Watch(self, client, futures[1:], keys, progress)
-            while not futures[0].done():
+            compiling = max(
+                (s["compile_seconds"] for s in client.run(setup_stats).values()), default=0.0
+            )
+            phases["model_load"] = time.perf_counter() - clock - compiling
+            phases["compile"] = compiling
+            clock = time.perf_counter()
+            final, keys = self._graph(uuid.uuid4().hex[:12])
+            futures = client.compute(_chunk_delayeds(final, keys))
+            writer = OutputWriter(
+                ids=self.index.ids(),
+                lengths=np.asarray(self.index.length),
+                max_residues=self.config.max_residues,
+                layers=self.config.layer_list(),
+                width=model_spec(self.config.model).embed_dim,
+                output=self.output,
+                attrs=self.attributes(),
+                dtype=self.config.output_dtype,
+                fingerprint=self.fingerprint,
+                zarr_path=self.zarr,
+                overwrite=self.overwrite,
+            )
+            watch = _Watch(self, client, progress)
+            shards = list(self.reused)
+            for shard in self.reused:
+                writer.add(shard)
+            # Shards go into the output as their chunks finish, while the others compute: the
+            # work left after the last chunk is checking the rows and renaming the file.
+            pending = set(futures)
+            while pending:
                 try:
-                    wait(futures[0], timeout=POLL_SECONDS)
+                    wait(list(pending), timeout=POLL_SECONDS, return_when="FIRST_COMPLETED")
                 except TimeoutError:
                     watch.check()
-            output, shards = futures[0].result()
+                    continue
+                for future in [f for f in pending if f.done()]:
+                    pending.discard(future)
+                    shard = future.result()
+                    future.release()  # a lost worker must not make Dask compute it again
+                    writer.add(shard)
+                    shards.append(shard)
+                    watch.add(shard)
+                watch.check()
+            phases["compute"] = time.perf_counter() - clock
+            clock = time.perf_counter()
+            output = writer.close(extra_attrs={"phases": json.dumps(_rounded(phases))})
+            phases["assembly"] = time.perf_counter() - clock
             watch.finish()
             done = True
         except KeyboardInterrupt:
@@ -267,16 +324,21 @@ class EmbeddingJob:
             client.cancel(futures, force=True)
             failure = _local_error(error, keys, self)
         finally:
+            if writer is not None and not done:
+                writer.abort()
             for future in futures:
                 future.release()
-            futures = []
+            futures = pending = []
             if cleanup:
                 self.finish(success=done)
         if failure is not None:
             # Raised outside the handler: no remote traceback stays attached as the context.
             raise failure
-        self.report = RunReport.from_shards(output, shards, time.perf_counter() - started)
+        self.report = RunReport.from_shards(
+            output, shards, time.perf_counter() - started, phases=_rounded(phases)
+        )
         logger.info(self.report.summary())
+        logger.debug("phases: %s", self.report.phase_line())
         return Path(output)
 
     def _output_complete(self) -> bool:
@@ -362,12 +424,12 @@ class _Watch:
     after the job's ``wait_limit`` seconds of either the run stops with a message.
     """
 
-    def __init__(self, job: EmbeddingJob, client, futures, keys, progress: bool) -> None:
+    def __init__(self, job: EmbeddingJob, client, progress: bool) -> None:
         from virnuc_dask.progress import TextProgress
 
-        self.job, self.client, self.futures = job, client, futures
-        self.tokens = [keys[f.key].tokens for f in futures]
-        self.reused_tokens = sum(s.tokens for s in job.reused)
+        self.job, self.client = job, client
+        self.chunks = len(job.reused)
+        self.tokens = sum(s.tokens for s in job.reused)
         self.bar = (
             TextProgress(len(job.partition.chunks), int(job.partition.lane_tokens().sum()))
             if progress
@@ -377,17 +439,15 @@ class _Watch:
         self.last_warning = 0.0
         self.last_check = time.monotonic()
 
-    def _done(self) -> tuple[int, int]:
-        finished = [f.status == "finished" for f in self.futures]
-        tokens = self.reused_tokens + sum(
-            t for t, ok in zip(self.tokens, finished, strict=True) if ok
-        )
-        return len(self.job.reused) + sum(finished), tokens
+    def add(self, shard: ShardInfo) -> None:
+        """Count a finished chunk."""
+        self.chunks += 1
+        self.tokens += shard.tokens
 
     def check(self) -> None:
         """Update the progress line; every few seconds ask the scheduler for its workers."""
         if self.bar:
-            self.bar.update(*self._done())
+            self.bar.update(self.chunks, self.tokens)
         now = time.monotonic()
         limit = self.job.config.wait_limit
         if now - self.last_check < min(10 * POLL_SECONDS, limit / 2):
@@ -416,7 +476,7 @@ class _Watch:
     def finish(self) -> None:
         """Draw the final state of the progress line."""
         if self.bar:
-            self.bar.update(*self._done(), final=True)
+            self.bar.update(self.chunks, self.tokens, final=True)
 
 
 def _count_workers(client, timeout: float) -> int:
@@ -431,7 +491,15 @@ def _count_workers(client, timeout: float) -> int:
 
 @dataclass(frozen=True)
 class RunReport:
-    """What a finished run did: counts, time, and the tokens each worker embedded."""
+    """What a finished run did: counts, time, the tokens each worker embedded, phases.
+
+    ``phases`` maps each step to its seconds on the driver's clock, in order: ``index``,
+    ``cluster_start`` (a cluster :func:`embed` started), ``model_load`` (the workers' model
+    plugin, less compiling), ``compile``, ``compute`` (first chunk submitted to last chunk
+    written into the output), ``assembly`` (after the last chunk: checks and rename) and
+    ``close`` (closing a cluster :func:`embed` started). The output file keeps the phases up
+    to ``compute`` in its ``phases`` attribute (JSON).
+    """
 
     output: str
     sequences: int
@@ -440,9 +508,16 @@ class RunReport:
     reused: int
     seconds: float
     worker_tokens: dict[str, int]
+    phases: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def from_shards(cls, output: str, shards: list[ShardInfo], seconds: float) -> RunReport:
+    def from_shards(
+        cls,
+        output: str,
+        shards: list[ShardInfo],
+        seconds: float,
+        phases: dict[str, float] | None = None,
+    ) -> RunReport:
         """Summarise the shards of a run."""
         per_worker: dict[str, int] = {}
         for shard in shards:
@@ -455,7 +530,12 @@ class RunReport:
             reused=sum(s.worker == "resumed" for s in shards),
             seconds=seconds,
             worker_tokens=per_worker,
+            phases=dict(phases or {}),
         )
+
+    def phase_line(self) -> str:
+        """Where the time went, one line: ``index 0.1 s, cluster_start 3.0 s, ...``."""
+        return ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.phases.items())
 
     def summary(self) -> str:
         """One line for a person: sequences, tokens, time and throughput."""
@@ -473,6 +553,10 @@ def _assemble(shards: list[ShardInfo], *, index_dir: str, **kwargs) -> tuple[str
     index = FastaIndex.load(index_dir)
     path = assemble(shards, ids=index.ids(), lengths=np.asarray(index.length), **kwargs)
     return path, shards
+
+
+def _rounded(phases: dict[str, float]) -> dict[str, float]:
+    return {name: round(seconds, 3) for name, seconds in phases.items()}
 
 
 def _rank_in_lane(chunks: list[Chunk]) -> dict[int, int]:
@@ -550,6 +634,7 @@ def prepare(
         config = dataclasses.replace(config, dtype="bf16" if on_gpu else "fp32")
     token = uuid.uuid4().hex[:12]
     work = paths.work_dir
+    clock = time.perf_counter()
     locks, saved = workdir.lock_and_open(paths.output, work, resume, token)
     try:
         for target in (paths.output, paths.zarr):
@@ -578,6 +663,10 @@ def prepare(
         logger.info(
             "resume: %d of %d chunks already finished and reused", len(reused), len(parts.chunks)
         )
+    if config.compile is None:
+        done = {s.chunk for s in reused}
+        todo = sum(c.tokens for c in parts.chunks if c.number not in done)
+        config = dataclasses.replace(config, compile=on_gpu and todo >= COMPILE_MIN_TOKENS * lanes)
     return EmbeddingJob(
         config,
         paths.output,
@@ -591,6 +680,7 @@ def prepare(
         torch_threads,
         token=token,
         overwrite=overwrite,
+        phases={"index": time.perf_counter() - clock},
         locks=locks,
     )
 
@@ -656,10 +746,13 @@ def embed(
         job = prepare(inputs, output, client=client, **options, **settings)
         return job.run(client, progress=progress)
     if scheduler or scheduler_file:
+        clock = time.perf_counter()
         with connect(scheduler=scheduler, scheduler_file=scheduler_file) as (client, info):
+            connected = time.perf_counter() - clock
             if progress:
                 print(f"Dask dashboard: {info.dashboard}", flush=True)
             job = prepare(inputs, output, client=client, **options, **settings)
+            job.phases = {"cluster_start": connected, **job.phases}
             return job.run(client, progress=progress)
     # A local cluster: index and validate first, so bad input fails before any worker starts.
     plan = local_plan(settings.get("workers") or dask.config.get("virnuc-dask.workers"))
@@ -679,15 +772,19 @@ def embed(
     try:
         with contextlib.ExitStack() as stack:
             stack.enter_context(dask.config.set({"temporary-directory": str(scratch)}))
+            clock = time.perf_counter()
             try:
                 client, info = stack.enter_context(
                     connect(workers=plan.workers, local_directory=scratch)
                 )
             except Exception as error:
                 raise _cluster_failed(error) from error
+            job.phases["cluster_start"] = time.perf_counter() - clock
             if progress:
                 print(f"Dask dashboard: {info.dashboard}", flush=True)
             path = job.run(client, progress=progress, cleanup=False)
+            clock = time.perf_counter()
+        _closed(job, time.perf_counter() - clock)
     except KeyboardInterrupt:
         if path is None:
             raise
@@ -695,6 +792,13 @@ def embed(
     finally:
         job.finish(success=path is not None)
     return path
+
+
+def _closed(job: EmbeddingJob, seconds: float) -> None:
+    """Add the cluster's closing time to the job's report."""
+    phases = {**job.report.phases, "close": round(seconds, 3)}
+    job.report = dataclasses.replace(job.report, phases=phases)
+    logger.debug("phases: %s", job.report.phase_line())
 
 
 def _refuse_inside_a_starting_worker() -> None:

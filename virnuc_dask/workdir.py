@@ -37,7 +37,6 @@ from virnuc_dask.lock import RunLock
 from virnuc_dask.models import WeightsSource
 from virnuc_dask.output import ShardInfo, shard_matches
 from virnuc_dask.partition import Chunk, Partition, partition
-from virnuc_dask.worker import shard_path
 
 logger = logging.getLogger(__name__)
 
@@ -182,6 +181,11 @@ def saved_or_new_partition(
     os.replace(tmp, work / "manifest.json")
     ownership.write_marker(work, KIND, fingerprint)
     return parts
+
+
+def shard_path(shard_dir: str, chunk: Chunk) -> str:
+    """The shard file of a chunk."""
+    return os.path.join(shard_dir, f"shard-{chunk.number:06d}.h5")
 
 
 def finished_shards(work: Path, parts: Partition, fingerprint: str) -> list[ShardInfo]:

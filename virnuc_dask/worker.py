@@ -22,6 +22,7 @@ Decisions:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -37,6 +38,7 @@ from virnuc_dask.lock import holds
 from virnuc_dask.models import WeightsSource
 from virnuc_dask.output import ShardInfo, shard_matches, write_shard
 from virnuc_dask.partition import Chunk
+from virnuc_dask.workdir import shard_path
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +67,10 @@ class RunAbandoned(VirnucError):
 # The per-worker engine cache: reused when a later run on the same cluster asks for the same
 # model and settings, replaced when it asks for another. Plain `dask worker` runs several task
 # threads: the lock makes sure one engine is built at a time.
-_ENGINES: dict[tuple, object] = {}
+_ENGINES: dict[EngineSettings, object] = {}
 _ENGINES_LOCK = threading.Lock()
+# What the last plugin setup of this worker did (for the run report's phases).
+_SETUP: dict[str, object] = {"load_seconds": 0.0, "compile_seconds": 0.0, "reused": True}
 # The slowest tokens per second a chunk of this worker process has run at (time limits).
 _SLOWEST_RATE: dict[str, float] = {}
 
@@ -108,25 +112,41 @@ class ModelPlugin(WorkerPlugin):
         """Build the engine in a thread, so the worker keeps answering the scheduler."""
         await asyncio.get_running_loop().run_in_executor(None, self._load)
 
-    def _load(self) -> None:
+    def _load(self) -> object:
         import torch
 
         if self.settings.torch_threads:
             torch.set_num_threads(self.settings.torch_threads)
+        key = engine_key(self.settings)
         with _ENGINES_LOCK:
-            if self.settings not in _ENGINES:
-                self._build(torch)
+            engine = _ENGINES.get(key)
+            if engine is None:
+                _ENGINES.clear()  # one model per worker: free the old one's memory first
+                engine = _ENGINES[key] = self._build(torch)
+                _SETUP.update(
+                    load_seconds=engine.load_seconds - engine.compile_seconds,
+                    compile_seconds=engine.compile_seconds,
+                    reused=False,
+                )
+            elif self.settings.compile and not getattr(engine, "compiled", True):
+                _SETUP.update(
+                    load_seconds=0.0, compile_seconds=engine.enable_compile(), reused=True
+                )
+            else:
+                _SETUP.update(load_seconds=0.0, compile_seconds=0.0, reused=True)
+        return engine
 
-    def _build(self, torch) -> None:
-        from virnuc_dask.engine import build_engine
+    def _build(self, torch):
+        from virnuc_dask.engine import build_engine, resolve_dtype, torch_dtype
         from virnuc_dask.models import load_model
 
-        _ENGINES.clear()
         device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
         if device.type == "cuda":
             torch.cuda.empty_cache()
+            _use_compile_cache()
         started = time.perf_counter()
-        model = load_model(self.settings.weights)
+        dtype = torch_dtype(resolve_dtype(self.settings.dtype, device))
+        model = load_model(self.settings.weights, device=device, dtype=dtype)
         engine = build_engine(
             model,
             device=device,
@@ -137,14 +157,41 @@ class ModelPlugin(WorkerPlugin):
             compile=self.settings.compile,
         )
         engine.load_seconds = time.perf_counter() - started
-        _ENGINES[self.settings] = engine
+        engine.compile_seconds = getattr(engine, "compile_seconds", 0.0)
+        return engine
+
+
+def engine_key(settings: EngineSettings) -> EngineSettings:
+    """What decides whether a worker's engine can serve ``settings`` without a reload.
+
+    Compiling is not part of it: an eager engine is compiled in place when a run asks for it,
+    and a compiled one serves a run that would not have compiled. Threads are set per task.
+    """
+    return dataclasses.replace(settings, compile=None, torch_threads=None)
+
+
+def setup_stats() -> dict:
+    """What this worker's last plugin setup did: seconds loading and compiling, reuse."""
+    return dict(_SETUP)
+
+
+def _use_compile_cache() -> None:
+    """Keep torch's compile caches in the per-user cache folder, so a new process reuses them.
+
+    torch's default is a folder under the system's temporary directory, which many machines
+    clear at boot; an explicit ``TORCHINDUCTOR_CACHE_DIR`` is left as it is.
+    """
+    from virnuc_dask.models import digest_cache_dir
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(digest_cache_dir() / "torchinductor"))
+    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
 
 
 def worker_engine(settings: EngineSettings):
     """Return this worker's engine for ``settings``, loading it if the plugin has not."""
     # A worker that restarted between the plugin's setup and this task loads here.
-    ModelPlugin(settings)._load()
-    return _ENGINES[settings]
+    return ModelPlugin(settings)._load()
 
 
 @dataclass(frozen=True)
@@ -180,11 +227,6 @@ class ChunkJob:
     token: str = ""
     width: int | None = None
     chunk_seconds: float | None = None
-
-
-def shard_path(shard_dir: str, chunk: Chunk) -> str:
-    """The shard file of a chunk."""
-    return os.path.join(shard_dir, f"shard-{chunk.number:06d}.h5")
 
 
 def time_limit(tokens: int, given: float | None, slowest_rate: float | None) -> float | None:

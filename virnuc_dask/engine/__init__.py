@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 ENGINE_VERSION = 1
 
 
-def _torch_dtype(dtype: str) -> torch.dtype:
+def torch_dtype(dtype: str) -> torch.dtype:
+    """The torch dtype of a compute precision name (``fp32``, ``bf16``, ``fp16``)."""
     import torch
 
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
@@ -51,7 +52,7 @@ def build_engine(
     place: there is never a second copy of its weights on the device.
     """
     dtype = resolve_dtype(dtype, device)
-    model = model.to(device=device, dtype=_torch_dtype(dtype)).eval()
+    model = model.to(device=device, dtype=torch_dtype(dtype)).eval()
     if dtype == "fp32":
         from virnuc_dask.engine.reference import ReferenceEngine
 
@@ -68,6 +69,6 @@ def build_engine(
         layers=layers,
         max_residues=max_residues,
         tokens_per_batch=tokens_per_batch,
-        dtype=_torch_dtype(dtype),
+        dtype=torch_dtype(dtype),
         compile=compile,
     )

@@ -389,12 +389,29 @@ class PackedEngine:
         if self._cuda:
             self._upload = torch.cuda.Stream(self.device)
             self._download = torch.cuda.Stream(self.device)
-        self.compiled = self._cuda if compile is None else compile
+        self.compiled = False
         self._layer = packed_layer
+        self.compile_seconds = 0.0
+        if self._cuda if compile is None else compile:
+            self.enable_compile()
+        elif self._cuda:
+            self.compile_seconds = self._warm_up()
+
+    def enable_compile(self) -> float:
+        """Compile the layer function (if it is not yet) and warm it up; return the seconds.
+
+        A worker keeps one engine across runs: a small job builds it eager (compiling would
+        cost more than it saves), and a later large job on the same worker compiles it here
+        instead of loading the model again.
+        """
         if self.compiled:
-            options = CUDA_COMPILE_OPTIONS if self._cuda else None
-            self._layer = torch.compile(packed_layer, dynamic=True, options=options)
-        self.compile_seconds = self._warm_up() if (self.compiled or self._cuda) else 0.0
+            return 0.0
+        options = CUDA_COMPILE_OPTIONS if self._cuda else None
+        self._layer = torch.compile(packed_layer, dynamic=True, options=options)
+        self.compiled = True
+        seconds = self._warm_up()
+        self.compile_seconds += seconds
+        return seconds
 
     def embed(self, sequences: list[bytes]) -> np.ndarray:
         """Return mean embeddings, float32 of shape ``(len(sequences), len(layers), dim)``.
