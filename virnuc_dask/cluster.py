@@ -247,8 +247,8 @@ def connect(
             dashboard_address=dashboard,
             local_directory=local_directory,
         )
-    # The client closes before the cluster (inner context first), so the scheduler is not
-    # left waiting for a client that outlives it.
+    # The client closes before the cluster (inner context first), so it never tries to
+    # reconnect to a scheduler that is already gone.
     with cluster, Client(cluster) as client:
         client.register_plugin(QuickExit())
         yield (

@@ -330,6 +330,7 @@ def checkpoint_digest(path: str | Path) -> str:
     entry = _read_cache(cache_file).get(key)
     if isinstance(entry, dict) and entry.get("stamp") == before and "sha256" in entry:
         return entry["sha256"]
+    logger.info("computing the sha256 of %s (%.1f GB), once for this file", path, before[0] / 1e9)
     digest = file_sha256(path)
     # A file written while it was being hashed has no trustworthy digest to remember.
     if _file_stamp(path) == before:
