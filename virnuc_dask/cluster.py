@@ -334,6 +334,13 @@ def _probe(address: str, where: str, timeout: float) -> None:
         # the TCP connection; this deadline covers connection, handshake and answer.
         return await asyncio.wait_for(identity(), timeout)
 
+    # Distributed retries a refused connection until its timeout: nothing listening is
+    # certain at once, so say so at once.
+    if _refused(address):
+        raise VirnucError(
+            f"cannot reach the Dask scheduler at {where}: connection refused: nothing listens "
+            "on that port; check the address, and that `dask scheduler` runs there"
+        )
     # A private event loop in a thread: the caller may be inside one (Jupyter), and the
     # client's own loop must not inherit a half-open connection.
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -351,6 +358,22 @@ def _probe(address: str, where: str, timeout: float) -> None:
             f"{where} answers, but as {kind or 'something else'}, not a Dask scheduler; give "
             "the scheduler's address (`dask scheduler` prints it)"
         )
+
+
+def _refused(address: str) -> bool:
+    """Whether a TCP address refuses connections (nothing listens there)."""
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    scheme, location = parse_address(address)
+    if scheme not in ("tcp", "tls"):
+        return False
+    try:
+        with socket.create_connection(parse_host_port(location), timeout=2):
+            return False
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
 
 
 def _why_unreachable(address: str, timeout: float) -> str | None:
