@@ -46,6 +46,9 @@ def _contend(path: str, barrier, results) -> None:
         results.put(os.getpid())
     except VirnucError:
         results.put(None)
+    # Stay alive until every contender has tried: a winner that exited would leave a stale
+    # lock that a later contender may rightly take over.
+    barrier.wait()
 
 
 def test_a_stale_lock_is_taken_over_by_exactly_one_of_many(tmp_path):

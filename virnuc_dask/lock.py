@@ -80,7 +80,9 @@ class RunLock:
         if holder is not None and not _is_stale(holder):
             raise self._in_use(holder)
         guard = self.path.with_name(self.path.name + ".takeover")
-        if _age(guard) > _GUARD_SECONDS:
+        # Only a guard that exists and is old is a dead taker's ("missing" must not count as
+        # old: another taker may create it between our look and our unlink).
+        if guard.exists() and _age(guard) > _GUARD_SECONDS:
             guard.unlink(missing_ok=True)
         try:
             os.close(os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))

@@ -82,6 +82,7 @@ def test_writes_nothing_outside_the_output_and_work_directories(tmp_path):
     assert list(temp.iterdir()) == [] and list(cwd.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_checkpoint_in_the_hub_cache_by_name(tmp_path, monkeypatch):
     """ESM-2 8M weights written in fair-esm's format into a private hub, loaded by name."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))

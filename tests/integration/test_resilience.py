@@ -123,6 +123,7 @@ def test_worker_killed_mid_run_for_good(workload, baseline, tmp_path):
     assert_same_output(out, baseline)
 
 
+@pytest.mark.slow
 def test_worker_over_its_memory_limit_is_restarted_without_losing_work(
     workload, baseline, tmp_path
 ):
@@ -177,7 +178,14 @@ def _kill_group(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM", "Ctrl-C"])
+@pytest.mark.parametrize(
+    "how",
+    [
+        pytest.param("SIGKILL", marks=pytest.mark.slow),
+        "SIGTERM",
+        pytest.param("Ctrl-C", marks=pytest.mark.slow),
+    ],
+)
 def test_driver_interrupted_then_resumed(how, workload, baseline, tmp_path):
     fasta, _ = workload
     out = tmp_path / "out.h5"
@@ -283,39 +291,6 @@ def test_foreign_and_half_written_shards_are_recomputed(
     assert "half-written shard" in caplog.text
     resumed.run(cluster_client, progress=False)
     assert_same_output(tmp_path / "again.h5", baseline)
-
-
-def test_other_settings_never_reuse_shards(workload, cluster_client, tmp_path, caplog):
-    fasta, _ = workload
-    out = tmp_path / "out.h5"
-    first = virnuc_dask.prepare(
-        [fasta], out, lanes=2, model=TINY, random_weights=True, chunk_tokens=CHUNK_TOKENS
-    )
-    chunk = first.partition.chunks[0]
-    rows = first.partition.order[chunk.start : chunk.stop]
-    write_shard(
-        first.work_dir / "shards" / "shard-000000.h5",
-        rows=rows,
-        ids=first.index.ids(rows),
-        embedding=np.zeros((len(rows), 1, 64)),
-        fingerprint=first.fingerprint,
-    )
-    first.release()
-    with caplog.at_level("WARNING", logger="virnuc_dask"):
-        second = virnuc_dask.prepare(
-            [fasta],
-            out,
-            lanes=2,
-            model=TINY,
-            random_weights=True,
-            chunk_tokens=CHUNK_TOKENS,
-            seed=1,
-            resume=True,
-        )
-    assert second.reused == []
-    assert "other inputs or settings" in caplog.text
-    assert not (second.work_dir / "shards" / "shard-000000.h5").exists()
-    second.release()
 
 
 def test_failing_chunk_is_retried_then_named(workload, tmp_path):

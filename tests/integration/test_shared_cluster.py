@@ -248,15 +248,15 @@ def test_a_lost_worker_costs_only_its_chunk_in_flight(two_inputs, singles, tmp_p
         )
         runner.start()
         shards = job.work_dir / "shards"
-        # Kill the worker that holds the most finished results, once it holds several.
+        # Once several chunks are finished, kill a worker that is computing one.
         deadline = time.time() + 120
-        while time.time() < deadline:
-            held = client.has_what()
-            victim, keys = max(held.items(), key=lambda kv: len(kv[1]))
-            if len(keys) >= 3:
-                break
+        victim = None
+        while time.time() < deadline and victim is None:
+            busy = [w for w, keys in client.processing().items() if keys]
+            if len(list(shards.glob("shard-*.h5"))) >= 3 and busy:
+                victim = busy[0]
             time.sleep(0.05)
-        assert len(list(shards.glob("shard-*.h5"))) >= 3
+        assert victim is not None
         pid = client.run(os.getpid, workers=[victim])[victim]
         os.kill(pid, signal.SIGKILL)
         runner.join(timeout=180)

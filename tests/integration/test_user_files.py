@@ -15,6 +15,7 @@ import textwrap
 from pathlib import Path
 
 import h5py
+import numpy as np
 import pytest
 
 import virnuc_dask
@@ -237,13 +238,11 @@ def test_layers_given_twice_are_stored_once(fasta, tmp_path):
     [{"model": "esm2_t6_8M_UR50D"}, {"layers": [1]}, {"seed": 1}],
     ids=["another model", "other layers", "other weights"],
 )
-def test_resume_with_other_settings_reuses_nothing(fasta, tmp_path, other):
+def test_resume_with_other_settings_reuses_nothing(fasta, tmp_path, other, caplog):
     out = tmp_path / "o.h5"
     first = virnuc_dask.prepare([fasta], out, model=TINY, random_weights=True)
     chunk = first.partition.chunks[0]
     rows = first.partition.order[chunk.start : chunk.stop]
-    import numpy as np
-
     write_shard(
         first.work_dir / "shards" / "shard-000000.h5",
         rows=rows,
@@ -253,11 +252,14 @@ def test_resume_with_other_settings_reuses_nothing(fasta, tmp_path, other):
         layers=[2],
     )
     first.release()
-    second = virnuc_dask.prepare(
-        [fasta], out, resume=True, **{"model": TINY, "random_weights": True, **other}
-    )
+    with caplog.at_level("WARNING", logger="virnuc_dask"):
+        second = virnuc_dask.prepare(
+            [fasta], out, resume=True, **{"model": TINY, "random_weights": True, **other}
+        )
     try:
         assert second.reused == [] and second.fingerprint != first.fingerprint
+        assert "other inputs or settings" in caplog.text
+        assert not (second.work_dir / "shards" / "shard-000000.h5").exists()
     finally:
         second.release()
 
