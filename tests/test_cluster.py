@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import dask_processes
-from virnuc_dask import cluster
+from virnuc_dask import hardware
 from virnuc_dask.cluster import (
     QuickExit,
     connect,
@@ -83,7 +83,7 @@ def test_visible_devices_follow_cuda_visible_devices(env, count, expected):
 
 
 def test_gpu_count_honours_cuda_visible_devices(monkeypatch):
-    monkeypatch.setattr(cluster, "_physical_gpus", lambda: 4)
+    monkeypatch.setattr(hardware, "physical_gpus", lambda: 4)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
     assert gpu_count() == 2 and local_plan().gpus == 2
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")

@@ -737,7 +737,7 @@ def embed(
     >>> virnuc_dask.open_embeddings(path).embedding.shape  # doctest: +SKIP
     (15, 320)
     """
-    from virnuc_dask.cluster import connect, local_plan
+    from virnuc_dask.hardware import local_plan
 
     _refuse_inside_a_starting_worker()
     inputs = [inputs] if isinstance(inputs, str | Path) else list(inputs)
@@ -746,6 +746,8 @@ def embed(
         job = prepare(inputs, output, client=client, **options, **settings)
         return job.run(client, progress=progress)
     if scheduler or scheduler_file:
+        from virnuc_dask.cluster import connect
+
         clock = time.perf_counter()
         with connect(scheduler=scheduler, scheduler_file=scheduler_file) as (client, info):
             connected = time.perf_counter() - clock
@@ -767,6 +769,8 @@ def embed(
     )
     # The local workers keep their scratch space in the work directory, so the run writes
     # nothing outside it and the output; it goes once the cluster has closed.
+    from virnuc_dask.cluster import connect
+
     scratch = job.work_dir / "dask-scratch"
     path = None
     try:
