@@ -2,12 +2,16 @@
 
 The data flow, one module each: :mod:`~virnuc_dask.index` (scan FASTA into numpy arrays),
 :mod:`~virnuc_dask.partition` (length-sort, stride over workers, cut into chunks),
+:mod:`~virnuc_dask.hardware` (the local cluster's shape) and
 :mod:`~virnuc_dask.cluster` (local GPU/CPU cluster or an existing scheduler),
 :mod:`~virnuc_dask.worker` (resident model per worker, one task per chunk),
 :mod:`~virnuc_dask.engine` (tokens to pooled vectors on a device),
 :mod:`~virnuc_dask.output` (shards, the final HDF5/Zarr file),
-:mod:`~virnuc_dask.workdir` (locks, saved partition, what a resumed run reuses), and
-:mod:`~virnuc_dask.pipeline` (the Dask graph that ties them), with :mod:`~virnuc_dask.cli` on top.
+:mod:`~virnuc_dask.workdir` (saved partition, what a resumed run reuses), with
+:mod:`~virnuc_dask.paths` (the run's paths checked before any work),
+:mod:`~virnuc_dask.lock` (one run per output) and :mod:`~virnuc_dask.ownership` (the tool
+removes only what it made), and :mod:`~virnuc_dask.pipeline` (the Dask graph that ties them,
+:mod:`~virnuc_dask.progress` while it runs), with :mod:`~virnuc_dask.cli` on top.
 
 The public names are imported on first use, so that ``virnuc-dask --help`` and the command
 line's usage errors answer without importing torch, Dask's distributed scheduler or xarray.
