@@ -235,7 +235,7 @@ def test_layers_given_twice_are_stored_once(fasta, tmp_path):
 
 @pytest.mark.parametrize(
     "other",
-    [{"model": "esm2_t6_8M_UR50D"}, {"layers": [1]}, {"seed": 1}],
+    [{"model": "esm2_t6_8M_UR50D", "layers": [2]}, {"layers": [1]}, {"seed": 1}],
     ids=["another model", "other layers", "other weights"],
 )
 def test_resume_with_other_settings_reuses_nothing(fasta, tmp_path, other, caplog):
