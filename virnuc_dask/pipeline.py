@@ -175,35 +175,40 @@ class EmbeddingJob:
             chunk_seconds=self.config.chunk_time_limit,
         )
 
-    def _graph(self, key: str) -> tuple[Delayed, dict[str, Chunk]]:
+    def _graph(self, key: str) -> tuple[Delayed, dict[str, Chunk], list[Delayed]]:
+        """The graph named by ``key``: its assembly, its chunks by key, and the chunk tasks."""
         from virnuc_dask.worker import embed_chunk
 
-        job = self.chunk_job()
-        job_node = dask.delayed(job, name=f"virnuc-job-{key}")
+        job_node = dask.delayed(self.chunk_job(), name=f"virnuc-job-{key}")
         rank = _rank_in_lane(self.partition.chunks)
-        shards = list(self.reused)
-        keys = {}
+        keys, tasks = {}, []
         for chunk in self.todo:
             name = f"embed-chunk-{key}-{chunk.number:06d}"
             keys[name] = chunk
             with dask.annotate(priority=-rank[chunk.number], retries=self.config.retries):
-                shards.append(dask.delayed(embed_chunk)(chunk, job_node, dask_key_name=name))
+                tasks.append(dask.delayed(embed_chunk)(chunk, job_node, dask_key_name=name))
         final = dask.delayed(_assemble)(
-            shards,
-            index_dir=job.index_dir,
-            max_residues=self.config.max_residues,
-            layers=self.config.layer_list(),
-            output=str(self.output),
+            [*self.reused, *tasks],
+            index_dir=str(self.work_dir / "index"),
             staging=str(self.work_dir),
-            attrs=self.attributes(),
-            dtype=self.config.output_dtype,
-            zarr_path=str(self.zarr) if self.zarr else None,
-            fingerprint=self.fingerprint,
-            width=job.width,
-            overwrite=self.overwrite,
+            **self._output_settings(),
             dask_key_name=f"assemble-{key}",
         )
-        return final, keys
+        return final, keys, tasks
+
+    def _output_settings(self) -> dict:
+        """What the output writer is given besides ids and lengths (graph and streaming alike)."""
+        return dict(
+            max_residues=self.config.max_residues,
+            layers=self.config.layer_list(),
+            width=model_spec(self.config.model).embed_dim,
+            output=str(self.output),
+            attrs=self.attributes(),
+            dtype=self.config.output_dtype,
+            fingerprint=self.fingerprint,
+            zarr_path=str(self.zarr) if self.zarr else None,
+            overwrite=self.overwrite,
+        )
 
     def attributes(self) -> dict:
         """Attributes of the output file (netCDF-compatible values only)."""
@@ -267,20 +272,12 @@ class EmbeddingJob:
             phases["model_load"] = time.perf_counter() - clock - compiling
             phases["compile"] = compiling
             clock = time.perf_counter()
-            final, keys = self._graph(uuid.uuid4().hex[:12])
-            futures = client.compute(_chunk_delayeds(final, keys))
+            _, keys, tasks = self._graph(uuid.uuid4().hex[:12])
+            futures = client.compute(tasks)
             writer = OutputWriter(
                 ids=self.index.ids(),
                 lengths=np.asarray(self.index.length),
-                max_residues=self.config.max_residues,
-                layers=self.config.layer_list(),
-                width=model_spec(self.config.model).embed_dim,
-                output=self.output,
-                attrs=self.attributes(),
-                dtype=self.config.output_dtype,
-                fingerprint=self.fingerprint,
-                zarr_path=self.zarr,
-                overwrite=self.overwrite,
+                **self._output_settings(),
             )
             watch = _Watch(self, client, progress)
             shards = list(self.reused)
@@ -312,12 +309,7 @@ class EmbeddingJob:
         except KeyboardInterrupt:
             if not self._output_complete():
                 client.cancel(futures, force=True)
-                logger.warning(
-                    "run interrupted; finished chunks are kept in %s: rerun with %s to reuse them",
-                    self.work_dir,
-                    option("resume"),
-                )
-                raise
+                raise  # finish() says what is kept for resume
             # The interrupt came after the output was renamed into place: the run is done.
             output, shards, done = str(self.output), [], True
         except Exception as error:
@@ -382,12 +374,6 @@ class EmbeddingJob:
 
 #: Packages whose versions every output file records.
 _VERSIONED = ("torch", "fair-esm", "dask", "distributed", "h5py", "xarray")
-
-
-def _chunk_delayeds(final: Delayed, keys: dict[str, Chunk]) -> list[Delayed]:
-    """The chunk tasks of ``final``'s graph as delayed objects of their own (for progress)."""
-    graph = final.__dask_graph__()
-    return [Delayed(name, graph) for name in keys]
 
 
 def _local_error(error: Exception, keys: dict[str, Chunk], job: EmbeddingJob) -> Exception:

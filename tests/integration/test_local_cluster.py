@@ -156,3 +156,20 @@ def test_several_layers_and_zarr(cluster_client, corpus, tmp_path, tiny_model):
     assert_rows_close(h5.embedding.values, fair_esm_embeddings(tiny_model, seqs, [0, 2]))
     np.testing.assert_array_equal(zr.embedding.values, h5.embedding.values)
     assert list(zr.sequence.values) == ids
+
+
+def test_the_graph_computed_on_a_users_client_writes_the_same_file(
+    corpus, reference, cluster_client, tmp_path
+):
+    fasta, ids, _ = corpus
+    job = virnuc_dask.prepare(
+        [fasta], tmp_path / "g.h5", client=cluster_client, model=TINY, random_weights=True
+    )
+    try:
+        path, shards = cluster_client.compute(job.graph()).result()
+    finally:
+        job.finish(success=True)
+    assert path == str(tmp_path / "g.h5") and len(shards) == len(job.partition.chunks)
+    ds = virnuc_dask.open_embeddings(path).load()
+    assert list(ds.sequence.values) == ids
+    assert_rows_close(ds.embedding.values, reference)
