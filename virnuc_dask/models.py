@@ -8,9 +8,11 @@ an explicit checkpoint file, or from a seeded random initialisation of the real 
 Decisions:
 
 - A bad checkpoint fails on the driver, before any cluster starts: :func:`resolve_weights`
-  reads the file memory-mapped (only the pickle and the tensor headers are touched) and checks
-  its configuration and every tensor's name and shape against the architecture, computed from
-  the registry (:func:`expected_shapes`) without building a model.
+  reads the file's description of its tensors (not their data) and checks its configuration
+  and every tensor's name and shape against the architecture, computed from the registry
+  (:func:`expected_shapes`) without building a model. It does so without importing torch
+  (:mod:`virnuc_dask.checkpoint_layout`): the driver never computes with the weights, and
+  importing torch would add seconds to every command.
 - Checkpoints are read with ``weights_only=True`` and an allow-list of exactly the classes
   fair-esm's files contain (``argparse.Namespace``): fair-esm 2.0.0's own local loader
   unpickles arbitrary objects and fails on torch >= 2.6.
@@ -44,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from virnuc_dask.checkpoint_layout import TensorLayout, is_zip_checkpoint, read_layout
 from virnuc_dask.errors import VirnucError, option
 
 if TYPE_CHECKING:
@@ -285,7 +288,7 @@ def resolve_weights(
             f"{option('random_weights')} for a smoke test"
         )
     path = path.resolve()
-    _checked_state(path, spec)
+    _checked_state(path, spec, read=read_layout if is_zip_checkpoint(path) else read_checkpoint)
     return WeightsSource(name, checkpoint=str(path), sha256=checkpoint_digest(path))
 
 
@@ -428,15 +431,18 @@ def read_checkpoint(path: str | Path, *, mmap: bool = True) -> dict:
         ) from None
 
 
-def _checked_state(path: Path, spec: ModelSpec) -> tuple[dict, argparse.Namespace]:
+def _checked_state(
+    path: Path, spec: ModelSpec, read=read_checkpoint
+) -> tuple[dict, argparse.Namespace]:
     """The checkpoint's tensors named as ESM2 names them, checked against ``spec``.
 
     Returns the state dict (tensors still memory-mapped, the contact-regression file's
-    merged in when it is there) and the model configuration.
+    merged in when it is there) and the model configuration. ``read`` is
+    :func:`read_checkpoint` on a worker, which loads the tensors, or
+    :func:`~virnuc_dask.checkpoint_layout.read_layout` on the driver, which describes them
+    without importing torch.
     """
-    import torch
-
-    data = read_checkpoint(path)
+    data = read(path)
     fix = f"pass the .pt file of {spec.name} as fair-esm publishes it"
     if not isinstance(data, dict) or not {"cfg", "model"} <= data.keys():
         found = sorted(map(str, data)) if isinstance(data, dict) else type(data).__name__
@@ -468,7 +474,7 @@ def _checked_state(path: Path, spec: ModelSpec) -> tuple[dict, argparse.Namespac
     merged = dict(data["model"])
     regression = regression_file(path)
     if regression.is_file():
-        extra = read_checkpoint(regression)
+        extra = read(regression)
         if not isinstance(extra, dict) or not isinstance(extra.get("model"), dict):
             raise VirnucError(
                 f"{regression} is not a contact-regression file in fair-esm's format; "
@@ -485,13 +491,13 @@ def _checked_state(path: Path, spec: ModelSpec) -> tuple[dict, argparse.Namespac
     unexpected = [n for n in state if n not in expected]
     if unexpected:
         problems.append(f"{len(unexpected)} unknown tensors ({_some(unexpected)})")
-    not_tensors = [n for n in state if n in expected and not isinstance(state[n], torch.Tensor)]
+    not_tensors = [n for n in state if n in expected and not _is_tensor(state[n])]
     if not_tensors:
         problems.append(f"entries that are not tensors ({_some(not_tensors)})")
     wrong = [
         f"{n} {tuple(t.shape)} instead of {expected[n]}"
         for n, t in state.items()
-        if n in expected and isinstance(t, torch.Tensor) and tuple(t.shape) != expected[n]
+        if n in expected and _is_tensor(t) and tuple(t.shape) != expected[n]
     ]
     if wrong:
         problems.append(f"{len(wrong)} tensors of the wrong shape ({_some(wrong)})")
@@ -502,6 +508,14 @@ def _checked_state(path: Path, spec: ModelSpec) -> tuple[dict, argparse.Namespac
             f"download it again{where}"
         )
     return state, cfg
+
+
+def _is_tensor(value: object) -> bool:
+    """A torch tensor, or a tensor described by the driver's torch-free reader."""
+    if isinstance(value, TensorLayout):
+        return True
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
 
 
 def _optional(name: str) -> bool:
