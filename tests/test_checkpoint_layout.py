@@ -1,4 +1,4 @@
-"""The driver's torch-free reading of a checkpoint agrees with torch's, and refuses what torch does."""
+"""The driver's torch-free reading of a checkpoint agrees with torch's and refuses the same."""
 
 from __future__ import annotations
 
@@ -65,7 +65,9 @@ def test_a_short_storage_is_corrupt(checkpoint):
 
 def test_a_missing_storage_is_corrupt(checkpoint):
     with zipfile.ZipFile(checkpoint) as source:
-        entries = [(i, source.read(i)) for i in source.infolist() if not i.filename.endswith("/data/0")]
+        entries = [
+            (i, source.read(i)) for i in source.infolist() if not i.filename.endswith("/data/0")
+        ]
     with zipfile.ZipFile(checkpoint, "w", zipfile.ZIP_STORED) as target:
         for info, data in entries:
             target.writestr(info, data)

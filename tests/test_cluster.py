@@ -3,6 +3,7 @@ in bounded time, with a message that names the address or file."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -239,3 +240,28 @@ def test_local_cluster_closes_without_killing_workers():
     finally:
         nanny.removeHandler(collect)
     assert not [m for m in collect.messages if "still alive" in m], collect.messages
+
+
+def test_local_workers_start_loading_the_model_as_they_start(tmp_path):
+    from virnuc_dask.models import resolve_weights
+    from virnuc_dask.worker import EngineSettings, ModelPlugin, setup_stats
+
+    settings = EngineSettings(
+        resolve_weights("esm2_t2_tiny", random_weights=True, seed=1),
+        "fp32",
+        (2,),
+        1022,
+        None,
+        False,
+    )
+    assert EngineSettings.from_json(settings.to_json()) == settings
+    with connect(workers=1, dashboard_port=0, engine=settings) as (client, _):
+        client.register_plugin(ModelPlugin(settings), name=ModelPlugin.name)
+        [stats] = client.run(setup_stats).values()
+        assert stats["early"] and not stats["reused"]
+        assert set(stats["detail"]) == {"import", "device", "weights", "engine"}
+        # A run with other settings on the same workers loads its own model, not early.
+        other = dataclasses.replace(settings, layers=(1,))
+        client.register_plugin(ModelPlugin(other), name=ModelPlugin.name)
+        [stats] = client.run(setup_stats).values()
+        assert not stats["early"] and not stats["reused"]

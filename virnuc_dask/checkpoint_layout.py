@@ -79,7 +79,9 @@ def _rebuild_tensor(storage, offset, size, stride, *_ignored) -> TensorLayout:
     last = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True)) if all(size) else 0
     if math.prod(size) and last >= storage.elements:
         raise pickle.UnpicklingError(f"tensor of storage {storage.key} runs past it")
-    return TensorLayout(size, storage.name, storage.key, storage.elements * _ITEM_SIZES[storage.name])
+    return TensorLayout(
+        size, storage.name, storage.key, storage.elements * _ITEM_SIZES[storage.name]
+    )
 
 
 def _ordered_dict(*args):
@@ -178,6 +180,5 @@ def _tensors(data: object):
 
 def _corrupt(path: Path, detail: str) -> VirnucError:
     return VirnucError(
-        f"cannot read checkpoint {path}: it is truncated or corrupt ({detail}); "
-        "download it again"
+        f"cannot read checkpoint {path}: it is truncated or corrupt ({detail}); download it again"
     )

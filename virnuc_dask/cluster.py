@@ -35,7 +35,9 @@ import os
 import socket
 import time
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
+import dask
 from distributed import Client, LocalCluster, WorkerPlugin
 
 from virnuc_dask.errors import VirnucError, option
@@ -47,6 +49,9 @@ from virnuc_dask.hardware import (  # noqa: F401 (re-exported: the cluster's pla
     physical_gpus,
     visible_devices,
 )
+
+if TYPE_CHECKING:
+    from virnuc_dask.worker import EngineSettings
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +92,7 @@ def connect(
     local_directory: str | os.PathLike | None = None,
     timeout: float = CONNECT_TIMEOUT,
     worker_timeout: float = WORKER_TIMEOUT,
+    engine: EngineSettings | None = None,
 ) -> Iterator[tuple[Client, ClusterInfo]]:
     """Yield a client and what is known of its cluster; close what this call started.
 
@@ -109,6 +115,10 @@ def connect(
     worker_timeout
         Seconds to wait for an existing scheduler's first worker; a message says so every
         10 s.
+    engine
+        The run's engine settings: a local cluster's workers start loading this model as
+        they start (:mod:`virnuc_dask.early_load`). Ignored for an existing scheduler, whose
+        workers may serve other runs.
 
     Raises
     ------
@@ -128,6 +138,7 @@ def connect(
         return
     plan = local_plan(workers)
     dashboard = f"{host}:{dashboard_port}"
+    preload = _preload(engine)
     if plan.gpus:
         from dask_cuda import LocalCUDACluster
 
@@ -138,6 +149,7 @@ def connect(
             host=host,
             dashboard_address=dashboard,
             local_directory=local_directory,
+            **preload,
         )
     else:
         cluster = LocalCluster(
@@ -147,6 +159,7 @@ def connect(
             host=host,
             dashboard_address=dashboard,
             local_directory=local_directory,
+            **preload,
         )
     # The client closes before the cluster (inner context first), so it never tries to
     # reconnect to a scheduler that is already gone.
@@ -156,6 +169,22 @@ def connect(
             client,
             ClusterInfo(plan.workers, plan.gpus, plan.torch_threads, client.dashboard_link),
         )
+
+
+def _preload(engine: EngineSettings | None) -> dict:
+    """Worker arguments that add the early model load to the configured preloads."""
+    if engine is None:
+        return {}
+    preload = dask.config.get("distributed.worker.preload") or []
+    preload = [preload] if isinstance(preload, str) else list(preload)
+    argv = dask.config.get("distributed.worker.preload-argv") or []
+    if argv and isinstance(argv[0], str):
+        argv = [list(argv)] * len(preload)
+    argv = list(argv) or [[] for _ in preload]
+    return {
+        "preload": [*preload, "virnuc_dask.early_load"],
+        "preload_argv": [*argv, [engine.to_json()]],
+    }
 
 
 @contextlib.contextmanager

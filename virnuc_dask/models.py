@@ -16,9 +16,10 @@ Decisions:
 - Checkpoints are read with ``weights_only=True`` and an allow-list of exactly the classes
   fair-esm's files contain (``argparse.Namespace``): fair-esm 2.0.0's own local loader
   unpickles arbitrary objects and fails on torch >= 2.6.
-- A checkpoint's model is built on the meta device and its tensors assigned from the mapped
-  file, renamed as fair-esm renames them, instead of fair-esm's ``ESM2(...)`` on the CPU, which
-  randomly initialises every weight first (25 s for 3B) only to overwrite it. The result is
+- A checkpoint's model is built without initialising its weights and its tensors assigned
+  from the mapped file, renamed as fair-esm renames them, instead of fair-esm's ``ESM2(...)``
+  on the CPU, which randomly initialises every weight first (25 s for 3B) only to overwrite
+  it. Floating tensors cross to a GPU in the file's dtype and are cast there. The result is
   bitwise the model fair-esm's ``load_model_and_alphabet_core`` builds: floating tensors in
   fp32 (or the asked dtype), the tied embedding/LM-head weight tied again, the rotary
   frequencies recomputed if the file lacks them. The model owns its memory: a file rewritten
@@ -545,6 +546,46 @@ def _esm2(spec: ModelSpec, token_dropout: bool) -> torch.nn.Module:
     )
 
 
+# The weight initialisers module constructors call (nn.Linear, nn.Embedding, nn.LayerNorm and
+# fair-esm's attention call these through ``torch.nn.init``).
+_INITIALISERS = (
+    "normal_",
+    "uniform_",
+    "kaiming_uniform_",
+    "kaiming_normal_",
+    "xavier_uniform_",
+    "xavier_normal_",
+    "trunc_normal_",
+    "zeros_",
+    "ones_",
+    "constant_",
+)
+
+
+@contextlib.contextmanager
+def _no_initialisation():
+    """Skip weight initialisation while a model is built only to receive a checkpoint.
+
+    Random values drawn for weights that are replaced at once cost 25 s for 3B on a CPU.
+    The initialisers are swapped process-wide for the duration: model loading is the only
+    thing a worker's engine lock lets run then.
+    """
+    import torch
+
+    saved = {name: getattr(torch.nn.init, name) for name in _INITIALISERS}
+    try:
+        for name in _INITIALISERS:
+            setattr(torch.nn.init, name, _unchanged)
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(torch.nn.init, name, function)
+
+
+def _unchanged(tensor, *args, **kwargs):
+    return tensor
+
+
 def load_model(
     source: WeightsSource,
     *,
@@ -555,7 +596,7 @@ def load_model(
 
     Random weights are drawn on the CPU from a private generator seeded with ``source.seed``,
     so every worker process builds bit-identical weights whatever device it will run on.
-    A checkpoint's module is built on the meta device and its tensors assigned straight from
+    A checkpoint's module is built uninitialised and its tensors assigned straight from
     the memory-mapped file, cast to ``dtype`` and placed on ``device`` tensor by tensor, so no
     full fp32 copy is made on the CPU on the way to a GPU.
 
@@ -608,20 +649,21 @@ def _assign(
     device: torch.device,
     dtype: torch.dtype | None,
 ) -> torch.nn.Module:
-    """Build ESM2 on the meta device and give it the checkpoint's tensors."""
+    """Build ESM2 without initialising it and give it the checkpoint's tensors."""
     import torch
     from esm.rotary_embedding import RotaryEmbedding
 
-    with torch.device("meta"):
+    # Built on the CPU with its initialisers skipped: the parameters' memory is allocated but
+    # never touched (so never committed), and replaced below. The meta device would need no
+    # memory at all, but its first Python-implemented operation (fair-esm's rotary frequencies)
+    # imports torch's compiler stack, seconds in every fresh worker.
+    with torch.device("cpu"), _no_initialisation():
         model = _esm2(spec, token_dropout=cfg.token_dropout)
     # load_state_dict(assign=True) would take each tensor's dtype from the file; fair-esm
     # copies into fp32 parameters, so floating tensors become fp32 unless asked otherwise.
-    # copy=True: the model must not alias the memory-mapped file.
+    # to_device copies: the model must not alias the memory-mapped file.
     target = dtype or torch.float32
-    tensors = {
-        name: t.to(device=device, dtype=target if t.is_floating_point() else t.dtype, copy=True)
-        for name, t in state.items()
-    }
+    tensors = {name: to_device(t, device, target) for name, t in state.items()}
     # Tied parameters (the LM head shares the token embedding) are separate objects after an
     # assigning load; fair-esm's copying load leaves the value of the last name loaded.
     tied: dict[int, list[str]] = {}
@@ -629,7 +671,7 @@ def _assign(
         tied.setdefault(id(param), []).append(name)
     # strict=False: the contact head's weights may be absent (no regression file), and so
     # may the rotary frequencies; both are made below, and nothing else can be missing.
-    model.load_state_dict(tensors, strict=False, assign=True)
+    missing = set(model.load_state_dict(tensors, strict=False, assign=True).missing_keys)
     order = list(model.state_dict())
     for names in tied.values():
         if len(names) > 1:
@@ -638,22 +680,38 @@ def _assign(
             for name in names:
                 _set(model, name, shared)
 
-    for module in model.modules():
-        if isinstance(module, RotaryEmbedding) and module.inv_freq.is_meta:
+    for prefix, module in model.named_modules():
+        name = f"{prefix}.inv_freq"
+        if isinstance(module, RotaryEmbedding) and name in missing:
             # Not in the file: fair-esm's formula, computed in fp32 on the CPU as it does.
             dim = 2 * module.inv_freq.shape[0]
             inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim))
             module.inv_freq = inv_freq.to(device=device, dtype=target)
+            missing.discard(name)
     for name in _REGRESSION_KEYS:
-        if model.get_parameter(name).is_meta:
+        if name in missing:
             # Without the regression file fair-esm leaves a random contact head ("contacts
             # will not be correct"); zeros say the same without drawing random numbers.
             shape = model.get_parameter(name).shape
             _set(model, name, torch.nn.Parameter(torch.zeros(shape, device=device, dtype=target)))
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left:
-        raise RuntimeError(f"tensors left on the meta device after loading: {left}")
+            missing.discard(name)
+    if missing:
+        raise RuntimeError(f"tensors not in the checkpoint: {sorted(missing)}")
     return model.eval()
+
+
+def to_device(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A copy of a (memory-mapped) checkpoint tensor on ``device``, floats cast to ``dtype``.
+
+    The bytes cross to a GPU in the file's dtype and are cast there. ``tensor.to(device,
+    dtype)`` would cast on the CPU first (torch converts on the source side of a host-to-device
+    copy), single-threaded in a Dask worker (``OMP_NUM_THREADS=1``): seconds for a 3B model.
+    The result never aliases the file.
+    """
+    wanted = dtype if tensor.is_floating_point() else tensor.dtype
+    if device.type == "cpu":
+        return tensor.to(dtype=wanted, copy=True)
+    return tensor.to(device=device, copy=True).to(wanted)
 
 
 def _set(model: torch.nn.Module, name: str, param: torch.nn.Parameter) -> None:

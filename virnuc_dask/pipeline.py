@@ -266,10 +266,10 @@ class EmbeddingJob:
         try:
             clock = time.perf_counter()
             client.register_plugin(ModelPlugin(self.engine_settings), name=ModelPlugin.name)
-            compiling = max(
-                (s["compile_seconds"] for s in client.run(setup_stats).values()), default=0.0
-            )
+            stats = client.run(setup_stats)
+            compiling = max((s["compile_seconds"] for s in stats.values()), default=0.0)
             phases["model_load"] = time.perf_counter() - clock - compiling
+            _log_load_detail(stats)
             phases["compile"] = compiling
             clock = time.perf_counter()
             _, keys, tasks = self._graph(uuid.uuid4().hex[:12])
@@ -765,7 +765,11 @@ def embed(
             clock = time.perf_counter()
             try:
                 client, info = stack.enter_context(
-                    connect(workers=plan.workers, local_directory=scratch)
+                    connect(
+                        workers=plan.workers,
+                        local_directory=scratch,
+                        engine=job.engine_settings,
+                    )
                 )
             except Exception as error:
                 raise _cluster_failed(error) from error
@@ -782,6 +786,15 @@ def embed(
     finally:
         job.finish(success=path is not None)
     return path
+
+
+def _log_load_detail(stats: dict[str, dict]) -> None:
+    """Say (at DEBUG, shown by ``--verbose``) where each worker's model load went."""
+    for worker, stat in sorted(stats.items()):
+        if stat.get("detail"):
+            steps = ", ".join(f"{k} {v:.1f} s" for k, v in stat["detail"].items())
+            when = " (begun as the worker started)" if stat.get("early") else ""
+            logger.debug("model load on %s%s: %s", worker, when, steps)
 
 
 def _closed(job: EmbeddingJob, seconds: float) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -70,7 +71,13 @@ class RunAbandoned(VirnucError):
 _ENGINES: dict[EngineSettings, object] = {}
 _ENGINES_LOCK = threading.Lock()
 # What the last plugin setup of this worker did (for the run report's phases).
-_SETUP: dict[str, object] = {"load_seconds": 0.0, "compile_seconds": 0.0, "reused": True}
+_SETUP: dict[str, object] = {
+    "load_seconds": 0.0,
+    "compile_seconds": 0.0,
+    "reused": True,
+    "detail": {},
+    "early": False,
+}
 # The slowest tokens per second a chunk of this worker process has run at (time limits).
 _SLOWEST_RATE: dict[str, float] = {}
 
@@ -86,6 +93,18 @@ class EngineSettings:
     tokens_per_batch: int | None
     compile: bool | None
     torch_threads: int | None = None
+
+    def to_json(self) -> str:
+        """These settings as one JSON string (a preload's command-line argument)."""
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> EngineSettings:
+        """The settings :meth:`to_json` wrote."""
+        fields = json.loads(text)
+        fields["weights"] = WeightsSource(**fields["weights"])
+        fields["layers"] = tuple(fields["layers"])
+        return cls(**fields)
 
 
 class ModelPlugin(WorkerPlugin):
@@ -112,9 +131,11 @@ class ModelPlugin(WorkerPlugin):
         """Build the engine in a thread, so the worker keeps answering the scheduler."""
         await asyncio.get_running_loop().run_in_executor(None, self._load)
 
-    def _load(self) -> object:
+    def _load(self, report: bool = True) -> object:
+        clock = time.perf_counter()
         import torch
 
+        imported = time.perf_counter() - clock
         if self.settings.torch_threads:
             torch.set_num_threads(self.settings.torch_threads)
         key = engine_key(self.settings)
@@ -123,30 +144,65 @@ class ModelPlugin(WorkerPlugin):
             if engine is None:
                 _ENGINES.clear()  # one model per worker: free the old one's memory first
                 engine = _ENGINES[key] = self._build(torch)
+                engine.load_detail["import"] += imported
+                engine.reported = False
+                engine.built_early = not report
+            if not report:
+                return engine  # the early start: the run's setup reports the load
+            if not getattr(engine, "reported", True):
+                # Built just now, or by the early start of this worker (start_loading):
+                # either way this setup is the one that reports the load.
+                engine.reported = True
                 _SETUP.update(
-                    load_seconds=engine.load_seconds - engine.compile_seconds,
+                    load_seconds=sum(engine.load_detail.values()),
                     compile_seconds=engine.compile_seconds,
                     reused=False,
+                    detail=engine.load_detail,
+                    early=engine.built_early,
                 )
             elif self.settings.compile and not getattr(engine, "compiled", True):
                 _SETUP.update(
-                    load_seconds=0.0, compile_seconds=engine.enable_compile(), reused=True
+                    load_seconds=0.0,
+                    compile_seconds=engine.enable_compile(),
+                    reused=True,
+                    detail={},
+                    early=False,
                 )
             else:
-                _SETUP.update(load_seconds=0.0, compile_seconds=0.0, reused=True)
+                _SETUP.update(
+                    load_seconds=0.0, compile_seconds=0.0, reused=True, detail={}, early=False
+                )
         return engine
 
     def _build(self, torch):
+        """Build the engine; record the seconds of each step in ``engine.load_detail``."""
+        clock = time.perf_counter()
+        detail = {}
+
+        def step(name: str) -> None:
+            nonlocal clock
+            now = time.perf_counter()
+            detail[name] = detail.get(name, 0.0) + now - clock
+            clock = now
+
+        _read_ahead(self.settings.weights)
+        import esm  # noqa: F401  (fair-esm's import is part of the load; timed apart)
+
         from virnuc_dask.engine import build_engine, resolve_dtype, torch_dtype
         from virnuc_dask.models import load_model
 
+        step("import")
         device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
         if device.type == "cuda":
-            torch.cuda.empty_cache()
+            torch.cuda.init()
+            torch.empty(1, device=device)  # creates the CUDA context
             _use_compile_cache()
-        started = time.perf_counter()
+        step("device")
         dtype = torch_dtype(resolve_dtype(self.settings.dtype, device))
         model = load_model(self.settings.weights, device=device, dtype=dtype)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        step("weights")
         engine = build_engine(
             model,
             device=device,
@@ -156,9 +212,51 @@ class ModelPlugin(WorkerPlugin):
             tokens_per_batch=self.settings.tokens_per_batch,
             compile=self.settings.compile,
         )
-        engine.load_seconds = time.perf_counter() - started
         engine.compile_seconds = getattr(engine, "compile_seconds", 0.0)
+        step("engine")
+        detail["engine"] = max(detail["engine"] - engine.compile_seconds, 0.0)
+        engine.load_detail = detail
         return engine
+
+
+def _read_ahead(weights) -> None:
+    """Ask the kernel to start reading the checkpoint while torch and fair-esm import.
+
+    A no-op when the file is already in the page cache (every run after the first on a node).
+    """
+    if weights.checkpoint is None or not hasattr(os, "posix_fadvise"):
+        return
+    try:
+        fd = os.open(weights.checkpoint, os.O_RDONLY)
+    except OSError:
+        return  # load_model names the missing file
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def start_loading(settings: EngineSettings) -> threading.Thread:
+    """Start building this worker's engine in a background thread, and return the thread.
+
+    A local cluster's workers call this as they start (:mod:`virnuc_dask.early_load`), so the
+    model loads while the worker registers and the driver connects, instead of after. The
+    run's :class:`ModelPlugin` then finds the engine built, or waits for the build to finish
+    (both hold the engine lock). A failure here is only logged: the plugin builds again and
+    reports the error as it would have.
+    """
+
+    def load() -> None:
+        try:
+            ModelPlugin(settings)._load(report=False)
+        except BaseException as error:  # noqa: BLE001 (the plugin raises it properly)
+            logger.debug("early model load failed (%s); the run's setup retries", error)
+
+    thread = threading.Thread(target=load, name="virnuc-dask-early-load", daemon=True)
+    thread.start()
+    return thread
 
 
 def engine_key(settings: EngineSettings) -> EngineSettings:
@@ -171,7 +269,12 @@ def engine_key(settings: EngineSettings) -> EngineSettings:
 
 
 def setup_stats() -> dict:
-    """What this worker's last plugin setup did: seconds loading and compiling, reuse."""
+    """What this worker's last plugin setup did: seconds loading and compiling, reuse.
+
+    ``detail`` splits the load into ``import`` (torch and fair-esm in a fresh worker),
+    ``device`` (the CUDA context), ``weights`` (checkpoint to device) and ``engine``;
+    ``early`` says whether the load began as the worker started (:func:`start_loading`).
+    """
     return dict(_SETUP)
 
 

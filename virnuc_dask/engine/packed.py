@@ -395,7 +395,7 @@ class PackedEngine:
         if self._cuda if compile is None else compile:
             self.enable_compile()
         elif self._cuda:
-            self.compile_seconds = self._warm_up()
+            self.compile_seconds = self._warm_up(full=False)
 
     def enable_compile(self) -> float:
         """Compile the layer function (if it is not yet) and warm it up; return the seconds.
@@ -446,17 +446,20 @@ class PackedEngine:
         free, _ = torch.cuda.mem_get_info(self.device)
         return auto_token_budget(free, self.model.embed_dim, self.dtype.itemsize)
 
-    def _warm_up(self) -> float:
+    def _warm_up(self, full: bool = True) -> float:
         """Compile on a full batch, then run a small one, so that no later batch compiles.
 
         The first batch's sizes are the compiler's hints and the kernel tuner's test case, so
         it holds a full budget of tokens. Counts and lengths are chosen so that no two dynamic
         sizes coincide (the compiler would assume they always do) and no batch holds a single
-        sequence (it would specialise on that).
+        sequence (it would specialise on that). An eager engine (``full=False``) only runs the
+        small batch, which loads the kernels and the cuBLAS handles; a full one would cost a
+        small job seconds for nothing.
         """
         start = time.perf_counter()
-        count = max(3, self.tokens_per_batch // (len(_WARM_UP_SEQUENCE) + 2))
-        self.embed([_WARM_UP_SEQUENCE] * count)
+        if full:
+            count = max(3, self.tokens_per_batch // (len(_WARM_UP_SEQUENCE) + 2))
+            self.embed([_WARM_UP_SEQUENCE] * count)
         self.embed([b"W" * 130, b"G" * 40])
         if self._cuda:
             torch.cuda.synchronize(self.device)
