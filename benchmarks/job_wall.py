@@ -14,7 +14,11 @@ Decisions:
   writes random-weight checkpoints in fair-esm's format (``{"cfg": {"model": Namespace},
   "model": state_dict}`` and ``NAME-contact-regression.pt``) into ``WORK/torch/hub/
   checkpoints`` and every job runs with ``TORCH_HOME=WORK/torch``. They are drawn on the GPU
-  when there is one (a 3B model's 11 GB in seconds instead of the CPU's minutes), seeded.
+  when there is one (a 3B model in seconds instead of the CPU's minutes), seeded, and stored
+  in fp16 like the published files (3B: 5.7 GB).
+- Each output line of a job is logged with its time since the start; the row keeps when the
+  dashboard link and the ``wrote`` line appeared (``timeline``) and each worker's model load
+  steps (``load_detail``), so the time outside the logged phases splits into start and exit.
 - The checkpoint digest the tool computes once per file is computed in setup, with
   ``XDG_CACHE_HOME=WORK/cache`` for every job: a user pays it once per downloaded file, not per
   run, and setup reports how long it took.
@@ -126,8 +130,8 @@ def child_checkpoint(model: str, seed: int) -> dict:
     fair-esm's ``ESM2`` is built on the GPU when there is one, then every parameter is drawn
     again from a seeded generator (normal(0, 0.02) weights, layer norms 1, biases 0), so the
     weights are the same on every machine of one kind and cost seconds even for 3B. Saved in
-    fair-esm's layout (``encoder.sentence_encoder.`` prefixes, the contact regression in its
-    own file) through a temporary name, so a killed setup never leaves a half file behind.
+    fp16 and fair-esm's layout (``encoder.sentence_encoder.`` prefixes, the contact regression
+    in its own file) through a temporary name, so a killed setup never leaves a half file.
     Reused when both files are there. Then the tool's digest of the file is computed once.
     """
     import esm
@@ -158,7 +162,11 @@ def child_checkpoint(model: str, seed: int) -> dict:
                     param.fill_(1.0)
                 else:
                     param.normal_(0.0, 0.02)
-        state = {name: t.detach().to("cpu") for name, t in net.state_dict().items()}
+        # Stored in fp16, as fair-esm publishes these files (3B: 5.7 GB).
+        state = {
+            name: t.detach().to("cpu", torch.float16 if t.is_floating_point() else t.dtype)
+            for name, t in net.state_dict().items()
+        }
         del net
         result["build_seconds"] = round(time.perf_counter() - started, 2)
         started = time.perf_counter()
@@ -298,17 +306,29 @@ def run_job(
     if spec["devices"] is not None:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(spec["devices"])
     log.parent.mkdir(parents=True, exist_ok=True)
+    marks: dict[str, float] = {}
     with open(log, "w") as out, GpuSampler(spec["devices"] or []) as sampler:
         started = time.perf_counter()
         # A session of its own, so a job past its time is ended with its Dask workers.
         process = subprocess.Popen(
-            command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            command,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            text=True,
+            errors="replace",
         )
+        reader = threading.Thread(
+            target=_timestamped, args=(process.stdout, out, started, marks), daemon=True
+        )
+        reader.start()
         try:
             code = process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             code = _end(process)
         wall = time.perf_counter() - started
+        reader.join(timeout=10)
     text = log.read_text(errors="replace")
     result = {
         "returncode": code,
@@ -323,6 +343,13 @@ def run_job(
         print(f"    failed ({result['error']}); log: {log}\n{_tail(text)}", flush=True)
     # With --verbose the tool logs every phase, the file's later ones (assembly, close) too;
     # what they leave of the wall time is the interpreter's start, imports and exit.
+    # When the command printed its first line, the dashboard link (cluster up), and the
+    # written file, in seconds from its start: the outside time splits into start and exit.
+    result["timeline"] = {**{k: round(v, 2) for k, v in marks.items()}, "exit": round(wall, 2)}
+    result["load_detail"] = [
+        {"early": bool(early), **{k: float(v) for k, v in re.findall(r"(\w+) ([\d.]+) s", steps)}}
+        for early, steps in re.findall(r"model load on \S+?( \(begun[^)]*\))?: (.*)", text)
+    ]
     logged = re.findall(r"phases: (.*)", text)
     if logged:
         phases = dict(re.findall(r"(\w+) ([\d.]+) s", logged[-1]))
@@ -331,6 +358,19 @@ def run_job(
             outside = wall - sum(result["phases_logged"].values())
             result["outside_phases_seconds"] = round(outside, 2)
     return result
+
+
+def _timestamped(stream, out, started: float, marks: dict[str, float]) -> None:
+    """Copy the command's output to its log, each line prefixed with its time since start."""
+    for line in stream:
+        now = time.perf_counter() - started
+        marks.setdefault("first_line", now)
+        if "Dask dashboard" in line:
+            marks.setdefault("dashboard_line", now)
+        if line.startswith("wrote "):
+            marks["wrote_line"] = now
+        out.write(f"[{now:7.2f}] {line}")
+        out.flush()
 
 
 def _end(process: subprocess.Popen) -> None:

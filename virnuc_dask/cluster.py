@@ -117,8 +117,8 @@ def connect(
         10 s.
     engine
         The run's engine settings: a local cluster's workers start loading this model as
-        they start (:mod:`virnuc_dask.early_load`). Ignored for an existing scheduler, whose
-        workers may serve other runs.
+        they start (:func:`~virnuc_dask.worker.early_load_preload`). Ignored for an existing
+        scheduler, whose workers may serve other runs.
 
     Raises
     ------
@@ -175,16 +175,11 @@ def _preload(engine: EngineSettings | None) -> dict:
     """Worker arguments that add the early model load to the configured preloads."""
     if engine is None:
         return {}
+    from virnuc_dask.worker import early_load_preload
+
     preload = dask.config.get("distributed.worker.preload") or []
     preload = [preload] if isinstance(preload, str) else list(preload)
-    argv = dask.config.get("distributed.worker.preload-argv") or []
-    if argv and isinstance(argv[0], str):
-        argv = [list(argv)] * len(preload)
-    argv = list(argv) or [[] for _ in preload]
-    return {
-        "preload": [*preload, "virnuc_dask.early_load"],
-        "preload_argv": [*argv, [engine.to_json()]],
-    }
+    return {"preload": [*preload, early_load_preload(engine)]}
 
 
 @contextlib.contextmanager

@@ -59,6 +59,7 @@ import logging
 import os
 import re
 import sys
+import time
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -516,14 +517,25 @@ class OutputWriter:
             An output appeared meanwhile (without ``overwrite``), see :func:`check_target`.
         """
         self._require_open()
+        clock, steps = time.perf_counter(), []
+
+        def step(name: str) -> None:
+            nonlocal clock
+            now = time.perf_counter()
+            steps.append(f"{name} {now - clock:.2f} s")
+            clock = now
+
         try:
             self._require_every_row_once()
+            step("check")
             self._unmap()
+            step("unmap")
             attrs = {**self._attrs, **(extra_attrs or {})}
             if extra_attrs:
                 needed = 4096 + len(repr(extra_attrs))
                 with _reporting_disk_full(self._output, "the output file", needed):
                     _add_attributes(self._partial, extra_attrs)
+                step("attributes")
             written = [(self._partial, self._output, OUTPUT)]
             with contextlib.ExitStack() as partials:
                 if self._zarr is not None:
@@ -531,11 +543,14 @@ class OutputWriter:
                         store = partials.enter_context(_partial(self._zarr, ZARR_STORE, attrs))
                         _hdf5_to_zarr(self._partial, store, self._ids, attrs)
                     written.append((store, self._zarr, ZARR_STORE))
+                    step("zarr")
                 _commit(written, overwrite=self._overwrite)
+                step("rename")
         except BaseException:
             self.abort()
             raise
         self._state = "closed"
+        logger.debug("output closed: %s", ", ".join(steps))
         return str(self._output)
 
     def abort(self) -> None:

@@ -241,7 +241,7 @@ def _read_ahead(weights) -> None:
 def start_loading(settings: EngineSettings) -> threading.Thread:
     """Start building this worker's engine in a background thread, and return the thread.
 
-    A local cluster's workers call this as they start (:mod:`virnuc_dask.early_load`), so the
+    A local cluster's workers call this as they start (:func:`early_load_preload`), so the
     model loads while the worker registers and the driver connects, instead of after. The
     run's :class:`ModelPlugin` then finds the engine built, or waits for the build to finish
     (both hold the engine lock). A failure here is only logged: the plugin builds again and
@@ -257,6 +257,20 @@ def start_loading(settings: EngineSettings) -> threading.Thread:
     thread = threading.Thread(target=load, name="virnuc-dask-early-load", daemon=True)
     thread.start()
     return thread
+
+
+def early_load_preload(settings: EngineSettings) -> str:
+    """A Dask worker preload that starts loading ``settings`` as the worker starts.
+
+    The preload is the text of a module (Dask accepts that in its ``preload`` list) rather
+    than a module taking an argument: dask-cuda gives every preload of its workers its own
+    ``--create-cuda-context`` argument.
+    """
+    return (
+        "from virnuc_dask.worker import EngineSettings, start_loading\n\n\n"
+        "def dask_setup(worker):\n"
+        f"    start_loading(EngineSettings.from_json({settings.to_json()!r}))\n"
+    )
 
 
 def engine_key(settings: EngineSettings) -> EngineSettings:

@@ -27,6 +27,7 @@ garbage after it.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import time
 from collections import deque
@@ -40,10 +41,12 @@ import torch.nn.functional as F
 from virnuc_dask.engine.batching import token_budget_batches
 from virnuc_dask.tokens import MODEL_WINDOW, packed_tokens
 
-try:
-    from torch.nn.attention.varlen import varlen_attn
-except ImportError:  # torch < 2.10: the GPU path is unavailable, the CPU fallback still works
-    varlen_attn = None
+# torch >= 2.10 has varlen flash attention; without it the GPU path is unavailable and the
+# CPU fallback still works. Found, not imported: see _prepare_compiled_kernels.
+HAS_VARLEN = importlib.util.find_spec("torch.nn.attention.varlen") is not None
+# torch's varlen_attn custom op, set when an engine first compiles (see below).
+_varlen_attn = None
+_compiled_kernels_ready = False
 
 logger = logging.getLogger(__name__)
 
@@ -161,12 +164,36 @@ def attend(
     attention on CUDA in fp16/bf16; elsewhere one ``scaled_dot_product_attention`` per sequence.
     """
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len)
+        if _varlen_attn is not None:
+            return _varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len)
+        # The kernel varlen_attn calls, with the arguments it passes (no dropout, no mask).
+        out = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, 0.0, False, False
+        )
+        return out[0]
     return _looped_attention(q, k, v, cu_seqlens)
 
 
-# Kept out of compiled graphs: traced, the loop would recompile for every count of sequences.
-@torch.compiler.disable
+def _prepare_compiled_kernels() -> None:
+    """Set up attention for compiled engines (once per process, on the first compile).
+
+    A compiled layer calls flash attention through torch's ``varlen_attn`` custom op, which
+    the compiler knows how to trace, and keeps the CPU loop out of its graphs (traced, the
+    loop would recompile for every count of sequences). Both need torch's compiler stack,
+    whose import costs seconds: an eager engine (small jobs) calls the same flash kernel
+    directly and never imports it.
+    """
+    global _varlen_attn, _looped_attention, _compiled_kernels_ready
+    if _compiled_kernels_ready:
+        return
+    _looped_attention = torch.compiler.disable(_looped_attention)
+    if HAS_VARLEN:
+        from torch.nn.attention.varlen import varlen_attn
+
+        _varlen_attn = varlen_attn
+    _compiled_kernels_ready = True
+
+
 def _looped_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor
 ) -> torch.Tensor:
@@ -377,7 +404,7 @@ class PackedEngine:
         self.device = next(model.parameters()).device
         self.max_residues = max_residues
         self._cuda = self.device.type == "cuda"
-        if self._cuda and varlen_attn is None:
+        if self._cuda and not HAS_VARLEN:
             raise RuntimeError("the packed engine needs torch >= 2.10 on CUDA (varlen attention)")
         self._depth = max(self.layers)
         self._qkv = [fuse_qkv(layer.self_attn) for layer in model.layers[: self._depth]]
@@ -407,6 +434,7 @@ class PackedEngine:
         if self.compiled:
             return 0.0
         options = CUDA_COMPILE_OPTIONS if self._cuda else None
+        _prepare_compiled_kernels()
         self._layer = torch.compile(packed_layer, dynamic=True, options=options)
         self.compiled = True
         seconds = self._warm_up()
