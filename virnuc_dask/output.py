@@ -59,6 +59,7 @@ import logging
 import os
 import re
 import sys
+import threading
 import time
 import uuid
 import warnings
@@ -961,7 +962,15 @@ def _appeared(target: Path) -> str:
 
 def _rename_file(partial: Path, target: Path, *, overwrite: bool) -> None:
     if overwrite:
+        # Freeing a replaced file of gigabytes takes the kernel a second or more: the old file
+        # stays open until the rename is done and is closed (freed) in the background.
+        try:
+            replaced = open(target, "rb")  # noqa: SIM115 (closed by _close_later)
+        except OSError:
+            replaced = None
         os.replace(partial, target)
+        if replaced is not None:
+            _close_later(replaced)
         return
     # A hard link creates the name only if it is free: no file created since the check is
     # ever replaced. Where the filesystem has no hard links, the check just made stands.
@@ -978,6 +987,11 @@ def _rename_file(partial: Path, target: Path, *, overwrite: bool) -> None:
         os.replace(partial, target)
     else:
         partial.unlink()
+
+
+def _close_later(file) -> None:
+    """Close ``file`` in a background thread (at the latest, the process's exit closes it)."""
+    threading.Thread(target=file.close, name="virnuc-dask-free-replaced", daemon=True).start()
 
 
 def _rename_store(partial: Path, target: Path) -> None:
