@@ -22,7 +22,8 @@ class EnginePatch(WorkerPlugin):
     """A fault injected into the reference engine of every worker process.
 
     Subclasses define ``embed(self, original, engine, sequences)``, which stands in for
-    ``ReferenceEngine.embed`` and may call ``original(engine, sequences)``.
+    ``ReferenceEngine.embed`` and may call ``original(engine, sequences)``. The batch
+    progress callback of the real call is passed through.
     """
 
     def setup(self, worker) -> None:
@@ -30,7 +31,14 @@ class EnginePatch(WorkerPlugin):
 
         original = getattr(ReferenceEngine, "_unpatched_embed", ReferenceEngine.embed)
         ReferenceEngine._unpatched_embed = original
-        ReferenceEngine.embed = lambda engine, sequences: self.embed(original, engine, sequences)
+
+        def patched(engine, sequences, on_batch=None):
+            def call(engine, sequences):
+                return original(engine, sequences, on_batch)
+
+            return self.embed(call, engine, sequences)
+
+        ReferenceEngine.embed = patched
 
 
 class SlowChunks(EnginePatch):
@@ -118,3 +126,24 @@ class Hang(EnginePatch):
             if first:
                 time.sleep(self.seconds)
         return original(engine, sequences)
+
+
+class SlowBatches(WorkerPlugin):
+    """Make every batch of the reference engine take at least ``seconds`` longer."""
+
+    name = "test-slow-batches"
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def setup(self, worker) -> None:
+        from virnuc_dask.engine.reference import ReferenceEngine
+
+        original = getattr(ReferenceEngine, "_unpatched_batch", ReferenceEngine._embed_batch)
+        ReferenceEngine._unpatched_batch = original
+
+        def slow(engine, sequences, residues):
+            time.sleep(self.seconds)
+            return original(engine, sequences, residues)
+
+        ReferenceEngine._embed_batch = slow

@@ -112,7 +112,11 @@ def main() -> None:
     default=None,
     help="torch.compile the GPU engine (default: on with CUDA).",
 )
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option(
+    "--quiet",
+    is_flag=True,
+    help="No progress bar and no Dask messages; the summary and warnings stay.",
+)
 @click.option(
     "--verbose", is_flag=True, help="Also say where the time went (index, model load, ...)."
 )
@@ -139,8 +143,8 @@ def embed(
         level=logging.WARNING if quiet else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    if verbose:
-        logging.getLogger("virnuc_dask").setLevel(logging.DEBUG)
+    # The tool's own messages (the run's summary, resume counts) stay with --quiet.
+    logging.getLogger("virnuc_dask").setLevel(logging.DEBUG if verbose else logging.INFO)
     # SIGTERM (a scheduler's preemption, `kill`) ends the run like Ctrl-C: the local cluster
     # is closed, locks are released and finished shards stay for --resume.
     signal.signal(signal.SIGTERM, _interrupt)

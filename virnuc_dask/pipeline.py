@@ -254,7 +254,7 @@ class EmbeddingJob:
             and release the locks when the run ends. With False the caller does it with
             :meth:`finish`, e.g. once a local cluster using the work directory has closed.
         """
-        from distributed import wait
+        from distributed import span, wait
 
         from virnuc_dask.output import OutputWriter
         from virnuc_dask.worker import ModelPlugin, setup_stats
@@ -263,6 +263,8 @@ class EmbeddingJob:
         phases = dict(self.phases)
         futures, pending, writer, keys = [], set(), None, {}
         done, failure = False, None
+        # Progress (and the dashboard's link) from the start: the model load is worth watching.
+        watch = _Watch(self, client, progress)
         try:
             clock = time.perf_counter()
             client.register_plugin(ModelPlugin(self.engine_settings), name=ModelPlugin.name)
@@ -273,13 +275,14 @@ class EmbeddingJob:
             phases["compile"] = compiling
             clock = time.perf_counter()
             _, keys, tasks = self._graph(uuid.uuid4().hex[:12])
-            futures = client.compute(tasks)
+            # The run's tasks under one named span: the dashboard shows its own metrics.
+            with span(f"virnuc-dask {self.output.name}"):
+                futures = client.compute(tasks)
             writer = OutputWriter(
                 ids=self.index.ids(),
                 lengths=np.asarray(self.index.length),
                 **self._output_settings(),
             )
-            watch = _Watch(self, client, progress)
             shards = list(self.reused)
             for shard in self.reused:
                 writer.add(shard)
@@ -316,6 +319,7 @@ class EmbeddingJob:
             client.cancel(futures, force=True)
             failure = _local_error(error, keys, self)
         finally:
+            watch.close()
             if writer is not None and not done:
                 writer.abort()
             for future in futures:
@@ -411,29 +415,53 @@ class _Watch:
     """
 
     def __init__(self, job: EmbeddingJob, client, progress: bool) -> None:
-        from virnuc_dask.progress import TextProgress
+        from virnuc_dask.progress import listen, make_progress
 
         self.job, self.client = job, client
         self.chunks = len(job.reused)
         self.tokens = sum(s.tokens for s in job.reused)
+        self.finished = {s.chunk for s in job.reused}
+        # Tokens of the chunks still computing, from their workers' batch messages.
+        self.partial: dict[int, int] = {}
         self.bar = (
-            TextProgress(len(job.partition.chunks), int(job.partition.lane_tokens().sum()))
+            make_progress(
+                len(job.partition.chunks),
+                int(job.partition.lane_tokens().sum()),
+                dashboard=client.dashboard_link,
+            )
             if progress
             else None
         )
+        if self.bar:
+            listen(client, job.token, self._on_batch)
         self.trouble_since: float | None = None
         self.last_warning = 0.0
         self.last_check = time.monotonic()
 
+    def _on_batch(self, message: dict) -> None:
+        """A worker's message: ``tokens`` of chunk ``chunk`` are done (client's thread)."""
+        chunk = message["chunk"]
+        if chunk not in self.finished:
+            self.partial[chunk] = max(self.partial.get(chunk, 0), message["tokens"])
+
     def add(self, shard: ShardInfo) -> None:
         """Count a finished chunk."""
+        self.finished.add(shard.chunk)
+        self.partial.pop(shard.chunk, None)
         self.chunks += 1
         self.tokens += shard.tokens
+
+    def close(self) -> None:
+        """Stop listening to the workers' progress messages."""
+        if self.bar:
+            from virnuc_dask.progress import stop_listening
+
+            stop_listening(self.client, self.job.token)
 
     def check(self) -> None:
         """Update the progress line; every few seconds ask the scheduler for its workers."""
         if self.bar:
-            self.bar.update(self.chunks, self.tokens)
+            self.bar.update(self.chunks, self.tokens + sum(list(self.partial.values())))
         now = time.monotonic()
         limit = self.job.config.wait_limit
         if now - self.last_check < min(10 * POLL_SECONDS, limit / 2):
@@ -737,8 +765,6 @@ def embed(
         clock = time.perf_counter()
         with connect(scheduler=scheduler, scheduler_file=scheduler_file) as (client, info):
             connected = time.perf_counter() - clock
-            if progress:
-                print(f"Dask dashboard: {info.dashboard}", flush=True)
             job = prepare(inputs, output, client=client, **options, **settings)
             job.phases = {"cluster_start": connected, **job.phases}
             return job.run(client, progress=progress)
@@ -774,8 +800,6 @@ def embed(
             except Exception as error:
                 raise _cluster_failed(error) from error
             job.phases["cluster_start"] = time.perf_counter() - clock
-            if progress:
-                print(f"Dask dashboard: {info.dashboard}", flush=True)
             path = job.run(client, progress=progress, cleanup=False)
             clock = time.perf_counter()
         _closed(job, time.perf_counter() - clock)

@@ -1,18 +1,150 @@
-"""Progress of a run in the terminal: chunks and tokens done, rate and time left.
+"""Progress of a run: tokens done, rate and time left, in a terminal or a Jupyter notebook.
 
-On a terminal (a TTY) it is one line rewritten in place; when the output goes to a file or a
-pipe it is a plain line every ``every`` seconds, so a log stays readable.
+Workers report each finished batch of a chunk through Dask's own event log (a topic on the
+scheduler, :data:`TOPIC`), so the count moves within a chunk, not only when chunks finish. The
+driver listens with :func:`listen` while its run computes.
+
+- On a terminal (a TTY) the state is one line rewritten in place; when the output goes to a
+  file or a pipe it is a plain line every ``every`` seconds, so a log stays readable.
+- In a Jupyter kernel it is an HTML progress bar displayed once and updated in place, with
+  the dashboard link above it.
+
+Decisions:
+
+- One topic for every run, with the run's token in each message: the scheduler keeps a
+  bounded log per topic, and a long-lived shared scheduler would otherwise keep one per run.
+  A client has one handler per topic, so :func:`listen` keeps one subscription per client and
+  hands each message to the run it names (two runs may share a client).
+- A worker sends at most one message per chunk every :data:`REPORT_SECONDS`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import html
 import sys
+import threading
 import time
+from collections.abc import Callable
 from typing import TextIO
 
+#: The scheduler event topic of batch progress; messages are ``{"run", "chunk", "tokens"}``.
+TOPIC = "virnuc-dask-progress"
+#: Seconds between two progress messages of one chunk.
+REPORT_SECONDS = 0.5
 
-class TextProgress:
-    """Report chunks and tokens done against the run's totals.
+_LISTENERS: dict[int, dict[str, Callable[[dict], None]]] = {}
+_LISTENERS_LOCK = threading.Lock()
+
+
+def listen(client, run: str, callback: Callable[[dict], None]) -> None:
+    """Call ``callback(message)`` for every progress message of ``run`` that ``client`` gets."""
+    with _LISTENERS_LOCK:
+        runs = _LISTENERS.setdefault(id(client), {})
+        first = not runs
+        runs[run] = callback
+    if first:
+        client.subscribe_topic(TOPIC, _dispatcher(id(client)))
+
+
+def stop_listening(client, run: str) -> None:
+    """Stop handing ``run``'s messages on; unsubscribe the client after its last run."""
+    with _LISTENERS_LOCK:
+        runs = _LISTENERS.get(id(client), {})
+        runs.pop(run, None)
+        last = not runs
+        if last:
+            _LISTENERS.pop(id(client), None)
+    if last:
+        # A closed client has nothing left to unsubscribe.
+        with contextlib.suppress(Exception):
+            client.unsubscribe_topic(TOPIC)
+
+
+def _dispatcher(client_id: int) -> Callable[[tuple], None]:
+    def dispatch(event: tuple) -> None:
+        _, message = event
+        with _LISTENERS_LOCK:
+            callback = _LISTENERS.get(client_id, {}).get(message.get("run"))
+        if callback is not None:
+            callback(message)
+
+    return dispatch
+
+
+class BatchReporter:
+    """A worker's ``on_batch`` callback: sends the tokens of a chunk done so far, throttled.
+
+    Parameters
+    ----------
+    log_event
+        The worker's ``log_event`` (thread-safe in Dask).
+    run, chunk
+        The run's token and the chunk's number.
+    """
+
+    def __init__(self, log_event: Callable[[str, dict], None], run: str, chunk: int) -> None:
+        self.log_event, self.run, self.chunk = log_event, run, chunk
+        self.tokens = 0
+        self.last = time.monotonic()
+
+    def __call__(self, tokens: int) -> None:
+        self.tokens += tokens
+        now = time.monotonic()
+        if now - self.last >= REPORT_SECONDS:
+            self.last = now
+            self.log_event(TOPIC, {"run": self.run, "chunk": self.chunk, "tokens": self.tokens})
+
+
+def in_notebook() -> bool:
+    """Whether this process is a Jupyter kernel (where HTML can be displayed)."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    return type(shell).__name__ == "ZMQInteractiveShell"
+
+
+def make_progress(chunks: int, tokens: int, dashboard: str | None = None):
+    """The progress display that fits this process: a notebook's, or the terminal's."""
+    if in_notebook():
+        return NotebookProgress(chunks, tokens, dashboard)
+    return TextProgress(chunks, tokens, dashboard=dashboard)
+
+
+class _Progress:
+    """Totals, and the rate and time left of what is done."""
+
+    def __init__(self, chunks: int, tokens: int, interval: float) -> None:
+        self.chunks, self.tokens = chunks, tokens
+        self.interval = interval
+        self.started = time.monotonic()
+        self.last = 0.0
+        self.first_tokens: int | None = None
+
+    def update(self, chunks_done: int, tokens_done: int, *, final: bool = False) -> None:
+        """Show the state, at most every ``interval`` seconds (always when ``final``)."""
+        now = time.monotonic()
+        if self.first_tokens is None:
+            self.first_tokens = tokens_done  # reused chunks do not count towards the rate
+        if not final and now - self.last < self.interval:
+            return
+        self.last = now
+        elapsed = now - self.started
+        rate = (tokens_done - self.first_tokens) / elapsed if elapsed > 0 else 0.0
+        left = (self.tokens - tokens_done) / rate if rate > 0 else float("nan")
+        eta = f"{left:,.0f} s left" if left == left else "time left unknown"
+        line = (
+            f"{tokens_done:,}/{self.tokens:,} tokens "
+            f"({100 * tokens_done / max(self.tokens, 1):.0f}%), {chunks_done}/{self.chunks} "
+            f"chunks, {rate:,.0f} tokens/s, {eta}"
+        )
+        self._show(line, tokens_done, final)
+
+    def _show(self, line: str, tokens_done: int, final: bool) -> None:
+        raise NotImplementedError
+
+
+class TextProgress(_Progress):
+    """Report tokens and chunks done against the run's totals, in a terminal or a log.
 
     Parameters
     ----------
@@ -22,37 +154,63 @@ class TextProgress:
         Where to write; default standard error.
     every
         Seconds between plain lines when ``stream`` is not a terminal.
+    dashboard
+        The Dask dashboard's address, said once at the start.
     """
 
     def __init__(
-        self, chunks: int, tokens: int, stream: TextIO | None = None, every: float = 30.0
+        self,
+        chunks: int,
+        tokens: int,
+        stream: TextIO | None = None,
+        every: float = 30.0,
+        dashboard: str | None = None,
     ) -> None:
-        self.chunks, self.tokens = chunks, tokens
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
-        self.every = every
-        self.started = time.monotonic()
-        self.last = 0.0
-        self.first_tokens: int | None = None
+        super().__init__(chunks, tokens, 0.5 if self.tty else every)
+        if dashboard:
+            self.stream.write(f"Dask dashboard: {dashboard}\n")
+            self.stream.flush()
 
-    def update(self, chunks_done: int, tokens_done: int, *, final: bool = False) -> None:
-        """Show the state; on a non-terminal stream only every ``every`` seconds (or final)."""
-        now = time.monotonic()
-        if self.first_tokens is None:
-            self.first_tokens = tokens_done  # reused chunks do not count towards the rate
-        if not final and now - self.last < (0.5 if self.tty else self.every):
-            return
-        self.last = now
-        elapsed = now - self.started
-        rate = (tokens_done - self.first_tokens) / elapsed if elapsed > 0 else 0.0
-        left = (self.tokens - tokens_done) / rate if rate > 0 else float("nan")
-        eta = f"{left:,.0f} s left" if left == left else "time left unknown"
-        line = (
-            f"{chunks_done}/{self.chunks} chunks, {tokens_done:,}/{self.tokens:,} tokens "
-            f"({100 * tokens_done / max(self.tokens, 1):.0f}%), {rate:,.0f} tokens/s, {eta}"
-        )
+    def _show(self, line: str, tokens_done: int, final: bool) -> None:
         if self.tty:
             self.stream.write("\r" + line + ("\n" if final else ""))
         else:
             self.stream.write(line + "\n")
         self.stream.flush()
+
+
+class NotebookProgress(_Progress):
+    """A progress bar in a Jupyter notebook, updated in place; the dashboard link above it.
+
+    Parameters
+    ----------
+    chunks, tokens
+        Totals of the run (reused chunks included).
+    dashboard
+        The Dask dashboard's address.
+    """
+
+    def __init__(self, chunks: int, tokens: int, dashboard: str | None = None) -> None:
+        from IPython.display import HTML, display
+
+        super().__init__(chunks, tokens, 0.5)
+        self._html = HTML
+        self.dashboard = dashboard
+        self.handle = display(self._render("starting", 0), display_id=True)
+
+    def _render(self, line: str, tokens_done: int):
+        link = (
+            f'<div>Dask dashboard: <a href="{html.escape(self.dashboard)}" target="_blank">'
+            f"{html.escape(self.dashboard)}</a></div>"
+            if self.dashboard
+            else ""
+        )
+        return self._html(
+            f'{link}<progress value="{tokens_done}" max="{max(self.tokens, 1)}" '
+            f'style="width: 30em"></progress> <span>{html.escape(line)}</span>'
+        )
+
+    def _show(self, line: str, tokens_done: int, final: bool) -> None:
+        self.handle.update(self._render(line, tokens_done))

@@ -39,6 +39,7 @@ from virnuc_dask.lock import holds
 from virnuc_dask.models import WeightsSource
 from virnuc_dask.output import ShardInfo, shard_matches, write_shard
 from virnuc_dask.partition import Chunk
+from virnuc_dask.progress import BatchReporter
 from virnuc_dask.workdir import shard_path
 
 logger = logging.getLogger(__name__)
@@ -432,7 +433,7 @@ def embed_chunk(chunk: Chunk, job: ChunkJob) -> ShardInfo:
         # Grad mode is thread-local and Dask runs tasks in its own threads: set it here.
         with _Watchdog(chunk, limit), torch.inference_mode():
             computing = time.perf_counter()
-            embedding = engine.embed(sequences)
+            embedding = engine.embed(sequences, on_batch=_batch_reporter(job.token, chunk))
     except Exception as error:
         ids = index.ids(rows[:5])
         more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
@@ -459,6 +460,15 @@ def embed_chunk(chunk: Chunk, job: ChunkJob) -> ShardInfo:
     return ShardInfo(
         chunk.number, path, chunk.size, chunk.tokens, worker, time.perf_counter() - started
     )
+
+
+def _batch_reporter(token: str, chunk: Chunk) -> BatchReporter | None:
+    """The callback that tells the run's driver how far a chunk is (None outside a worker)."""
+    try:
+        worker = get_worker()
+    except ValueError:
+        return None
+    return BatchReporter(worker.log_event, token, chunk.number)
 
 
 def _worker_address() -> str:

@@ -31,6 +31,7 @@ import importlib.util
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -441,10 +442,14 @@ class PackedEngine:
         self.compile_seconds += seconds
         return seconds
 
-    def embed(self, sequences: list[bytes]) -> np.ndarray:
+    def embed(
+        self, sequences: list[bytes], on_batch: Callable[[int], None] | None = None
+    ) -> np.ndarray:
         """Return mean embeddings, float32 of shape ``(len(sequences), len(layers), dim)``.
 
-        Rows are in the order of ``sequences``; batches run longest first.
+        Rows are in the order of ``sequences``; batches run longest first. ``on_batch`` is
+        called with the tokens (residues + 2 per sequence) of each batch once its vectors are
+        on the host.
         """
         out = np.empty((len(sequences), len(self.layers), self.model.embed_dim), np.float32)
         if not sequences:
@@ -463,9 +468,9 @@ class PackedEngine:
                 if upcoming is not None:
                     staged = self._stage([sequences[i] for i in upcoming], upcoming)
                 while len(in_flight) > 1:
-                    self._collect(in_flight.popleft(), out)
+                    self._collect(in_flight.popleft(), out, residues, on_batch)
             while in_flight:
-                self._collect(in_flight.popleft(), out)
+                self._collect(in_flight.popleft(), out, residues, on_batch)
         return out
 
     def _auto_budget(self) -> int:
@@ -577,10 +582,12 @@ class PackedEngine:
         return _Pending(rows, host, downloaded)
 
     @staticmethod
-    def _collect(pending: _Pending, out: np.ndarray) -> None:
+    def _collect(pending: _Pending, out: np.ndarray, residues: np.ndarray, on_batch) -> None:
         if pending.downloaded is not None:
             pending.downloaded.synchronize()
         out[pending.rows] = pending.host.numpy()
+        if on_batch is not None:
+            on_batch(int(residues[pending.rows].sum()) + 2 * len(pending.rows))
 
 
 def _on_device(device: torch.device):

@@ -8,6 +8,8 @@ excluded). It runs in the model's dtype (fp32 by default) on any device.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -45,8 +47,14 @@ class ReferenceEngine:
         self.tokens_per_batch = tokens_per_batch
         self.device = next(model.parameters()).device
 
-    def embed(self, sequences: list[bytes]) -> np.ndarray:
-        """Return mean embeddings, float32 of shape ``(len(sequences), len(layers), dim)``."""
+    def embed(
+        self, sequences: list[bytes], on_batch: Callable[[int], None] | None = None
+    ) -> np.ndarray:
+        """Return mean embeddings, float32 of shape ``(len(sequences), len(layers), dim)``.
+
+        ``on_batch`` is called with the tokens (residues + 2 per sequence) of each batch
+        once it is done.
+        """
         residues = np.array([min(len(s), self.max_residues) for s in sequences], dtype=np.int64)
         order = np.argsort(-residues, kind="stable")
         out = np.empty((len(sequences), len(self.layers), self.model.embed_dim), np.float32)
@@ -55,6 +63,8 @@ class ReferenceEngine:
             for batch in batches:
                 rows = order[batch]
                 out[rows] = self._embed_batch([sequences[i] for i in rows], residues[rows])
+                if on_batch is not None:
+                    on_batch(int(residues[rows].sum()) + 2 * len(rows))
         return out
 
     def _embed_batch(self, sequences: list[bytes], residues: np.ndarray) -> np.ndarray:

@@ -1,0 +1,69 @@
+"""Progress: workers report each batch through Dask's event log; the driver shows tokens."""
+
+from __future__ import annotations
+
+import io
+
+import virnuc_dask
+from tests.faults import SlowBatches
+from tests.helpers import TINY, random_sequences, write_fasta
+from virnuc_dask.progress import TOPIC, BatchReporter, TextProgress, listen, stop_listening
+
+
+def test_batches_are_reported_within_a_chunk(cluster_client, tmp_path):
+    fasta = tmp_path / "in.fasta"
+    write_fasta(fasta, random_sequences(80, 30, 60, seed=3))
+    job = virnuc_dask.prepare(
+        [fasta],
+        tmp_path / "out.h5",
+        client=cluster_client,
+        model=TINY,
+        random_weights=True,
+        chunk_tokens=10**6,
+        tokens_per_batch=256,
+    )
+    tokens = {c.number: c.tokens for c in job.partition.chunks}
+    messages, other_run = [], []
+    listen(cluster_client, job.token, messages.append)
+    listen(cluster_client, "another-run", other_run.append)
+    cluster_client.register_plugin(SlowBatches(0.3))
+    try:
+        job.run(cluster_client, progress=False)
+    finally:
+        stop_listening(cluster_client, job.token)
+        stop_listening(cluster_client, "another-run")
+        cluster_client.unregister_worker_plugin(SlowBatches.name)
+    assert other_run == []
+    # One chunk per worker, each of about a dozen batches of 0.3 s: several messages per
+    # chunk while it computed, growing, all short of the chunk's tokens.
+    for number, total in tokens.items():
+        counts = [m["tokens"] for m in messages if m["chunk"] == number]
+        assert len(counts) >= 3, (number, counts)
+        assert counts == sorted(counts) and counts[0] < counts[-1] <= total, (counts, total)
+    assert {m["chunk"] for m in messages} == set(tokens)
+    assert TOPIC in cluster_client.get_events()  # the scheduler's own event log carried them
+
+
+def test_a_reporter_throttles_and_counts_every_token():
+    sent = []
+    reporter = BatchReporter(lambda topic, msg: sent.append((topic, msg)), "run-1", 7)
+    reporter.last = 0.0  # long ago: the first batch is sent
+    reporter(100)
+    reporter(50)  # within the interval: counted, not sent
+    assert sent == [(TOPIC, {"run": "run-1", "chunk": 7, "tokens": 100})]
+    reporter.last = 0.0
+    reporter(25)
+    assert sent[-1][1]["tokens"] == 175
+
+
+def test_text_progress_shows_tokens_rate_and_time_left_in_a_log():
+    out = io.StringIO()
+    bar = TextProgress(4, 1000, stream=out, every=3600, dashboard="http://127.0.0.1:8787/status")
+    bar.update(0, 0)
+    bar.update(1, 250)  # within the interval: a log gets no line
+    bar.update(4, 1000, final=True)
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "Dask dashboard: http://127.0.0.1:8787/status"
+    assert lines[1].startswith("0/1,000 tokens (0%), 0/4 chunks")
+    assert lines[2].startswith("1,000/1,000 tokens (100%), 4/4 chunks") and "tokens/s" in lines[2]
+    assert len(lines) == 3
