@@ -665,3 +665,30 @@ def test_a_long_id_is_read_back_without_fixed_width_strings(tmp_path, kind):
     np.testing.assert_array_equal(
         ds.sel(sequence=["P00003", ids[-1]]).embedding.values, embedding[[3, -1], 0]
     )
+
+
+def test_open_embeddings_in_dask_blocks_selects_groups_and_keeps_the_attributes(tmp_path):
+    import dask.array
+
+    embedding = np.random.default_rng(3).normal(size=(50, 1, 16)).astype(np.float32)
+    _assemble(tmp_path, _shards(tmp_path, embedding, 4), zarr_path=tmp_path / "o.zarr")
+    # HDF5 in blocks of 8 rows; Zarr always in dask blocks, its stored ones by default.
+    for path, chunks in ((tmp_path / "out.h5", {"sequence": 8}), (tmp_path / "o.zarr", None)):
+        ds = open_embeddings(path, chunks=chunks)
+        assert isinstance(ds.embedding.data, dask.array.Array)
+        if chunks:
+            assert ds.embedding.data.chunks[0][:2] == (8, 8)
+        assert ds.attrs["model"] == "m"
+        np.testing.assert_array_equal(ds.sel(sequence="P00007").embedding.values, embedding[7, 0])
+        np.testing.assert_array_equal(
+            ds.isel(sequence=[3, 9]).embedding.values, embedding[[3, 9], 0]
+        )
+        # A reduction per group, computed block by block.
+        means = ds.embedding.groupby(ds.truncated).mean("sequence").compute()
+        truncated = LENGTHS > 1022
+        np.testing.assert_allclose(
+            means.sel(truncated=True).values, embedding[truncated, 0].mean(0), rtol=1e-5
+        )
+        np.testing.assert_allclose(
+            means.sel(truncated=False).values, embedding[~truncated, 0].mean(0), rtol=1e-5
+        )

@@ -1015,13 +1015,18 @@ def _rename_store(partial: Path, target: Path) -> None:
     ownership.remove(aside, ZARR_STORE)
 
 
-def open_embeddings(path: str | Path):
+def open_embeddings(path: str | Path, chunks: dict | str | None = None):
     """Open an embedding file (HDF5 or Zarr) as an ``xarray.Dataset``.
 
     Parameters
     ----------
     path
         An HDF5 file written by :func:`virnuc_dask.embed`, or its ``--zarr`` store.
+    chunks
+        Dask chunks for the variables (``{"sequence": 100_000}``, ``"auto"``): the values
+        become dask arrays, read block by block when computed, for files larger than memory.
+        Default: xarray's lazy arrays, read whole on first use (a Zarr store is always
+        opened with dask, in its own blocks).
 
     Returns
     -------
@@ -1039,11 +1044,21 @@ def open_embeddings(path: str | Path):
         with warnings.catch_warnings():
             # Stores of earlier versions, without consolidated metadata, are listed.
             warnings.filterwarnings("ignore", message=_MARKER_WARNING)
-            dataset = xr.open_zarr(path, drop_variables=["sequence"])
+            dataset = xr.open_zarr(path, drop_variables=["sequence"], chunks=chunks or "auto")
         ids = _zarr_ids(path)
     else:
-        dataset = xr.open_dataset(path, engine="h5netcdf", drop_variables=["sequence"])
+        dataset = xr.open_dataset(
+            path, engine="h5netcdf", drop_variables=["sequence"], chunks=chunks
+        )
         ids = _hdf5_ids(path)
+    if chunks is not None or path.is_dir():
+        # One value per sequence (lengths, flags, read provenance) is small: in memory, so it
+        # can label groups (xarray cannot group by a dask array without being told the labels).
+        small = [n for n, v in dataset.variables.items() if v.dims == ("sequence",)]
+        dataset = dataset.assign({n: dataset[n].load() for n in small if n in dataset.data_vars})
+        dataset = dataset.assign_coords(
+            {n: dataset[n].load() for n in small if n in dataset.coords}
+        )
     return dataset if ids is None else dataset.assign_coords(sequence=ids)
 
 
