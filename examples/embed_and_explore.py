@@ -40,7 +40,7 @@ def main() -> None:
         limit = int(ds.attrs["max_residues"])
         longest = int(ds.length.max())
         if truncated:
-            print(f"longer than {limit:,} residues, embedded from their first {limit:,}:", truncated)
+            print(f"longer than {limit:,} residues, only the first {limit:,} embedded:", truncated)
         else:
             print(f"none truncated: the longest has {longest:,} residues, within {limit:,}")
 
