@@ -57,7 +57,7 @@ def test_the_recipe_for_one_machine_runs_as_written(tmp_path):
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=30) as page:
             status, body = page.status, page.read().decode()
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "Dask dashboard: http://127.0.0.1:" in result.stdout
+    assert f"http://127.0.0.1:{port}/status" in result.stdout + result.stderr  # the link
     assert status == 200 and "bokeh" in body and "needs bokeh" not in body
     output = tmp_path / run[run.index("-o") + 1]
     ids = [line[1:].split()[0] for line in EXAMPLE.read_text().splitlines() if line[:1] == ">"]
