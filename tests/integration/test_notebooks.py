@@ -118,7 +118,7 @@ def check_shared_cluster(notebook, folder: Path) -> None:
         assert int(ds.length.max()) == 100
     [(width, _)] = image_sizes(notebook, "graph = job.graph()")
     assert width >= 600
-    reused = "".join(o["data"]["text/plain"] for o in outputs(notebook, "setup_stats)"))
+    reused = "".join(o["data"]["text/plain"] for o in outputs(notebook, "stats[["))
     assert reused.count("True") == 2 and "False" not in reused, reused
     assert "demo scheduler and workers stopped" in text(notebook)
 
