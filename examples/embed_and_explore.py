@@ -25,6 +25,7 @@ def main() -> None:
         model="esm2_t6_8M_UR50D",
         random_weights=not args.real,
         layers=[3, 6],
+        overwrite=True,
     )
     with virnuc_dask.open_embeddings(path) as ds:
         print(ds)
@@ -35,7 +36,13 @@ def main() -> None:
         first = str(ds.sequence.values[0])
         nearest = str(ds.sequence.values[similarity[0].argmax()])
         print(f"nearest neighbour of {first}: {nearest} (cosine {similarity[0].max():.3f})")
-        print("truncated to 1,022 residues:", list(ds.sequence.values[ds.truncated.values]))
+        truncated = list(ds.sequence.values[ds.truncated.values])
+        limit = int(ds.attrs["max_residues"])
+        longest = int(ds.length.max())
+        if truncated:
+            print(f"longer than {limit:,} residues, only the first {limit:,} embedded:", truncated)
+        else:
+            print(f"none truncated: the longest has {longest:,} residues, within {limit:,}")
 
 
 if __name__ == "__main__":

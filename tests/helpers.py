@@ -66,6 +66,37 @@ def assert_rows_close(actual: np.ndarray, expected: np.ndarray, rtol: float = 1e
 
 
 @contextlib.contextmanager
+def processes(*commands: list[str], cwd: Path | None = None):
+    """Start each command as a process, output discarded; on exit stop them, last first.
+
+    Yields the ``Popen`` objects. A process still running 30 s after ``SIGTERM`` is killed.
+    """
+    started = []
+    try:
+        for command in commands:
+            started.append(subprocess.Popen(
+                command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            ))  # fmt: skip
+        yield started
+    finally:
+        for proc in reversed(started):
+            proc.terminate()
+        for proc in started:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def scheduler_address(scheduler_file: Path, timeout: float = 60) -> str:
+    """The address in the file ``dask scheduler --scheduler-file`` writes, once it is there."""
+    deadline = time.time() + timeout
+    while not scheduler_file.exists() and time.time() < deadline:
+        time.sleep(0.1)
+    return json.loads(scheduler_file.read_text())["address"]
+
+
+@contextlib.contextmanager
 def dask_processes(folder: Path, workers: int, *, nanny: bool = True):
     """Start ``dask scheduler`` and ``workers`` ``dask worker`` processes on 127.0.0.1.
 
@@ -74,30 +105,15 @@ def dask_processes(folder: Path, workers: int, *, nanny: bool = True):
     """
     scheduler_file = folder / "scheduler.json"
     dask = str(Path(sys.executable).with_name("dask"))
-    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-    scheduler = subprocess.Popen(
-        [dask, "scheduler", "--host", "127.0.0.1", "--port", "0",
-         "--dashboard-address", "127.0.0.1:0", "--scheduler-file", str(scheduler_file)],
-        **quiet,
-    )  # fmt: skip
-    procs = [scheduler]
-    try:
-        deadline = time.time() + 60
-        while not scheduler_file.exists() and time.time() < deadline:
-            time.sleep(0.1)
-        address = json.loads(scheduler_file.read_text())["address"]
-        for _ in range(workers):
-            procs.append(subprocess.Popen(
-                [dask, "worker", address, "--host", "127.0.0.1", "--nthreads", "1",
-                 "--no-dashboard", "--nanny" if nanny else "--no-nanny"],
-                **quiet,
-            ))  # fmt: skip
-        yield scheduler_file, address, procs[1:]
-    finally:
-        for proc in reversed(procs):
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    scheduler = [
+        *(dask, "scheduler", "--host", "127.0.0.1", "--port", "0"),
+        *("--dashboard-address", "127.0.0.1:0", "--scheduler-file", str(scheduler_file)),
+    ]
+    with processes(scheduler):
+        address = scheduler_address(scheduler_file)
+        worker = [
+            *(dask, "worker", address, "--host", "127.0.0.1", "--nthreads", "1"),
+            *("--no-dashboard", "--nanny" if nanny else "--no-nanny"),
+        ]
+        with processes(*[worker] * workers) as started:
+            yield scheduler_file, address, started
