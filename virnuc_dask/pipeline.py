@@ -557,7 +557,7 @@ class RunReport:
         workers = len(set(self.worker_tokens) - {"resumed", "existing"})
         return (
             f"{self.sequences:,} sequences, {self.tokens:,} tokens in {self.chunks} chunks "
-            f"({self.reused} reused) on {workers} workers: "
+            f"({self.reused} reused) on {workers} worker{'s' if workers != 1 else ''}: "
             f"{self.seconds:.1f} s, {rate:,.0f} tokens/s"
         )
 

@@ -104,6 +104,10 @@ def check_quickstart(notebook, folder: Path) -> None:
     assert "Dask dashboard: http://127.0.0.1:" in printed
     assert "15 sequences" in printed  # the run's report
     assert "UniRef50_A0A2C9LWN7: 935 residues" in printed
+    # The run's progress is an HTML bar displayed once and updated in place, ending full.
+    shown = [o["data"] for o in outputs(notebook, "path = job.run(client)") if "data" in o]
+    bars = [d["text/html"] for d in shown if "<progress" in d.get("text/html", "")]
+    assert len(bars) == 1 and "(100%)" in bars[0] and "Dask dashboard" in bars[0], shown
     [(width, height)] = image_sizes(notebook, "ax.scatter")  # one plot, of a readable size
     assert width >= 600 and height >= 400
 
