@@ -1,0 +1,396 @@
+"""The reads front end: reads in, an index of their peptides out, as the protein path builds.
+
+:func:`build_peptide_index` reads each reads file once (FASTA or FASTQ, plain or gzip, a pipe
+too), cuts long reads into pieces if asked (:mod:`~virnuc_dask.inputs.split`), translates
+them in six frames (:mod:`~virnuc_dask.inputs.translate`) and writes the kept peptides, one a
+line, into a staged file of the work directory. It returns a
+:class:`~virnuc_dask.inputs.fasta.FastaIndex` over those files, exactly as the protein scan
+returns over FASTA files, and the peptides'
+:class:`~virnuc_dask.inputs.provenance.ReadProvenance`.
+
+Decisions (``docs/decisions.md``):
+
+- Translation runs here, in the index step on the driver, not per chunk on the workers. The
+  driver must translate anyway: which frames are kept, and so the peptides' ids and lengths,
+  are known only after translating, and the output file (its ids) and the partition (its
+  lengths) are made before any chunk runs. Workers then read peptides like any protein input,
+  with the same offsets, checksums and tokenizer: the engine does not know reads exist. The
+  price is the staged file, about one byte per kept residue.
+- Peptide ids are VirNucPro's: ``<read id><frame>``, ``<read id>_chunk_<k><frame>`` with
+  ``split_bp``, and ``..._orf_<n>`` after the frame in ``orfs`` mode. A read id ends before
+  the ``_chunk_``/frame/``_orf_`` suffix, so peptide ids are unique exactly when read ids are:
+  read ids seen twice are refused (or renamed ``ID.2``, ..., with ``duplicate_ids="suffix"``).
+- The peptides are in input order: by read, then piece, then frame ``F1`` .. ``R3``, then
+  piece of the frame.
+- A read without any kept frame is not an error; the run counts them and lists the first
+  :data:`~virnuc_dask.inputs.provenance.LISTED_WITHOUT` ids. Inputs without a single peptide
+  are an error (there would be nothing to embed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import zlib
+from array import array
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from virnuc_dask.errors import VirnucError, option
+from virnuc_dask.inputs.duplicates import DUPLICATE_POLICIES, check_duplicates
+from virnuc_dask.inputs.fasta import FastaIndex
+from virnuc_dask.inputs.provenance import LISTED_WITHOUT, ReadProvenance
+from virnuc_dask.inputs.reads import ReadBatch, bad_base_message, offsets, ragged, read_batches
+from virnuc_dask.inputs.split import split_starts
+from virnuc_dask.inputs.staging import check_inputs, shown
+from virnuc_dask.inputs.translate import (
+    DEFAULT_MIN_ORF,
+    FRAME_MODES,
+    FRAMES,
+    CodonLookup,
+    InvalidBase,
+    translate_frames,
+)
+
+#: The translations offered (``translate=``).
+TRANSLATIONS = ("six-frame",)
+#: Peptides whose ids are built at once (the gather holds a few index bytes per id byte).
+_IDS_AT_ONCE = 1 << 18
+
+
+@dataclass(frozen=True)
+class Translation:
+    """How reads become peptides.
+
+    Parameters
+    ----------
+    genetic_code
+        NCBI translation table number.
+    frames
+        ``"stop-free"``: keep a frame without any stop codon (VirNucPro's rule). ``"orfs"``:
+        keep every stop-to-stop piece of a frame of at least ``min_peptide`` residues.
+    min_peptide
+        Shortest peptide kept; default 1 (every stop-free frame) for ``stop-free``,
+        :data:`~virnuc_dask.inputs.translate.DEFAULT_MIN_ORF` for ``orfs``.
+    split_bp
+        Cut reads longer than this into pieces of this many bases first (None: no cutting).
+    """
+
+    genetic_code: int = 1
+    frames: str = "stop-free"
+    min_peptide: int | None = None
+    split_bp: int | None = None
+
+    @property
+    def shortest(self) -> int:
+        """The shortest peptide kept, with the default resolved."""
+        if self.min_peptide is not None:
+            return self.min_peptide
+        return 1 if self.frames == "stop-free" else DEFAULT_MIN_ORF
+
+    def validate(self) -> None:
+        """Raise :class:`VirnucError` for a setting out of range."""
+        CodonLookup.for_code(self.genetic_code)  # refuses an unknown table
+        if self.frames not in FRAME_MODES:
+            raise VirnucError(f"frames must be one of {', '.join(FRAME_MODES)}")
+        if self.min_peptide is not None and self.min_peptide < 1:
+            raise VirnucError(f"min peptide must be at least 1, got {self.min_peptide}")
+        if self.split_bp is not None and self.split_bp < 3:
+            raise VirnucError(f"split bp must be at least 3 (one codon), got {self.split_bp}")
+
+    def settings(self) -> dict:
+        """The settings as recorded in fingerprints and output attributes."""
+        return {
+            "translate": "six-frame",
+            "genetic_code": self.genetic_code,
+            "frames": self.frames,
+            "min_peptide": self.shortest,
+            "split_bp": self.split_bp,
+        }
+
+
+@dataclass
+class _ReadTable:
+    """Every read's id and place, as an id table for the duplicate check."""
+
+    inputs: list[str]
+    id_bytes: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint8))
+    id_offsets: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))
+    file: np.ndarray = field(default_factory=lambda: np.empty(0, np.int32))
+    line: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+
+
+def build_peptide_index(
+    inputs: list[str | Path],
+    staging: str | Path,
+    translation: Translation | None = None,
+    *,
+    duplicate_ids: str = "error",
+) -> tuple[FastaIndex, ReadProvenance]:
+    """Translate the reads of ``inputs`` and index the kept peptides.
+
+    Parameters
+    ----------
+    inputs
+        Reads files: FASTA or FASTQ, plain or gzip, DNA or RNA; pipes too.
+    staging
+        Folder for the staged peptide files (one per input), which workers read.
+    translation
+        How reads become peptides (default: standard code, stop-free frames).
+    duplicate_ids
+        ``"error"`` refuses a read id seen twice; ``"suffix"`` renames later occurrences
+        ``ID.2``, ``ID.3``, ... before the frame is added.
+
+    Returns
+    -------
+    index, provenance
+        The peptides' index (ids, lengths, offsets in the staged files) and where each
+        peptide comes from.
+
+    Raises
+    ------
+    VirnucError
+        For every problem of the input, naming the file and the line or read; for inputs
+        without any peptide.
+    """
+    translation = translation or Translation()
+    translation.validate()
+    if duplicate_ids not in DUPLICATE_POLICIES:
+        raise VirnucError(f"duplicate_ids must be one of {DUPLICATE_POLICIES}")
+    paths, _ = check_inputs(inputs)
+    staging = Path(staging)
+    staging.mkdir(parents=True, exist_ok=True)
+    built = _Builder(translation, paths)
+    digest = hashlib.blake2b(digest_size=16)
+    files = []
+    for number, path in enumerate(paths):
+        target = staging / f"peptides-{number:04d}.txt"
+        built.file(path, number, target, digest)
+        files.append(str(target.resolve()))
+    return built.finish(files, digest.hexdigest(), duplicate_ids)
+
+
+class _Builder:
+    """Peptides and reads gathered batch by batch, as compact arrays."""
+
+    def __init__(self, translation: Translation, paths: list[str]) -> None:
+        self.translation = translation
+        self.lookup = CodonLookup.for_code(translation.genetic_code)
+        self.paths = paths
+        self.columns: dict[str, list[np.ndarray]] = {}
+        self.ids: list[np.ndarray] = []
+        self.id_lengths: list[np.ndarray] = []
+        self.read_file: list[np.ndarray] = []
+        self.read_line: list[np.ndarray] = []
+        self.hashes = array("q")
+        self.reads = 0
+        self.without = 0
+        self.first_without: list[str] = []
+
+    def file(self, path: str, number: int, target: Path, digest) -> None:
+        """Translate one reads file, writing its peptides to ``target``."""
+        partial = target.with_name(target.name + ".partial")
+        before = self.reads
+        try:
+            with open(partial, "wb") as out:
+                for batch in read_batches(path, digest):
+                    self._batch(batch, number, out, path)
+        except OSError as error:
+            partial.unlink(missing_ok=True)
+            raise VirnucError(
+                f"cannot write {shown(partial)} to stage the peptides of input {shown(path)}: "
+                f"{error.strerror or error}; free space there or choose another work directory "
+                "(--work-dir)"
+            ) from None
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        os.replace(partial, target)
+        if self.reads == before:
+            raise VirnucError(f"{shown(path)}: no reads in the file; leave it out of the inputs")
+
+    def _batch(self, batch: ReadBatch, number: int, out, path: str) -> None:
+        t = self.translation
+        n = len(batch)
+        if t.split_bp:
+            read, piece_start, piece = split_starts(batch.length, t.split_bp)
+            start = batch.start[read] + piece_start
+            length = np.minimum(batch.length[read], t.split_bp)
+        else:
+            read, piece_start, piece = np.arange(n), None, None
+            start, length = batch.start, batch.length
+        try:
+            peptides = translate_frames(
+                batch.seq, start, length, self.lookup, frames=t.frames, min_peptide=t.shortest
+            )
+        except InvalidBase as bad:
+            at = bad.position + (int(piece_start[bad.sequence]) if t.split_bp else 0)
+            message = bad_base_message(batch, int(read[bad.sequence]), at, bad.byte, shown(path))
+            raise VirnucError(message) from None
+        # Staged: the peptides' lines as they came; the rows below point into them.
+        position = out.tell()
+        out.write(peptides.residues.tobytes())
+        view = memoryview(peptides.residues)
+        checksum = np.fromiter(
+            (zlib.crc32(view[s : s + k]) for s, k in zip(peptides.start.tolist(),
+                                                          peptides.length.tolist(), strict=True)),
+            dtype=np.uint32,
+            count=len(peptides),
+        )  # fmt: skip
+        source = read[peptides.sequence]
+        columns = {
+            "read": source + self.reads,
+            "file": np.full(len(peptides), number, dtype=np.int32),
+            "offset": peptides.start + position,
+            "length": peptides.length,
+            "checksum": checksum,
+            "line": batch.line[source],
+            "frame": peptides.frame,
+            "orf": peptides.orf,
+            "nt_start": peptides.nt_start,
+            "nt_end": peptides.nt_end,
+        }
+        if t.split_bp:
+            columns["piece"] = piece[peptides.sequence]
+            columns["piece_start"] = piece_start[peptides.sequence]
+        for name, values in columns.items():
+            self.columns.setdefault(name, []).append(values)
+        # The reads, for ids and the duplicate check.
+        lengths = np.diff(batch.id_offsets)
+        self.ids.append(batch.ids)
+        self.id_lengths.append(lengths)
+        self.read_file.append(np.full(n, number, dtype=np.int32))
+        self.read_line.append(batch.line)
+        data = batch.ids.tobytes()
+        edges = batch.id_offsets.tolist()
+        self.hashes.extend(hash(data[a:b]) for a, b in zip(edges[:-1], edges[1:], strict=True))
+        has = np.zeros(n, dtype=bool)
+        has[source] = True
+        missing = np.flatnonzero(~has)
+        self.without += len(missing)
+        for row in missing[: max(0, LISTED_WITHOUT - len(self.first_without))].tolist():
+            self.first_without.append(batch.id(row))
+        self.reads += n
+
+    def finish(
+        self, files: list[str], digest: str, duplicate_ids: str
+    ) -> tuple[FastaIndex, ReadProvenance]:
+        """Check the read ids, build the peptides' ids, and make the index."""
+        reads = _ReadTable(
+            inputs=self.paths,
+            id_bytes=np.concatenate(self.ids) if self.ids else np.empty(0, np.uint8),
+            id_offsets=offsets(np.concatenate(self.id_lengths)),
+            file=np.concatenate(self.read_file),
+            line=np.concatenate(self.read_line),
+        )
+        paired = (
+            " (the mates of paired-end reads often share ids: give one file of each pair per "
+            f"run, or {option('duplicate_ids', 'suffix')})"
+        )
+        check_duplicates(
+            reads, np.frombuffer(self.hashes, dtype=np.int64), duplicate_ids,
+            what="read id", hint=paired,
+        )  # fmt: skip
+        col = {name: np.concatenate(values) for name, values in self.columns.items()}
+        if not col or not len(col["length"]):
+            raise VirnucError(
+                f"no read of the {len(self.paths)} input(s) has a peptide to embed "
+                f"({self.reads:,} reads, none with a kept frame); "
+                + (
+                    f"try {option('frames', 'orfs')} to embed the pieces between stop codons"
+                    if self.translation.frames == "stop-free"
+                    else f"try a smaller {option('min_peptide', 'N')}"
+                )
+            )
+        id_bytes, id_offsets, read_bytes = self._peptide_ids(reads, col)
+        index = FastaIndex(
+            inputs=self.paths,
+            files=files,
+            file=col["file"],
+            offset=col["offset"],
+            span=col["length"],
+            length=col["length"],
+            line=col["line"],
+            id_bytes=id_bytes,
+            id_offsets=id_offsets,
+            checksum=col["checksum"],
+            digest=digest,
+        )
+        provenance = ReadProvenance(
+            read_bytes=read_bytes,
+            frame=col["frame"],
+            nt_start=col["nt_start"],
+            nt_end=col["nt_end"],
+            piece=col.get("piece"),
+            piece_start=col.get("piece_start"),
+            orf=col["orf"] if self.translation.frames == "orfs" else None,
+            reads=self.reads,
+            without_peptides=self.without,
+            first_without=self.first_without,
+            settings=self.translation.settings(),
+        )
+        return index, provenance
+
+    def _peptide_ids(self, reads: _ReadTable, col: dict) -> tuple[np.ndarray, ...]:
+        """``<read>[_chunk_<k>]<frame>[_orf_<n>]`` for every peptide, as id arrays."""
+        read = col["read"]
+        read_start = reads.id_offsets[read]
+        read_bytes = (reads.id_offsets[read + 1] - read_start).astype(np.int32)
+        parts = [(reads.id_bytes, read_start, read_bytes)]
+        if "piece" in col:
+            parts.append(_constant(b"_chunk_", len(read)))
+            parts.append(_decimal(col["piece"]))
+        frames = np.frombuffer("".join(FRAMES).encode(), dtype=np.uint8)
+        parts.append((frames, col["frame"].astype(np.int64) * 2, np.full(len(read), 2)))
+        if self.translation.frames == "orfs":
+            parts.append(_constant(b"_orf_", len(read)))
+            parts.append(_decimal(col["orf"]))
+        lengths = sum(np.asarray(p[2], dtype=np.int64) for p in parts)
+        id_offsets = offsets(lengths)
+        id_bytes = np.empty(int(id_offsets[-1]), dtype=np.uint8)
+        sizes = [np.asarray(size) for _, _, size in parts]
+        for first in range(0, len(read), _IDS_AT_ONCE):
+            rows = slice(first, first + _IDS_AT_ONCE)
+            # Each part's bytes for these peptides, then interleaved peptide by peptide.
+            gathered = [ragged(buffer, starts[rows], size[rows]) for (buffer, starts, _), size
+                        in zip(parts, sizes, strict=True)]  # fmt: skip
+            _interleave(id_bytes, id_offsets, rows, gathered, sizes)
+        return id_bytes, id_offsets, read_bytes
+
+
+def _constant(text: bytes, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A part that is the same bytes for every peptide."""
+    return (
+        np.frombuffer(text, dtype=np.uint8),
+        np.zeros(count, dtype=np.int64),
+        np.full(count, len(text), dtype=np.int64),
+    )
+
+
+def _decimal(numbers: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A part that is each number written in decimal."""
+    numbers = np.asarray(numbers, dtype=np.int64)
+    top = int(numbers.max()) if len(numbers) else 0
+    written = [str(k).encode() for k in range(top + 1)]
+    table = np.frombuffer(b"".join(written), dtype=np.uint8)
+    sizes = np.array([len(w) for w in written], dtype=np.int64)
+    starts = offsets(sizes)[:-1]
+    return table, starts[numbers], sizes[numbers]
+
+
+def _interleave(out, out_offsets, rows: slice, gathered, sizes) -> None:
+    """Write the parts of peptides ``rows`` into ``out``, one peptide's parts after another."""
+    count = len(out_offsets) - 1
+    first, stop = rows.start, min(rows.stop, count)
+    skip = np.zeros(stop - first, dtype=np.int64)
+    for part, size in zip(gathered, sizes, strict=True):
+        size = size[first:stop].astype(np.int64)
+        # Where this part of each peptide goes: its id's start plus the parts before it.
+        place = out_offsets[first:stop] + skip
+        within = np.arange(int(size.sum()), dtype=np.int64) - np.repeat(
+            np.cumsum(size) - size, size
+        )
+        out[np.repeat(place, size) + within] = part
+        skip += size
