@@ -55,7 +55,7 @@ def check_duplicates(
     VirnucError
         With ``policy="error"``, naming the id and both places.
     """
-    order = np.argsort(hashes, kind="stable")
+    order = np.argsort(hashes)  # equal hashes are compared by row below: no stable sort needed
     sorted_hashes = hashes[order]
     same = np.flatnonzero(sorted_hashes[1:] == sorted_hashes[:-1])
     if not len(same):

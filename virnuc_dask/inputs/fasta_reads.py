@@ -79,7 +79,7 @@ def parse(data: bytes, line: int, final: bool, text: str) -> tuple[ReadBatch | N
             f"{text}, line {lines[row]}: read {name} is empty (no bases after its header); "
             "remove the record or add its bases"
         )
-    ids, id_offsets = header_ids(a, starts[records], header_end, lines, text)
+    ids, id_offsets, id_text = header_ids(a, starts[records], header_end, lines, text)
 
     def base_line(read: int, position: int) -> int:
         # Only for messages: walk the read's lines until the base.
@@ -93,7 +93,7 @@ def parse(data: bytes, line: int, final: bool, text: str) -> tuple[ReadBatch | N
                 return line + number
         return line + last - 1
 
-    batch = ReadBatch(seq, offsets(length)[:-1], length, ids, id_offsets, lines, base_line)
+    batch = ReadBatch(seq, offsets(length)[:-1], length, ids, id_offsets, lines, id_text, base_line)
     return batch, region[1], taken
 
 

@@ -82,12 +82,12 @@ def parse(data: bytes, line: int, final: bool, text: str) -> tuple[ReadBatch | N
     if problems:
         _refuse(a, int(min(problems)), not_header, not_plus, header, header_end, bases_end, bases,
                 quality, quality_end, plus, ends, first_line, text)  # fmt: skip
-    ids, id_offsets = header_ids(a, header, header_end, first_line, text)
+    ids, id_offsets, id_text = header_ids(a, header, header_end, first_line, text)
 
     def base_line(read: int, position: int) -> int:
         return int(first_line[read]) + 1
 
-    batch = ReadBatch(a, bases, length, ids, id_offsets, first_line, base_line)
+    batch = ReadBatch(a, bases, length, ids, id_offsets, first_line, id_text, base_line)
     return batch, used, n4
 
 

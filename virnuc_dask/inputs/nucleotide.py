@@ -35,14 +35,6 @@ MIN_NUCLEOTIDE_SHARE = 0.9
 #: Share of the letters that each of A, C, G and T/U must reach.
 MIN_BASE_SHARE = 0.05
 
-#: Byte -> base code: A 0, C 1, G 2, T or U 3, an IUPAC ambiguity code 4, anything else 255.
-BASE_CODE = np.full(256, 255, dtype=np.uint8)
-for _code, _letters in enumerate((b"A", b"C", b"G", b"TU")):
-    for _letter in _letters:
-        BASE_CODE[_letter] = BASE_CODE[_letter + 32] = _code
-for _letter in AMBIGUOUS:
-    BASE_CODE[_letter] = BASE_CODE[_letter + 32] = 4
-
 
 def letter_counts(sample: bytes | bytearray) -> np.ndarray:
     """Counts of each byte value (256) in ``sample``."""

@@ -12,7 +12,7 @@ UTF-8 without control characters, at most ``MAX_ID_BYTES`` bytes.
 
 from __future__ import annotations
 
-import hashlib
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -24,6 +24,7 @@ from virnuc_dask.inputs.fasta import MAX_ID_BYTES
 from virnuc_dask.inputs.staging import open_blocks, shown
 
 _UTF8_BOM = b"\xef\xbb\xbf"
+NEWLINE = b"\n"
 _CONTROL = np.zeros(256, dtype=bool)
 _CONTROL[list(range(32)) + [127]] = True
 
@@ -42,6 +43,8 @@ class ReadBatch:
         The ids, UTF-8, back to back (uint8); id ``i`` is ``ids[id_offsets[i]:id_offsets[i+1]]``.
     line
         Per read, the 1-based line of its header in the file.
+    id_text
+        The ids joined by line feeds (bytes): ``id_text.split(b"\\n")`` lists them.
     base_line
         ``base_line(read, position)``: the line of the file holding a read's base (0-based
         position), for messages.
@@ -53,6 +56,7 @@ class ReadBatch:
     ids: np.ndarray
     id_offsets: np.ndarray
     line: np.ndarray
+    id_text: bytes
     base_line: Callable[[int, int], int]
 
     def __len__(self) -> int:
@@ -82,7 +86,7 @@ def offsets(lengths: np.ndarray) -> np.ndarray:
 
 def header_ids(
     a: np.ndarray, header: np.ndarray, end: np.ndarray, lines: np.ndarray, text: str
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, bytes]:
     """The ids of header lines: the first word after the ``>`` or ``@``, checked.
 
     Parameters
@@ -98,35 +102,31 @@ def header_ids(
 
     Returns
     -------
-    ids, id_offsets
-        The ids back to back, and their offsets.
+    ids, id_offsets, id_text
+        The ids back to back, their offsets, and the ids joined by line feeds.
     """
-    blank = np.flatnonzero((a == 32) | (a == 9))
+    # The header lines alone (without the '>' or '@'), back to back: blanks end the ids.
     first = header + 1
-    # The id ends at the first space or tab after it, or at the end of the line.
-    at = np.searchsorted(blank, first)
-    after = np.full(len(first), len(a), dtype=np.int64)
+    size = np.maximum(end - first, 0)
+    text_of = ragged(a, first, size)
+    text_at = offsets(size)
+    blank = np.flatnonzero((text_of == 32) | (text_of == 9))
+    at = np.searchsorted(blank, text_at[:-1])
+    after = text_at[1:].copy()
     found = at < len(blank)
-    after[found] = blank[at[found]]
-    length = np.minimum(after, end) - first
+    after[found] = np.minimum(blank[at[found]], after[found])
+    length = after - text_at[:-1]
     # Ids that start after spaces ('@ read1') are rare: found word by word.
-    for row in np.flatnonzero(length == 0):
-        words = a[first[row] : end[row]].tobytes().split()
-        if not words:
-            raise VirnucError(
-                f"{text}, line {lines[row]}: header has no id after "
-                f"{chr(a[header[row]])!r}; give every record an id"
-            )
-        first[row] = first[row] + a[first[row] : end[row]].tobytes().index(words[0])
-        length[row] = len(words[0])
     ids = ragged(a, first, length)
     id_offsets = offsets(length)
-    _check_ids(ids, id_offsets, lines, text)
-    return ids, id_offsets
+    return ids, id_offsets, _check_ids(ids, id_offsets, lines, text)
 
 
-def _check_ids(ids: np.ndarray, id_offsets: np.ndarray, lines: np.ndarray, text: str) -> None:
-    """Refuse ids with control characters, invalid UTF-8, or over ``MAX_ID_BYTES`` bytes."""
+def _check_ids(ids: np.ndarray, id_offsets: np.ndarray, lines: np.ndarray, text: str) -> bytes:
+    """Refuse ids with control characters, invalid UTF-8, or over ``MAX_ID_BYTES`` bytes.
+
+    Returns the ids joined by line feeds.
+    """
     control = np.flatnonzero(_CONTROL[ids])
     if len(control):
         row = int(np.searchsorted(id_offsets, control[0], side="right")) - 1
@@ -144,19 +144,21 @@ def _check_ids(ids: np.ndarray, id_offsets: np.ndarray, lines: np.ndarray, text:
             f"(UTF-8), over the limit of {MAX_ID_BYTES}; shorten the header's first word"
         )
     # Line feeds between the ids: an id cut inside a multi-byte letter cannot pass as valid.
-    joined = np.full(len(ids) + len(lengths), ord("\n"), dtype=np.uint8)
+    joined = np.full(len(ids) + len(lengths) - 1, ord("\n"), dtype=np.uint8)
     joined[np.arange(len(ids)) + np.repeat(np.arange(len(lengths)), lengths)] = ids
+    text_bytes = joined.tobytes()
     try:
-        joined.tobytes().decode("utf-8")
+        text_bytes.decode("utf-8")
     except UnicodeDecodeError as error:
         row = joined[: error.start].tobytes().count(b"\n")
         raise VirnucError(
             f"{text}, line {lines[row]}: id is not valid UTF-8 (byte "
             f"{joined[error.start]:#04x}); write ids in ASCII or UTF-8"
         ) from None
+    return text_bytes
 
 
-def read_batches(path: str, digest: hashlib.blake2b | None = None) -> Iterator[ReadBatch]:
+def read_batches(path: str, digest=None) -> Iterator[ReadBatch]:
     """The records of a reads file (FASTA or FASTQ, plain or gzip), in batches.
 
     Parameters
@@ -164,7 +166,7 @@ def read_batches(path: str, digest: hashlib.blake2b | None = None) -> Iterator[R
     path
         The file (or pipe).
     digest
-        Updated with every byte of the (decompressed) file, for fingerprints.
+        A ``hashlib`` object updated with the file's bytes as stored, for fingerprints.
 
     Raises
     ------
@@ -174,15 +176,12 @@ def read_batches(path: str, digest: hashlib.blake2b | None = None) -> Iterator[R
     from virnuc_dask.inputs import fasta_reads, fastq
 
     text = shown(path)
-    with open_blocks(path) as blocks:
+    with open_blocks(path, digest) as blocks:
         parts: list[bytes] = []
         line, form = 1, None
         while True:
-            pending = b"".join(parts)
-            at = line + pending.count(b"\n")
-            block = blocks.read(where=f", in line {at}")
-            if digest is not None:
-                digest.update(block)
+            pending = b"".join(parts) if len(parts) > 1 else (parts[0] if parts else b"")
+            block = blocks.read(where=functools.partial(_where, line, pending))
             if form is None:
                 if line == 1 and not pending and block.startswith(_UTF8_BOM):
                     block = block[len(_UTF8_BOM) :]
@@ -210,6 +209,11 @@ def read_batches(path: str, digest: hashlib.blake2b | None = None) -> Iterator[R
                 yield batch
             if final:
                 return
+
+
+def _where(line: int, pending: bytes) -> str:
+    """Where a truncated file stops: the line after those read (``pending`` is unparsed)."""
+    return f", in line {line + pending.count(NEWLINE)}"
 
 
 def _refuse_empty(text: str, pending: bytes) -> None:

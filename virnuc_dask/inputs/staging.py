@@ -25,9 +25,11 @@ import gzip
 import hashlib
 import io
 import os
+import queue
 import stat
+import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -175,25 +177,43 @@ def plain_copy(path: str, info: os.stat_result, number: int, staging: str | Path
 
 
 @contextlib.contextmanager
-def open_blocks(path: str) -> Iterator[Blocks]:
+def open_blocks(path: str, digest=None) -> Iterator[Blocks]:
     """Open an input to be read once, front to back, decompressing gzip on the fly.
 
     Works for pipes too (nothing is copied). Yields a :class:`Blocks` reader.
+
+    Parameters
+    ----------
+    path
+        The input.
+    digest
+        A ``hashlib`` object updated with the file's bytes as stored (compressed, for gzip:
+        fewer bytes to hash, and as good an identity of the input).
     """
     with contextlib.ExitStack() as stack:
         try:
             handle = stack.enter_context(open(path, "rb"))
+            seekable = handle.seekable()
         except OSError as error:
             raise VirnucError(unreadable(path, error)) from None
         magic, compressed = _sniff(path, handle)
-        source: BinaryIO = _Prefixed(magic, handle)
+        if seekable:
+            handle.seek(0)
+            source: BinaryIO = _Hashed(b"", handle, digest)
+        else:
+            source = _Hashed(magic, handle, digest)
         if compressed:
             source = stack.enter_context(gzip.GzipFile(fileobj=source, mode="rb"))
-        yield Blocks(source, path, compressed)
+        blocks = Blocks(source, path, compressed)
+        stack.callback(blocks.close)
+        yield blocks
 
 
 class Blocks:
     """Successive blocks of an input's (decompressed) bytes; errors say what is wrong.
+
+    A thread reads ahead (a few blocks at most): reading, decompressing and hashing release
+    the GIL, so they overlap with the parsing and translating of the blocks before.
 
     Parameters
     ----------
@@ -205,15 +225,67 @@ class Blocks:
         Whether ``source`` decompresses gzip.
     """
 
+    _AHEAD = 3
+
     def __init__(self, source: BinaryIO, path: str, compressed: bool) -> None:
         self._source, self._path, self.compressed = source, path, compressed
+        self._queue: queue.Queue = queue.Queue(maxsize=self._AHEAD)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read_ahead, daemon=True)
+        self._thread.start()
 
-    def read(self, where: str = "") -> bytes:
-        """The next block (empty at the end); ``where`` places a truncation in the message."""
+    def _read_ahead(self) -> None:
         # read1: a gzip stream hands over everything it could decompress before it raises
         # for a truncated file, so that the message can say where the data stops.
-        reader = self._source.read1 if self.compressed else self._source.read
-        return read_block(reader, self._path, where)
+        read = self._source.read1 if self.compressed else self._source.read
+        while not self._stop.is_set():
+            try:
+                block = read(BLOCK_BYTES)
+            except BaseException as error:  # handed to the reader, which raises it
+                self._put(error)
+                return
+            self._put(block)
+            if not block:
+                return
+
+    def _put(self, item) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def read(self, where: Callable[[], str] | None = None) -> bytes:
+        """The next block (empty at the end); ``where()`` places a truncation in the message."""
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            self._queue.put(item)  # every later read raises it too
+            raise read_error(item, self._path, where) from None
+        if not item:
+            self._queue.put(item)
+        return item
+
+    def close(self) -> None:
+        """Stop reading ahead (the stream is closed by :func:`open_blocks`)."""
+        self._stop.set()
+        self._thread.join()
+
+
+class _Hashed:
+    """A file's bytes (after ``prefix``, bytes already read from a pipe), hashed as read."""
+
+    def __init__(self, prefix: bytes, stream: BinaryIO, digest) -> None:
+        self._prefix, self._stream, self._digest = prefix, stream, digest
+
+    def read(self, size: int = -1) -> bytes:
+        if self._prefix:
+            data, self._prefix = self._prefix, b""
+        else:
+            data = self._stream.read(size)
+        if self._digest is not None:
+            self._digest.update(data)
+        return data
 
 
 class _Prefixed(io.RawIOBase):
@@ -257,7 +329,7 @@ def _copy(source: BinaryIO, target: Path, path: str) -> None:
     os.replace(partial, target)
 
 
-def read_block(read, path: str, where: str = "") -> bytes:
+def read_block(read, path: str, where: Callable[[], str] | None = None) -> bytes:
     """One block from ``read``; damaged gzip data becomes a message that says the fix.
 
     Parameters
@@ -267,32 +339,42 @@ def read_block(read, path: str, where: str = "") -> bytes:
     path
         The input, for messages.
     where
-        Inserted after "ends inside its compressed data" for a truncated file, e.g.
-        ``", in line 12"``.
+        Called for a truncated file: what it returns (e.g. ``", in line 12"``) is inserted
+        after "ends inside its compressed data".
     """
-    text = shown(path)
     try:
         return read(BLOCK_BYTES)
-    except EOFError:
-        raise VirnucError(
-            f"input {text} is a truncated gzip file (it ends inside its compressed data{where}: "
+    except (EOFError, zlib.error, OSError) as error:  # gzip.BadGzipFile is an OSError
+        raise read_error(error, path, where) from None
+
+
+def read_error(
+    error: BaseException, path: str, where: Callable[[], str] | None = None
+) -> BaseException:
+    """The message for an error reading an input (damaged gzip, I/O); others unchanged."""
+    text = shown(path)
+    if isinstance(error, EOFError):
+        return VirnucError(
+            f"input {text} is a truncated gzip file (it ends inside its compressed data"
+            f"{where() if where else ''}: "
             "a download or copy cut short?); fetch or compress it again"
-        ) from None
-    except gzip.BadGzipFile as error:
+        )
+    if isinstance(error, gzip.BadGzipFile):
         if str(error).startswith("Not a gzipped file"):
-            raise VirnucError(
+            return VirnucError(
                 f"input {text} has bytes after the end of its gzip data that are not gzip "
                 "(trailing garbage); re-compress it (gzip -dc FILE | gzip > NEW.gz)"
-            ) from None
-        raise VirnucError(
+            )
+        return VirnucError(
             f"input {text} is a damaged gzip file ({error}); fetch or compress it again"
-        ) from None
-    except zlib.error as error:
-        raise VirnucError(
+        )
+    if isinstance(error, zlib.error):
+        return VirnucError(
             f"input {text} is a damaged gzip file ({error}); fetch or compress it again"
-        ) from None
-    except OSError as error:
-        raise VirnucError(unreadable(path, error)) from None
+        )
+    if isinstance(error, OSError):
+        return VirnucError(unreadable(path, error))
+    return error
 
 
 def file_digest(path: str, shown_as: str) -> str:

@@ -8,11 +8,14 @@ only complete codons are translated. A codon holding any letter other than ``A``
 How it is computed, with no Python loop over codons or sequences:
 
 - Sequences of one length form a group, a 2-D array of bases (a read file holds few lengths).
-  Each base becomes a code (A 0, C 1, G 2, T/U 3, ambiguous 4) through one lookup table, and
-  every position of a group gets the number ``25 a + 5 b + c`` of the codon that starts there
-  (125 values). One table gives that codon's amino acid, another that of its reverse
-  complement, a third whether either is a stop. A forward frame is every third column from
-  its offset; a reverse frame the same columns read backwards from the end.
+  Each base becomes a code by arithmetic, ``(byte >> 1) & 3``: A 0, C 1, T/U 2, G 3 in
+  either case, the complement being ``code ^ 2``; the rare other letters (``N``, IUPAC
+  codes: 4) are found by deleting the bases from the bytes, which leaves them. Every position
+  of a group gets the number ``25 a + 5 b + c`` of the codon that starts there (125 values).
+  One table gives that codon's amino acid, another that of its reverse complement, a third
+  whether either is a stop; tables are applied with ``bytes.translate``, twice as fast as
+  numpy's indexing. A forward frame is every third column from its offset; a reverse frame
+  the same columns read backwards from the end.
 - ``stop-free`` (VirNucPro's rule) keeps a frame when none of its codons is a stop: one
   OR-reduction per residue class of the stop bits, then only the kept frames are looked up.
 - ``orfs`` splits every frame at its stop codons and keeps the pieces of at least
@@ -31,7 +34,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from virnuc_dask.inputs.genetic_codes import codon_table
-from virnuc_dask.inputs.nucleotide import BASE_CODE
+from virnuc_dask.inputs.nucleotide import AMBIGUOUS
 
 #: Frame names, in the order of their numbers in :attr:`Peptides.frame`.
 FRAMES = ("F1", "F2", "F3", "R1", "R2", "R3")
@@ -41,7 +44,10 @@ FRAME_MODES = ("stop-free", "orfs")
 DEFAULT_MIN_ORF = 30
 
 _X, _STOP, _NEWLINE = ord("X"), ord("*"), ord("\n")
-_ACGT = "ACGT"
+#: Bases in the order of their arithmetic codes, ``(byte >> 1) & 3``.
+_BY_CODE = "ACTG"
+_BASES = b"ACGTUacgtu"
+_AMBIGUOUS = frozenset(AMBIGUOUS + AMBIGUOUS.lower())
 #: Bases of one group handled at once (the temporaries are a few bytes per base).
 _GROUP_BASES = 1 << 22
 
@@ -56,7 +62,11 @@ class InvalidBase(Exception):
 
 @dataclass(frozen=True)
 class CodonLookup:
-    """A genetic code as three 125-entry tables over codon numbers ``25 a + 5 b + c``.
+    """A genetic code as three tables over codon numbers ``25 a + 5 b + c``.
+
+    Base codes are those of :func:`base_codes` (A 0, C 1, T 2, G 3, ambiguous 4). Each table
+    has 256 entries (the 125 codon numbers, then unused ones), as ``bytes`` for
+    ``bytes.translate``.
 
     Attributes
     ----------
@@ -68,29 +78,59 @@ class CodonLookup:
         Bit 1: the codon is a stop; bit 2: its reverse complement is.
     """
 
-    forward: np.ndarray
-    reverse: np.ndarray
-    stops: np.ndarray
+    forward: bytes
+    reverse: bytes
+    stops: bytes
 
     @classmethod
     @functools.cache
     def for_code(cls, genetic_code: int) -> CodonLookup:
         """The tables of NCBI genetic code ``genetic_code``."""
         table = codon_table(genetic_code)
-        forward = np.full(125, _X, dtype=np.uint8)
-        reverse = np.full(125, _X, dtype=np.uint8)
+        forward = np.full(256, _X, dtype=np.uint8)
+        reverse = np.full(256, _X, dtype=np.uint8)
         for a in range(4):
             for b in range(4):
                 for c in range(4):
                     number = 25 * a + 5 * b + c
-                    codon = _ACGT[a] + _ACGT[b] + _ACGT[c]
-                    complement = _ACGT[3 - c] + _ACGT[3 - b] + _ACGT[3 - a]
+                    codon = _BY_CODE[a] + _BY_CODE[b] + _BY_CODE[c]
+                    complement = _BY_CODE[c ^ 2] + _BY_CODE[b ^ 2] + _BY_CODE[a ^ 2]
                     forward[number] = ord(table[codon])
                     reverse[number] = ord(table[complement])
         stops = (forward == _STOP).astype(np.uint8) | ((reverse == _STOP).astype(np.uint8) << 1)
-        for array in (forward, reverse, stops):
-            array.setflags(write=False)
-        return cls(forward, reverse, stops)
+        return cls(forward.tobytes(), reverse.tobytes(), stops.tobytes())
+
+
+def _apply(table: bytes, values: np.ndarray) -> np.ndarray:
+    """``table[values]`` for a uint8 array, through ``bytes.translate``."""
+    out = np.frombuffer(np.ascontiguousarray(values).tobytes().translate(table), dtype=np.uint8)
+    return out.reshape(values.shape)
+
+
+def base_codes(raw: np.ndarray) -> tuple[np.ndarray, bool]:
+    """Codes of bases (uint8): A 0, C 1, T or U 2, G 3 (either case), IUPAC codes 4.
+
+    Returns the codes and whether any is 4.
+
+    Raises
+    ------
+    InvalidBase
+        For any other letter, with ``sequence`` the row of ``raw`` (its first such row) and
+        ``position`` the column.
+    """
+    code = (raw >> 1) & 3
+    others = raw.tobytes().translate(None, _BASES)  # the letters that are not bases
+    if others:
+        letters = set(others)
+        invalid = [letter for letter in letters if letter not in _AMBIGUOUS]
+        if invalid:
+            bad = np.isin(raw, invalid)
+            row = int(np.argmax(bad.any(axis=1)))
+            column = int(np.argmax(bad[row]))
+            raise InvalidBase(row, column, int(raw[row, column]))
+        for letter in letters:
+            code[raw == letter] = 4
+    return code, bool(others)
 
 
 @dataclass
@@ -113,6 +153,9 @@ class Peptides:
     nt_start, nt_end
         The bases it was translated from, 0-based and half-open on the forward strand of its
         sequence.
+    one_per_line
+        Whether each line of ``residues`` is one peptide (``stop-free``), rather than a whole
+        frame holding pieces (``orfs``).
     """
 
     residues: np.ndarray
@@ -123,6 +166,7 @@ class Peptides:
     orf: np.ndarray
     nt_start: np.ndarray
     nt_end: np.ndarray
+    one_per_line: bool = True
 
     def __len__(self) -> int:
         return len(self.length)
@@ -169,39 +213,53 @@ def translate_frames(
     start = np.asarray(start, dtype=np.int64)
     length = np.asarray(length, dtype=np.int64)
     parts = _Parts()
-    order = np.argsort(length, kind="stable")
+    if len(length) and length.min() == length.max():  # reads of one length: no sort needed
+        order = np.arange(len(length))
+    else:
+        order = np.argsort(length, kind="stable")
     sorted_lengths = length[order]
     edges = np.concatenate([[0], np.flatnonzero(np.diff(sorted_lengths)) + 1, [len(order)]])
-    for a, b in zip(edges[:-1], edges[1:], strict=True):
-        size = int(sorted_lengths[a]) if b > a else 0
-        rows_at_once = max(1, _GROUP_BASES // max(size, 1))
-        for first in range(a, b, rows_at_once):
-            rows = order[first : min(b, first + rows_at_once)]
-            _group(seq, start[rows], rows, size, lookup, frames, max(1, min_peptide), parts)
-    return parts.peptides()
+    try:
+        for a, b in zip(edges[:-1], edges[1:], strict=True):
+            size = int(sorted_lengths[a]) if b > a else 0
+            rows_at_once = max(1, _GROUP_BASES // max(size, 1))
+            for first in range(a, b, rows_at_once):
+                rows = order[first : min(b, first + rows_at_once)]
+                _group(seq, start[rows], rows, size, lookup, frames, max(1, min_peptide), parts)
+    except InvalidBase:
+        raise _first_invalid(seq, start, length) from None
+    peptides = parts.peptides()
+    peptides.one_per_line = frames == "stop-free"
+    return peptides
+
+
+def _first_invalid(seq: np.ndarray, start: np.ndarray, length: np.ndarray) -> InvalidBase:
+    """The batch's first letter that is not a base (groups run by length, not in order)."""
+    for row in range(len(start)):
+        try:
+            base_codes(seq[start[row] : start[row] + length[row]].reshape(1, -1))
+        except InvalidBase as bad:
+            return InvalidBase(row, bad.position, bad.byte)
+    raise AssertionError("no invalid letter found again")
 
 
 def _group(seq, starts, rows, size, lookup, frames, min_peptide, parts) -> None:
     """Translate sequences of one length ``size`` (at ``starts``; ``rows`` of the batch)."""
     raw = sliding_window_view(seq, size)[starts] if size else np.empty((len(rows), 0), np.uint8)
-    code = BASE_CODE[raw]
-    bad = code == 255
-    if bad.any():
-        # Of this group's sequences holding a bad letter, the first of the batch.
-        bad_rows = np.flatnonzero(bad.any(axis=1))
-        i = int(bad_rows[np.argmin(rows[bad_rows])])
-        j = int(np.argmax(bad[i]))
-        raise InvalidBase(int(rows[i]), j, int(raw[i, j]))
+    try:
+        code, ambiguous = base_codes(raw)
+    except InvalidBase as bad:
+        raise InvalidBase(int(rows[bad.sequence]), bad.position, bad.byte) from None
     if size < 3:
         return
     codons = code[:, :-2] * 25
     codons += code[:, 1:-1] * 5
     codons += code[:, 2:]
-    stops = lookup.stops[codons]
+    stops = _apply(lookup.stops, codons)
     if frames == "stop-free":
-        _stop_free(codons, stops, rows, size, lookup, min_peptide, parts)
+        _stop_free(codons, stops, rows, size, lookup, min_peptide, ambiguous, parts)
     else:
-        _orfs(codons, stops, rows, size, lookup, min_peptide, parts)
+        _orfs(codons, stops, rows, size, lookup, min_peptide, ambiguous, parts)
 
 
 def _frame_columns(frame: int, size: int) -> tuple[slice, int, int, int]:
@@ -219,7 +277,7 @@ def _frame_columns(frame: int, size: int) -> tuple[slice, int, int, int]:
     return columns, count, size - offset - 3 * count, size - offset
 
 
-def _stop_free(codons, stops, rows, size, lookup, min_peptide, parts) -> None:
+def _stop_free(codons, stops, rows, size, lookup, min_peptide, ambiguous, parts) -> None:
     # Stop bits of each residue class (positions 0, 3, 6, ... / 1, 4, ... / 2, 5, ...): a
     # forward frame is one class, a reverse frame another, depending on the length.
     classes = [np.bitwise_or.reduce(stops[:, k::3], axis=1) for k in range(min(3, size - 2))]
@@ -232,9 +290,9 @@ def _stop_free(codons, stops, rows, size, lookup, min_peptide, parts) -> None:
         if not len(keep):
             continue
         table = lookup.forward if frame < 3 else lookup.reverse
-        letters = table[codons[keep][:, columns]]
-        informative = np.flatnonzero((letters != _X).any(axis=1))
-        if len(informative) < len(keep):  # frames of ambiguous bases only carry nothing
+        letters = _apply(table, codons[keep][:, columns])
+        if ambiguous:  # frames of ambiguous bases only (all X) carry nothing
+            informative = np.flatnonzero((letters != _X).any(axis=1))
             keep, letters = keep[informative], letters[informative]
             if not len(keep):
                 continue
@@ -248,7 +306,7 @@ def _stop_free(codons, stops, rows, size, lookup, min_peptide, parts) -> None:
         )
 
 
-def _orfs(codons, stops, rows, size, lookup, min_peptide, parts) -> None:
+def _orfs(codons, stops, rows, size, lookup, min_peptide, ambiguous, parts) -> None:
     n = len(rows)
     for frame in range(6):
         columns, count, frame_start, frame_end = _frame_columns(frame, size)
@@ -283,9 +341,9 @@ def _orfs(codons, stops, rows, size, lookup, min_peptide, parts) -> None:
             nt_start, nt_end = frame_end - 3 * end, frame_end - 3 * begin
         table = lookup.forward if frame < 3 else lookup.reverse
         with_pieces, local_row = np.unique(row, return_inverse=True)
-        letters = table[codons[with_pieces][:, columns]]
-        unknown = letters == _X
-        if unknown.any():
+        letters = _apply(table, codons[with_pieces][:, columns])
+        unknown = letters == _X if ambiguous else None
+        if ambiguous and unknown.any():
             # Pieces of ambiguous bases only (all X) carry nothing: found by a prefix sum.
             known = np.zeros((len(with_pieces), count + 1), dtype=np.int32)
             np.cumsum(~unknown, axis=1, out=known[:, 1:])
