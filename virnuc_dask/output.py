@@ -14,6 +14,8 @@ once with the id the index expects, and renamed into place. Layout (``docs/outpu
   or float16, contiguous;
 - ``sequence``: the ids, variable-length UTF-8, a dimension scale (``ds.sel(sequence=ID)``);
 - ``length`` (residues before truncation), ``truncated`` (bool);
+- for a run on reads, the peptides' provenance as coordinates along ``sequence`` (``read``,
+  ``frame``, ``strand``, ``nt_start``, ``nt_end``, ...), given by the caller;
 - attributes: model, layers, pooling, compute dtype, weights source, versions, inputs, time.
 
 Decisions:
@@ -652,6 +654,9 @@ def assemble(
     overwrite
         Replace an existing output file or Zarr store (one this tool made), once the new one
         is complete. Checked before any work and again just before the rename.
+    variables
+        More variables along ``sequence`` (a run on reads: the peptides' provenance), as
+        :class:`OutputWriter` takes them.
 
     Returns
     -------

@@ -116,8 +116,19 @@ def header_ids(
     found = at < len(blank)
     after[found] = np.minimum(blank[at[found]], after[found])
     length = after - text_at[:-1]
+    start = text_at[:-1].copy()
     # Ids that start after spaces ('@ read1') are rare: found word by word.
-    ids = ragged(a, first, length)
+    for row in np.flatnonzero(length == 0):
+        line = text_of[text_at[row] : text_at[row + 1]].tobytes()
+        words = line.split()
+        if not words:
+            raise VirnucError(
+                f"{text}, line {lines[row]}: header has no id after "
+                f"{chr(a[header[row]])!r}; give every record an id"
+            )
+        start[row] += line.index(words[0])
+        length[row] = len(words[0])
+    ids = ragged(text_of, start, length)
     id_offsets = offsets(length)
     return ids, id_offsets, _check_ids(ids, id_offsets, lines, text)
 

@@ -235,18 +235,30 @@ class Blocks:
         self._thread.start()
 
     def _read_ahead(self) -> None:
-        # read1: a gzip stream hands over everything it could decompress before it raises
-        # for a truncated file, so that the message can say where the data stops.
+        # read1 for gzip: a gzip stream hands over everything it could decompress before it
+        # raises for a truncated file, so that the message can say where the data stops. It
+        # returns small pieces: they are gathered into blocks of BLOCK_BYTES.
         read = self._source.read1 if self.compressed else self._source.read
+        pieces: list[bytes] = []
+        size = 0
         while not self._stop.is_set():
             try:
-                block = read(BLOCK_BYTES)
+                piece = read(BLOCK_BYTES - size)
             except BaseException as error:  # handed to the reader, which raises it
+                if pieces:
+                    self._put(b"".join(pieces))
                 self._put(error)
                 return
-            self._put(block)
-            if not block:
+            pieces.append(piece)
+            size += len(piece)
+            if piece and size < BLOCK_BYTES:
+                continue
+            self._put(b"".join(pieces))
+            if not piece:
+                if size:
+                    self._put(b"")
                 return
+            pieces, size = [], 0
 
     def _put(self, item) -> None:
         while not self._stop.is_set():
@@ -280,7 +292,8 @@ class _Hashed:
 
     def read(self, size: int = -1) -> bytes:
         if self._prefix:
-            data, self._prefix = self._prefix, b""
+            cut = len(self._prefix) if size is None or size < 0 else size
+            data, self._prefix = self._prefix[:cut], self._prefix[cut:]
         else:
             data = self._stream.read(size)
         if self._digest is not None:
