@@ -185,7 +185,8 @@ def test_duplicate_read_ids(tmp_path):
         build_peptide_index([one, two], tmp_path / "staging")
     assert str(error.value).startswith(
         f"duplicate read id 'x': {one} line 1 and {two} line 1; make ids unique or use "
-        "--duplicate-ids suffix (the mates of paired-end reads often share ids"
+        "--duplicate-ids suffix (the mates of paired-end reads often share ids: give one file "
+        "of each pair)"
     )
     index, _ = build_peptide_index([one, two], tmp_path / "staging", duplicate_ids="suffix")
     # ATGAAACCC: F1 MKP, F2 *N, F3 ET; reverse GGGTTTCAT: R1 GFH, R2 GF, R3 VS.

@@ -134,11 +134,13 @@ def test_the_report_and_attributes_count_reads_without_peptides(fastq_run, reads
 def test_fastq_and_fasta_of_the_same_reads_give_the_same_file(
     fastq_run, cluster_client, reads_files, tmp_path
 ):
+    """The FASTA (gzip) run goes through the delayed graph on the client (its reduction task
+    assembles the file and the Zarr store), the FASTQ run through ``job.run``'s streaming."""
     _, from_fastq = fastq_run
     _, _, fasta = reads_files
     out, store = tmp_path / "reads.h5", tmp_path / "reads.zarr"
-    virnuc_dask.embed(
-        fasta,
+    job = virnuc_dask.prepare(
+        [fasta],
         out,
         zarr=store,
         client=cluster_client,
@@ -146,8 +148,11 @@ def test_fastq_and_fasta_of_the_same_reads_give_the_same_file(
         random_weights=True,
         translate="six-frame",
         chunk_tokens=600,
-        progress=False,
     )
+    try:
+        cluster_client.compute(job.graph()).result()
+    finally:
+        job.finish(success=True)
     for path in (out, store):
         ds = virnuc_dask.open_embeddings(path).load()
         for name in ("sequence", "read", "frame", "strand", "nt_start", "nt_end", "length"):

@@ -35,7 +35,7 @@ import zlib
 from array import array
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +60,8 @@ from virnuc_dask.inputs.translate import (
 TRANSLATIONS = ("six-frame",)
 #: Peptides whose ids are built at once (the gather holds a few index bytes per id byte).
 _IDS_AT_ONCE = 1 << 18
+#: Threads that translate batches (besides the one that parses them).
+_THREADS = 3
 
 
 @dataclass(frozen=True)
@@ -118,10 +120,10 @@ class _ReadTable:
     """Every read's id and place, as an id table for the duplicate check."""
 
     inputs: list[str]
-    id_bytes: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint8))
-    id_offsets: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))
-    file: np.ndarray = field(default_factory=lambda: np.empty(0, np.int32))
-    line: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    id_bytes: np.ndarray
+    id_offsets: np.ndarray
+    file: np.ndarray
+    line: np.ndarray
 
 
 def build_peptide_index(
@@ -165,29 +167,79 @@ def build_peptide_index(
     staging = Path(staging)
     staging.mkdir(parents=True, exist_ok=True)
     built = _Builder(translation, paths)
-    # SHA-256 of the files as stored: three times BLAKE2b's speed where the CPU has SHA
+    # SHA-256 of each file as stored: three times BLAKE2b's speed where the CPU has SHA
     # instructions, and reads files are large.
     digest = hashlib.sha256()
     files = []
     for number, path in enumerate(paths):
         target = staging / f"peptides-{number:04d}.txt"
-        built.file(path, number, target, digest)
+        of_file = hashlib.sha256()
+        built.file(path, number, target, of_file)
+        digest.update(of_file.digest())
         files.append(str(target.resolve()))
     return built.finish(files, digest.hexdigest()[:32], duplicate_ids)
 
 
+class _Column:
+    """A growing array of one type: appended batch by batch, handed over without a copy."""
+
+    def __init__(self, dtype) -> None:
+        self.dtype = np.dtype(dtype)
+        self.data = bytearray()
+
+    def append(self, values) -> None:
+        self.data += np.ascontiguousarray(values, dtype=self.dtype).tobytes()
+
+    def array(self) -> np.ndarray:
+        return np.frombuffer(self.data, dtype=self.dtype)
+
+
+@dataclass
+class _Translated:
+    """One batch, translated (in a thread): everything but its place in the staged file."""
+
+    peptides: object
+    columns: dict[str, np.ndarray]
+    ids: np.ndarray
+    id_lengths: np.ndarray
+    read_of: np.ndarray
+
+
+#: The per-peptide columns and their types.
+_COLUMNS = {
+    "read": np.int64,
+    "file": np.int32,
+    "offset": np.int64,
+    "length": np.int64,
+    "checksum": np.uint32,
+    "line": np.int64,
+    "frame": np.int8,
+    "nt_start": np.int64,
+    "nt_end": np.int64,
+    "read_bytes": np.int32,
+}
+
+
 class _Builder:
-    """Peptides and reads gathered batch by batch, as compact arrays."""
+    """Peptides and reads gathered batch by batch, as compact growing arrays.
+
+    Batches are translated by a few threads (numpy and ``bytes.translate`` release the GIL
+    for most of the work) while the main thread parses the next ones, and collected in order.
+    """
 
     def __init__(self, translation: Translation, paths: list[str]) -> None:
         self.translation = translation
         self.lookup = CodonLookup.for_code(translation.genetic_code)
         self.paths = paths
-        self.columns: dict[str, list[np.ndarray]] = {}
-        self.ids: list[np.ndarray] = []
-        self.id_lengths: list[np.ndarray] = []
-        self.read_file: list[np.ndarray] = []
-        self.read_line: list[np.ndarray] = []
+        names = dict(_COLUMNS)
+        if translation.split_bp:
+            names.update(piece=np.int32, piece_start=np.int64)
+        if translation.frames == "orfs":
+            names.update(orf=np.int32)
+        self.columns = {name: _Column(dtype) for name, dtype in names.items()}
+        self.peptide_ids, self.peptide_id_lengths = bytearray(), _Column(np.int64)
+        self.read_ids, self.read_id_lengths = bytearray(), _Column(np.int64)
+        self.read_file, self.read_line = _Column(np.int32), _Column(np.int64)
         self.hashes = array("q")
         self.reads = 0
         self.without = 0
@@ -197,14 +249,15 @@ class _Builder:
         """Translate one reads file, writing its peptides to ``target``."""
         partial = target.with_name(target.name + ".partial")
         before = self.reads
+        threads = max(1, min(_THREADS, (os.cpu_count() or 2) - 1))
         try:
-            with open(partial, "wb") as out, ThreadPoolExecutor(1) as pool:
-                # Batch k+1 is translated in a thread while batch k is staged and the next
-                # one parsed: most of either releases the GIL (numpy, bytes.translate).
+            with open(partial, "wb") as out, ThreadPoolExecutor(threads) as pool:
+                # Batches are translated in threads while the next ones are parsed here, and
+                # collected in their order; a few at most are in flight.
                 ahead: deque = deque()
                 for batch in read_batches(path, digest):
-                    ahead.append((batch, pool.submit(self._translate, batch, path)))
-                    if len(ahead) > 1:
+                    ahead.append((batch, pool.submit(self._translate, batch, number, path)))
+                    if len(ahead) > threads:
                         self._collect(*ahead.popleft(), number, out)
                 while ahead:
                     self._collect(*ahead.popleft(), number, out)
@@ -222,8 +275,8 @@ class _Builder:
         if self.reads == before:
             raise VirnucError(f"{shown(path)}: no reads in the file; leave it out of the inputs")
 
-    def _translate(self, batch: ReadBatch, path: str):
-        """Cut and translate one batch: its peptides, their reads, pieces and checksums."""
+    def _translate(self, batch: ReadBatch, number: int, path: str) -> _Translated:
+        """Cut, translate and name one batch's peptides (in a thread)."""
         t = self.translation
         n = len(batch)
         if t.split_bp:
@@ -241,43 +294,48 @@ class _Builder:
             at = bad.position + (int(piece_start[bad.sequence]) if t.split_bp else 0)
             message = bad_base_message(batch, int(read[bad.sequence]), at, bad.byte, shown(path))
             raise VirnucError(message) from None
-        return peptides, read, piece, piece_start, _checksums(peptides)
-
-    def _collect(self, batch: ReadBatch, translated, number: int, out) -> None:
-        """Stage one translated batch and gather its rows (in the order of the batches)."""
-        peptides, read, piece, piece_start, checksum = translated.result()
-        t = self.translation
-        n = len(batch)
-        # Staged: the peptides' lines as they came; the rows below point into them.
-        position = out.tell()
-        out.write(peptides.residues.tobytes())
         source = read[peptides.sequence]
         columns = {
-            "read": source + self.reads,
+            "read": source,
             "file": np.full(len(peptides), number, dtype=np.int32),
-            "offset": peptides.start + position,
             "length": peptides.length,
-            "checksum": checksum,
+            "checksum": _checksums(peptides),
             "line": batch.line[source],
             "frame": peptides.frame,
-            "orf": peptides.orf,
             "nt_start": peptides.nt_start,
             "nt_end": peptides.nt_end,
         }
         if t.split_bp:
             columns["piece"] = piece[peptides.sequence]
             columns["piece_start"] = piece_start[peptides.sequence]
-        for name, values in columns.items():
-            self.columns.setdefault(name, []).append(values)
-        # The reads, for ids and the duplicate check.
-        lengths = np.diff(batch.id_offsets)
-        self.ids.append(batch.ids)
-        self.id_lengths.append(lengths)
+        if t.frames == "orfs":
+            columns["orf"] = peptides.orf
+        ids, id_lengths, columns["read_bytes"] = _peptide_ids(
+            batch.ids, batch.id_offsets, source, columns, t.frames == "orfs"
+        )
+        return _Translated(peptides, columns, ids, id_lengths, source)
+
+    def _collect(self, batch: ReadBatch, future, number: int, out) -> None:
+        """Stage one translated batch and append its rows (in the order of the batches)."""
+        done: _Translated = future.result()
+        n = len(batch)
+        # Staged: the peptides' lines as they came; the rows point into them.
+        position = out.tell()
+        out.write(done.peptides.residues.tobytes())
+        done.columns["offset"] = done.peptides.start + position
+        done.columns["read"] = done.columns["read"] + self.reads
+        for name, column in self.columns.items():
+            column.append(done.columns[name])
+        self.peptide_ids += done.ids.tobytes()
+        self.peptide_id_lengths.append(done.id_lengths)
+        # The reads, for the duplicate check (and the ids, should a duplicate be renamed).
+        self.read_ids += batch.ids.tobytes()
+        self.read_id_lengths.append(np.diff(batch.id_offsets))
         self.read_file.append(np.full(n, number, dtype=np.int32))
         self.read_line.append(batch.line)
         self.hashes.extend(map(hash, batch.id_text.split(b"\n")))
         has = np.zeros(n, dtype=bool)
-        has[source] = True
+        has[done.read_of] = True
         missing = np.flatnonzero(~has)
         self.without += len(missing)
         for row in missing[: max(0, LISTED_WITHOUT - len(self.first_without))].tolist():
@@ -287,24 +345,22 @@ class _Builder:
     def finish(
         self, files: list[str], digest: str, duplicate_ids: str
     ) -> tuple[FastaIndex, ReadProvenance]:
-        """Check the read ids, build the peptides' ids, and make the index."""
+        """Check the read ids and make the index."""
         reads = _ReadTable(
             inputs=self.paths,
-            id_bytes=np.concatenate(self.ids) if self.ids else np.empty(0, np.uint8),
-            id_offsets=offsets(np.concatenate(self.id_lengths)),
-            file=np.concatenate(self.read_file),
-            line=np.concatenate(self.read_line),
+            id_bytes=np.frombuffer(self.read_ids, dtype=np.uint8),
+            id_offsets=offsets(self.read_id_lengths.array()),
+            file=self.read_file.array(),
+            line=self.read_line.array(),
         )
-        paired = (
-            " (the mates of paired-end reads often share ids: give one file of each pair per "
-            f"run, or {option('duplicate_ids', 'suffix')})"
-        )
+        before = reads.id_bytes
+        paired = " (the mates of paired-end reads often share ids: give one file of each pair)"
         check_duplicates(
             reads, np.frombuffer(self.hashes, dtype=np.int64), duplicate_ids,
             what="read id", hint=paired,
         )  # fmt: skip
-        col = {name: np.concatenate(values) for name, values in self.columns.items()}
-        if not col or not len(col["length"]):
+        col = {name: column.array() for name, column in self.columns.items()}
+        if not len(col["length"]):
             raise VirnucError(
                 f"no read of the {len(self.paths)} input(s) has a peptide to embed "
                 f"({self.reads:,} reads, none with a kept frame); "
@@ -314,7 +370,14 @@ class _Builder:
                     else f"try a smaller {option('min_peptide', 'N')}"
                 )
             )
-        id_bytes, id_offsets, read_bytes = self._peptide_ids(reads, col)
+        if reads.id_bytes is before:
+            id_bytes = np.frombuffer(self.peptide_ids, dtype=np.uint8)
+            id_offsets = offsets(self.peptide_id_lengths.array())
+        else:  # read ids were renamed (duplicate_ids="suffix"): name the peptides again
+            id_bytes, id_lengths, col["read_bytes"] = _peptide_ids(
+                reads.id_bytes, reads.id_offsets, col["read"], col, "orf" in col
+            )
+            id_offsets = offsets(id_lengths)
         index = FastaIndex(
             inputs=self.paths,
             files=files,
@@ -329,13 +392,13 @@ class _Builder:
             digest=digest,
         )
         provenance = ReadProvenance(
-            read_bytes=read_bytes,
+            read_bytes=col["read_bytes"],
             frame=col["frame"],
             nt_start=col["nt_start"],
             nt_end=col["nt_end"],
             piece=col.get("piece"),
             piece_start=col.get("piece_start"),
-            orf=col["orf"] if self.translation.frames == "orfs" else None,
+            orf=col.get("orf"),
             reads=self.reads,
             without_peptides=self.without,
             first_without=self.first_without,
@@ -343,31 +406,36 @@ class _Builder:
         )
         return index, provenance
 
-    def _peptide_ids(self, reads: _ReadTable, col: dict) -> tuple[np.ndarray, ...]:
-        """``<read>[_chunk_<k>]<frame>[_orf_<n>]`` for every peptide, as id arrays."""
-        read = col["read"]
-        read_start = reads.id_offsets[read]
-        read_bytes = (reads.id_offsets[read + 1] - read_start).astype(np.int32)
-        parts = [(reads.id_bytes, read_start, read_bytes)]
-        if "piece" in col:
-            parts.append(_constant(b"_chunk_", len(read)))
-            parts.append(_decimal(col["piece"]))
-        frames = np.frombuffer("".join(FRAMES).encode(), dtype=np.uint8)
-        parts.append((frames, col["frame"].astype(np.int64) * 2, np.full(len(read), 2)))
-        if self.translation.frames == "orfs":
-            parts.append(_constant(b"_orf_", len(read)))
-            parts.append(_decimal(col["orf"]))
-        lengths = sum(np.asarray(p[2], dtype=np.int64) for p in parts)
-        id_offsets = offsets(lengths)
-        id_bytes = np.empty(int(id_offsets[-1]), dtype=np.uint8)
-        sizes = [np.asarray(size) for _, _, size in parts]
-        for first in range(0, len(read), _IDS_AT_ONCE):
-            rows = slice(first, first + _IDS_AT_ONCE)
-            # Each part's bytes for these peptides, then interleaved peptide by peptide.
-            gathered = [ragged(buffer, starts[rows], size[rows]) for (buffer, starts, _), size
-                        in zip(parts, sizes, strict=True)]  # fmt: skip
-            _interleave(id_bytes, id_offsets, rows, gathered, sizes)
-        return id_bytes, id_offsets, read_bytes
+
+def _peptide_ids(
+    read_ids: np.ndarray, read_offsets: np.ndarray, read: np.ndarray, col: dict, orfs: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``<read>[_chunk_<k>]<frame>[_orf_<n>]`` of peptides; no Python code per peptide.
+
+    Returns the ids back to back, their lengths, and the bytes of each one's read id.
+    """
+    read_start = read_offsets[read]
+    read_bytes = (read_offsets[read + 1] - read_start).astype(np.int32)
+    parts = [(read_ids, read_start, read_bytes)]
+    if "piece" in col:
+        parts.append(_constant(b"_chunk_", len(read)))
+        parts.append(_decimal(col["piece"]))
+    frames = np.frombuffer("".join(FRAMES).encode(), dtype=np.uint8)
+    parts.append((frames, col["frame"].astype(np.int64) * 2, np.full(len(read), 2)))
+    if orfs:
+        parts.append(_constant(b"_orf_", len(read)))
+        parts.append(_decimal(col["orf"]))
+    lengths = sum(np.asarray(size, dtype=np.int64) for _, _, size in parts)
+    id_offsets = offsets(lengths)
+    id_bytes = np.empty(int(id_offsets[-1]), dtype=np.uint8)
+    sizes = [np.asarray(size) for _, _, size in parts]
+    for first in range(0, len(read), _IDS_AT_ONCE):
+        rows = slice(first, first + _IDS_AT_ONCE)
+        # Each part's bytes for these peptides, then interleaved peptide by peptide.
+        gathered = [ragged(buffer, starts[rows], size[rows]) for (buffer, starts, _), size
+                    in zip(parts, sizes, strict=True)]  # fmt: skip
+        _interleave(id_bytes, id_offsets, rows, gathered, sizes)
+    return id_bytes, lengths, read_bytes
 
 
 def _checksums(peptides) -> np.ndarray:
