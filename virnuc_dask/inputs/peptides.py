@@ -441,15 +441,49 @@ def _peptide_ids(
 def _checksums(peptides) -> np.ndarray:
     """CRC-32 of each peptide's letters, as :func:`~virnuc_dask.inputs.fasta.read_sequences`
     checks them; no Python code runs per peptide."""
+    blocks = peptides.blocks
+    if blocks and sum(lines for _, lines, _ in blocks) == len(peptides):
+        # Stop-free: blocks of equal-length lines, each line a peptide; CRC column by column.
+        crcs = []
+        for offset, lines, width in blocks:
+            block = peptides.residues[offset : offset + lines * (width + 1)]
+            crcs.append(_crc32_rows(block.reshape(lines, width + 1)[:, :width]))
+        offset, lines, width = np.array(blocks, dtype=np.int64).T
+        block = np.searchsorted(offset, peptides.start, side="right") - 1
+        row = (peptides.start - offset[block]) // (width[block] + 1)
+        return np.concatenate(crcs)[(np.cumsum(lines) - lines)[block] + row]
     data = peptides.residues.tobytes()
-    if peptides.one_per_line:  # stop-free: the lines are the peptides
-        lines = data.split(b"\n")[:-1]
-        line_crc = np.fromiter(map(zlib.crc32, lines), dtype=np.uint32, count=len(lines))
-        line_start = offsets(np.fromiter(map(len, lines), dtype=np.int64, count=len(lines)) + 1)
-        return line_crc[np.searchsorted(line_start, peptides.start)]
     ends = (peptides.start + peptides.length).tolist()
     pieces = map(data.__getitem__, map(slice, peptides.start.tolist(), ends))
     return np.fromiter(map(zlib.crc32, pieces), dtype=np.uint32, count=len(peptides))
+
+
+def _crc_table() -> np.ndarray:
+    table = np.arange(256, dtype=np.uint32)
+    for _ in range(8):
+        table = np.where(table & 1, (table >> 1) ^ np.uint32(0xEDB88320), table >> 1)
+    return table.astype(np.uint32)
+
+
+#: The CRC-32 table of zlib's polynomial, byte by byte.
+_CRC_TABLE = _crc_table()
+
+
+def _crc32_rows(rows: np.ndarray) -> np.ndarray:
+    """``zlib.crc32`` of every row of a 2-D uint8 array, one column at a time.
+
+    About twice as fast as one ``zlib.crc32`` call a row for peptide-sized rows, and numpy
+    releases the GIL while it works, so translating threads run side by side.
+    """
+    columns = np.ascontiguousarray(rows.T)
+    crc = np.full(rows.shape[0], 0xFFFFFFFF, dtype=np.uint32)
+    index = np.empty(rows.shape[0], dtype=np.intp)
+    for column in columns:
+        np.bitwise_xor(crc, column, out=index, casting="unsafe")
+        np.bitwise_and(index, 0xFF, out=index)
+        crc >>= 8
+        crc ^= _CRC_TABLE[index]
+    return crc ^ np.uint32(0xFFFFFFFF)
 
 
 def _constant(text: bytes, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

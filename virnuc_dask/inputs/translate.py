@@ -28,7 +28,7 @@ How it is computed, with no Python loop over codons or sequences:
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -153,9 +153,9 @@ class Peptides:
     nt_start, nt_end
         The bases it was translated from, 0-based and half-open on the forward strand of its
         sequence.
-    one_per_line
-        Whether each line of ``residues`` is one peptide (``stop-free``), rather than a whole
-        frame holding pieces (``orfs``).
+    blocks
+        Blocks of ``residues`` whose lines are whole peptides of one length (``stop-free``):
+        ``(offset, lines, length)`` each. Empty in ``orfs`` mode, whose lines are whole frames.
     """
 
     residues: np.ndarray
@@ -166,7 +166,7 @@ class Peptides:
     orf: np.ndarray
     nt_start: np.ndarray
     nt_end: np.ndarray
-    one_per_line: bool = True
+    blocks: list[tuple[int, int, int]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.length)
@@ -228,9 +228,7 @@ def translate_frames(
                 _group(seq, start[rows], rows, size, lookup, frames, max(1, min_peptide), parts)
     except InvalidBase:
         raise _first_invalid(seq, start, length) from None
-    peptides = parts.peptides()
-    peptides.one_per_line = frames == "stop-free"
-    return peptides
+    return parts.peptides()
 
 
 def _first_invalid(seq: np.ndarray, start: np.ndarray, length: np.ndarray) -> InvalidBase:
@@ -375,6 +373,7 @@ class _Parts:
             for name in ("start", "length", "sequence", "frame", "orf", "nt_start", "nt_end")
         }
         self.size = 0
+        self.blocks: list[tuple[int, int, int]] = []
 
     def _add(self, residues: np.ndarray, start: np.ndarray, length: np.ndarray, **rows) -> None:
         self.columns["start"].append(start + self.size)
@@ -394,6 +393,7 @@ class _Parts:
         lines[:, :width] = letters
         lines[:, width] = _NEWLINE
         start = np.arange(count, dtype=np.int64) * (width + 1)
+        self.blocks.append((self.size, count, width))
         self._add(lines.ravel(), start, np.full(count, width, dtype=np.int64), **rows)
 
     def add_pieces(self, letters, row, begin, end, **rows) -> None:
@@ -427,4 +427,6 @@ class _Parts:
         }
         order = np.lexsort((columns["orf"], columns["frame"], columns["sequence"]))
         residues = np.concatenate(self.residues) if self.residues else np.empty(0, dtype=np.uint8)
-        return Peptides(residues=residues, **{k: v[order] for k, v in columns.items()})
+        return Peptides(
+            residues=residues, blocks=self.blocks, **{k: v[order] for k, v in columns.items()}
+        )
