@@ -45,12 +45,12 @@ def test_fastq_by_record_structure(tmp_path):
         b"@r3\n\n+\n\n"
         b"@r4\tdescription\nGGG\n+\n@@@\n\n\n"
     )
-    path = write(tmp_path / "a.fq", data)
+    path = write(tmp_path / "a.fq", b"\n \n" + data)  # blank lines before the first record
     assert reads(path) == [
-        ("r1", b"ACGTN", 1),
-        ("r2", b"acgu", 5),
-        ("r3", b"", 9),
-        ("r4", b"GGG", 13),
+        ("r1", b"ACGTN", 3),
+        ("r2", b"acgu", 7),
+        ("r3", b"", 11),
+        ("r4", b"GGG", 15),
     ]
 
 

@@ -208,6 +208,11 @@ def read_batches(path: str, digest=None) -> Iterator[ReadBatch]:
                         "where a FASTA file starts with '>' and a FASTQ file with '@'"
                     )
                 form = fasta_reads if first == b">" else fastq
+                # Blank lines before the first record are skipped (counted as lines).
+                data = pending + block
+                cut = data.rfind(b"\n", 0, data.index(first)) + 1
+                line += data.count(b"\n", 0, cut)
+                pending, block = b"", data[cut:]
             final = not block
             if not final and not form.has_boundary(block):
                 parts.append(block)  # a record longer than a block: read on
