@@ -14,17 +14,17 @@ The rule (``docs/input.md``), over the first :data:`SAMPLE_LETTERS` letters of t
 
 The last condition is what keeps proteins safe. Sequences made mostly of alanine, glycine,
 threonine and asparagine exist (poly-A and poly-G stretches, antifreeze proteins, collagen-like
-and linker peptides), but cysteine is rare in proteins (about 1.4%), and a protein that is 90%
-A/C/G/T/N *and* at least 5% of each of A, C, G and T is not one anybody has met; DNA has all
-four bases even at extreme GC contents (13% GC still gives 6.5% each of C and G).
+and linker peptides), but cysteine is rare in proteins (about 1.4% of residues), so a protein
+that is 90% A/C/G/T/N *and* at least 5% of each of A, C, G and T is far outside what proteins
+are made of; DNA has all four bases even at extreme GC contents (13% GC still gives 6.5% each
+of C and G).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-#: Letters a read may hold (either case): bases and IUPAC ambiguity codes.
-BASES = b"ACGTU"
+#: IUPAC ambiguity codes a read may hold besides A, C, G, T and U (either case).
 AMBIGUOUS = b"RYKMSWBDHVN"
 #: Letters examined per file, from its start.
 SAMPLE_LETTERS = 1 << 20

@@ -11,8 +11,7 @@ VirNucPro means the same and gets it for some lengths only: it computes the base
 ``int(R / n)`` where the ``n - 1`` overlaps need ``R / (n - 1)``. Whenever its last piece has
 ``N`` bases, its pieces are exactly these; for the other lengths (most of them) its overlaps
 come out too small and its last piece shorter than ``N`` (for ``L = 1000``, ``N = 300`` it
-cuts at 0, 249, 498 and 747, the last piece 253 bases long; here at 0, 233, 466 and
-700).
+cuts at 0, 249, 498 and 747, the last piece 253 bases long; here at 0, 233, 466 and 700).
 ``docs/decisions.md`` says why we do not reproduce that.
 """
 
