@@ -197,6 +197,8 @@ def _lines(sequence: bytes, width: int = 60) -> bytes:
 
 
 LONG = _protein(100_000)
+#: A type I antifreeze protein: alanine, threonine and asparagine, as DNA is A, T and N.
+AFP = b"DTASDAAAAAALTAANAKAAAELTAANAAAAAAATAR"
 MB_DESCRIPTION = b"x" * (1 << 20)
 MB_ID = b"P" * (1 << 20)
 ID_AT_LIMIT = b"P" * MAX_ID_BYTES
@@ -434,6 +436,28 @@ CASES: list[Case] = [
         one(b">long\n" + _lines(LONG) + b">short\nMK\n"),
         "accept",
         records=(("long", LONG), ("short", b"MK")),
+    ),
+    # --- nucleotides given as proteins -----------------------------------------------------------
+    Case(
+        "nucleotide_fasta",
+        one(b">read_1 a read\nACGTTGCAAGGCTTAACGATCG\n>read_2\nacgtnngcaaggcttaacgu\n", "reads.fa"),
+        "error",
+        "holds nucleotide sequences, not proteins (100% of its letters are A, C, G, T, U or N); "
+        "to embed the peptides of its reads, use --translate six-frame",
+    ),
+    Case(
+        "fastq_without_translate",
+        one(b"@read_1\nACGTTGCAAG\n+\nIIIIIIIIII\n", "reads.fq"),
+        "error",
+        "this looks like a FASTQ file of reads, not FASTA of proteins; to embed the peptides of "
+        "its reads, use --translate six-frame",
+        "line 1",
+    ),
+    Case(
+        "protein_of_base_letters",
+        one(b">short\nGATTACA\n>linker\n" + b"GGGGS" * 40 + b"\n>antifreeze\n" + AFP + b"\n"),
+        "accept",
+        records=(("short", b"GATTACA"), ("linker", b"GGGGS" * 40), ("antifreeze", AFP)),
     ),
     # --- lines ---------------------------------------------------------------------------------
     Case(

@@ -1,6 +1,7 @@
 """virnuc_dask: ESM-2 protein embeddings for millions of sequences, on every GPU, through Dask.
 
-The data flow, one module each: :mod:`~virnuc_dask.index` (scan FASTA into numpy arrays),
+The data flow, one module each: :mod:`~virnuc_dask.inputs` (the input side, a package: scan
+FASTA into numpy arrays, or translate nucleotide reads into peptides),
 :mod:`~virnuc_dask.partition` (length-sort, stride over workers, cut into chunks),
 :mod:`~virnuc_dask.hardware` (the local cluster's shape) and
 :mod:`~virnuc_dask.cluster` (local GPU/CPU cluster or an existing scheduler),

@@ -17,6 +17,8 @@ import click
 from virnuc_dask.config import DTYPES, OUTPUT_DTYPES
 from virnuc_dask.errors import VirnucError, command_line_spelling
 from virnuc_dask.index import DUPLICATE_POLICIES
+from virnuc_dask.inputs.peptides import TRANSLATIONS
+from virnuc_dask.inputs.translate import DEFAULT_MIN_ORF, FRAME_MODES
 from virnuc_dask.models import DEFAULT_MODEL, MODELS
 
 
@@ -102,6 +104,30 @@ def main() -> None:
     help="Refuse repeated ids, or keep them as ID.2, ID.3, ... [default: error]",
 )
 @click.option(
+    "--translate",
+    type=click.Choice(TRANSLATIONS),
+    help="The inputs are nucleotide reads (FASTA or FASTQ, DNA or RNA): embed the peptides of "
+    "their six-frame translation, named <read><frame> as VirNucPro names them.",
+)
+@click.option("--genetic-code", type=int, help="NCBI translation table. [default: 1]")
+@click.option(
+    "--frames",
+    type=click.Choice(FRAME_MODES),
+    help="stop-free: whole frames without a stop codon (VirNucPro); orfs: the pieces of every "
+    "frame between stop codons. [default: stop-free]",
+)
+@click.option(
+    "--min-peptide",
+    type=int,
+    help=f"Shortest peptide kept. [default: 1 for stop-free, {DEFAULT_MIN_ORF} for orfs]",
+)
+@click.option(
+    "--split-bp",
+    type=int,
+    help="First cut reads longer than N bases into pieces of N bases, named <read>_chunk_<k> "
+    "(VirNucPro's chunks).",
+)
+@click.option(
     "--chunk-time-limit",
     type=float,
     help="Seconds a chunk may run before its worker is restarted and the chunk retried "
@@ -134,6 +160,9 @@ def embed(
     **settings,
 ):
     """Embed the sequences of INPUT FASTA files (plain or gzip) into one HDF5 file.
+
+    With --translate six-frame, INPUT files are nucleotide reads (FASTA or FASTQ, plain or
+    gzip) and their peptides are embedded.
 
     Defaults of the options come from Dask's configuration (section virnuc-dask).
     """

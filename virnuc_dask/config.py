@@ -15,8 +15,9 @@ from pathlib import Path
 import dask.config
 import yaml
 
-from virnuc_dask.errors import VirnucError
+from virnuc_dask.errors import VirnucError, option
 from virnuc_dask.index import DUPLICATE_POLICIES
+from virnuc_dask.inputs.peptides import TRANSLATIONS, Translation
 from virnuc_dask.models import model_spec
 from virnuc_dask.tokens import MODEL_WINDOW
 
@@ -27,6 +28,8 @@ dask.config.update_defaults(yaml.safe_load(_DEFAULTS_FILE.read_text()))
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 #: Precisions of the stored embeddings.
 OUTPUT_DTYPES = ("float32", "float16")
+#: Settings that apply only with ``translate``.
+_TRANSLATION_OPTIONS = ("genetic_code", "frames", "min_peptide", "split_bp")
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,19 @@ class EmbedConfig:
     wait_limit
         Seconds a run waits for an unresponsive scheduler, or for workers when the cluster has
         none, before it stops (it says why at intervals while it waits).
+    translate
+        ``"six-frame"``: the inputs are nucleotide reads (FASTA or FASTQ); embed the peptides
+        of their six-frame translation. None: the inputs are proteins.
+    genetic_code
+        NCBI translation table of ``translate``.
+    frames
+        ``"stop-free"`` (whole frames without a stop codon, VirNucPro's rule) or ``"orfs"``
+        (the pieces of every frame between stop codons).
+    min_peptide
+        Shortest peptide kept; default 1 for ``stop-free``, 30 for ``orfs``.
+    split_bp
+        Cut reads longer than this into pieces of this many bases before translating, as
+        VirNucPro does; None: no cutting.
     """
 
     model: str = "esm2_t36_3B_UR50D"
@@ -90,6 +106,12 @@ class EmbedConfig:
     retries: int = 2
     chunk_time_limit: float | None = None
     wait_limit: float = 600.0
+    # The reads front end (``translate``); the rest apply only with it.
+    translate: str | None = None
+    genetic_code: int = 1
+    frames: str = "stop-free"
+    min_peptide: int | None = None
+    split_bp: int | None = None
 
     @classmethod
     def from_settings(cls, **settings) -> EmbedConfig:
@@ -108,6 +130,12 @@ class EmbedConfig:
             values["layers"] = tuple(dict.fromkeys(int(n) for n in values["layers"]))
         config = cls(**values)
         config.validate()
+        given = [name for name in _TRANSLATION_OPTIONS if settings.get(name) is not None]
+        if given and config.translate is None:
+            raise VirnucError(
+                f"{option(given[0], settings[given[0]])} applies to nucleotide reads: add "
+                f"{option('translate', 'six-frame')}"
+            )
         return config
 
     def validate(self) -> None:
@@ -135,6 +163,23 @@ class EmbedConfig:
             raise VirnucError("wait limit must be a positive number of seconds")
         if self.duplicate_ids not in DUPLICATE_POLICIES:
             raise VirnucError(f"duplicate ids must be one of {', '.join(DUPLICATE_POLICIES)}")
+        if self.translate is not None:
+            if self.translate not in TRANSLATIONS:
+                raise VirnucError(
+                    f"translate must be one of {', '.join(TRANSLATIONS)}, not {self.translate!r}"
+                )
+            self.translation().validate()
+
+    def translation(self) -> Translation | None:
+        """How reads become peptides, or None when the inputs are proteins."""
+        if self.translate is None:
+            return None
+        return Translation(
+            genetic_code=self.genetic_code,
+            frames=self.frames,
+            min_peptide=self.min_peptide,
+            split_bp=self.split_bp,
+        )
 
     def layer_list(self) -> list[int]:
         """The layers to pool, defaulting to the model's last."""

@@ -14,6 +14,8 @@ once with the id the index expects, and renamed into place. Layout (``docs/outpu
   or float16, contiguous;
 - ``sequence``: the ids, variable-length UTF-8, a dimension scale (``ds.sel(sequence=ID)``);
 - ``length`` (residues before truncation), ``truncated`` (bool);
+- for a run on reads, the peptides' provenance as coordinates along ``sequence`` (``read``,
+  ``frame``, ``strand``, ``nt_start``, ``nt_end``, ...), given by the caller;
 - attributes: model, layers, pooling, compute dtype, weights source, versions, inputs, time.
 
 Decisions:
@@ -366,6 +368,9 @@ class OutputWriter:
     overwrite
         Replace an existing output file or Zarr store (one this tool made), once the new one is
         complete. Checked here, before any work, and again just before the rename.
+    variables
+        More variables along ``sequence``, by name (the reads' provenance): numbers, fixed-width
+        bytes (``S``, stored as UTF-8 text) or strings (object arrays, variable-length UTF-8).
 
     Raises
     ------
@@ -397,10 +402,15 @@ class OutputWriter:
         fingerprint: str | None = None,
         zarr_path: str | Path | None = None,
         overwrite: bool = False,
+        variables: dict[str, np.ndarray] | None = None,
     ) -> None:
         lengths = np.asarray(lengths)
         if len(lengths) != len(ids):
             raise ValueError(f"{len(ids)} ids but {len(lengths)} lengths")
+        self._variables = dict(variables or {})
+        for name, values in self._variables.items():
+            if len(values) != len(ids):
+                raise ValueError(f"{len(ids)} ids but {len(values)} values of {name}")
         self._ids = ids
         self._layers = list(layers)
         self._width = int(width)
@@ -421,6 +431,7 @@ class OutputWriter:
         # The values, the ids, and HDF5's metadata and per-row variables.
         values = int(np.prod(shape)) * self._dtype.itemsize
         self._needed = values + sum(len(i) for i in ids) + 32 * len(ids)
+        self._needed += sum(_variable_bytes(v) for v in self._variables.values())
         try:
             with _reporting_disk_full(self._output, "the output file", self._needed):
                 offset = _create_layout(
@@ -432,6 +443,7 @@ class OutputWriter:
                     width=self._width,
                     dtype=self._dtype,
                     attrs=self._attrs,
+                    variables=self._variables,
                 )
                 self._values = _map_reserved(self._partial, offset, shape, self._dtype)
         except BaseException:
@@ -542,7 +554,7 @@ class OutputWriter:
                 if self._zarr is not None:
                     with _reporting_disk_full(self._zarr, "the Zarr store", self._needed):
                         store = partials.enter_context(_partial(self._zarr, ZARR_STORE, attrs))
-                        _hdf5_to_zarr(self._partial, store, self._ids, attrs)
+                        _hdf5_to_zarr(self._partial, store, self._ids, attrs, self._variables)
                     written.append((store, self._zarr, ZARR_STORE))
                     step("zarr")
                 _commit(written, overwrite=self._overwrite)
@@ -622,6 +634,7 @@ def assemble(
     fingerprint: str | None = None,
     width: int | None = None,
     overwrite: bool = False,
+    variables: dict[str, np.ndarray] | None = None,
 ) -> str:
     """Assemble finished shards into the final file at once: :class:`OutputWriter` in one call.
 
@@ -657,6 +670,9 @@ def assemble(
     overwrite
         Replace an existing output file or Zarr store (one this tool made), once the new one
         is complete. Checked before any work and again just before the rename.
+    variables
+        More variables along ``sequence`` (a run on reads: the peptides' provenance), as
+        :class:`OutputWriter` takes them.
 
     Returns
     -------
@@ -690,6 +706,7 @@ def assemble(
         fingerprint=fingerprint,
         zarr_path=zarr_path,
         overwrite=overwrite,
+        variables=variables,
     ) as writer:
         for shard in shards:
             writer.add(shard)
@@ -706,6 +723,7 @@ def _create_layout(
     width: int,
     dtype: np.dtype,
     attrs: dict,
+    variables: dict[str, np.ndarray] | None = None,
 ) -> int | None:
     """Write the file's netCDF-4 layout, all but the embedding values; return their offset.
 
@@ -741,7 +759,9 @@ def _create_layout(
                 "truncated", ("sequence",), data=(lengths > max_residues).astype(np.int8)
             )
             truncated.attrs["dtype"] = "bool"
-            f.create_variable(
+            for name, values in (variables or {}).items():
+                _create_sequence_variable(f, name, values)
+            values = f.create_variable(
                 "embedding",
                 tuple(dimensions),
                 dtype=dtype,
@@ -750,6 +770,10 @@ def _create_layout(
                 dcpl=create,
                 fill_time="never",
             )
+            if variables:
+                # Coordinates of the embedding (CF), as xarray writes non-index coordinates:
+                # then `ds.embedding.groupby("read")` works, not only `ds.groupby("read")`.
+                values.attrs["coordinates"] = " ".join(variables)
             f.attrs.update(attrs)
     except BaseException as error:
         _close_half_closed(error, path)
@@ -761,6 +785,27 @@ def _create_layout(
         if values.chunks is not None or values.dtype != dtype:
             raise RuntimeError(f"{path}: embedding is not a contiguous {dtype} variable")
         return values.id.get_offset()
+
+
+def _create_sequence_variable(f, name: str, values: np.ndarray) -> None:
+    """One more variable along ``sequence``, written as xarray writes its kind of values."""
+    values = np.asarray(values)
+    if values.dtype == object:
+        f.create_variable(name, ("sequence",), dtype=h5py.string_dtype(), data=values)
+    elif values.dtype.kind == "S":
+        # Fixed-width text (frame names, strands): xarray decodes it to str by this attribute.
+        variable = f.create_variable(name, ("sequence",), data=values)
+        variable.attrs["_Encoding"] = "utf-8"
+    else:
+        f.create_variable(name, ("sequence",), data=values)
+
+
+def _variable_bytes(values: np.ndarray) -> int:
+    """About the bytes a variable along ``sequence`` takes in the file."""
+    values = np.asarray(values)
+    if values.dtype == object:
+        return sum(len(v) for v in values) + 16 * len(values)
+    return values.nbytes
 
 
 def _map_reserved(
@@ -794,13 +839,23 @@ def _add_attributes(path: Path, attrs: dict) -> None:
         raise
 
 
-def _hdf5_to_zarr(hdf5: Path, store: Path, ids: list[str], attrs: dict) -> None:
+def _hdf5_to_zarr(
+    hdf5: Path,
+    store: Path,
+    ids: list[str],
+    attrs: dict,
+    variables: dict[str, np.ndarray] | None = None,
+) -> None:
     """Write the finished HDF5 file's content as a Zarr store, chunked by rows."""
     import xarray as xr
 
     rows = max(1, min(ROWS_PER_CHUNK, len(ids)))
+    variables = variables or {}
     with xr.open_dataset(
-        hdf5, engine="h5netcdf", drop_variables=["sequence"], chunks={"sequence": rows}
+        hdf5,
+        engine="h5netcdf",
+        drop_variables=["sequence", *variables],
+        chunks={"sequence": rows},
     ) as source:
         # Object ids: xarray's decoding would make them as wide as the longest id on every row.
         dataset = source.assign_coords(sequence=np.array(ids, dtype=object))
@@ -808,10 +863,19 @@ def _hdf5_to_zarr(hdf5: Path, store: Path, ids: list[str], attrs: dict) -> None:
         for variable in dataset.variables.values():
             variable.encoding = {}
         dataset.attrs = dict(attrs)
-        _to_zarr(dataset, store)
+        # The reads' provenance from memory (small), text as str: as the HDF5 file decodes.
+        coords = {
+            name: ("sequence", _as_text(values) if values.dtype.kind == "S" else values)
+            for name, values in ((k, np.asarray(v)) for k, v in variables.items())
+        }
+        _to_zarr(dataset, store, coords)
 
 
-def _to_zarr(dataset, path: Path) -> None:
+def _as_text(values: np.ndarray) -> np.ndarray:
+    return np.array([v.decode() for v in values.tolist()], dtype=object)
+
+
+def _to_zarr(dataset, path: Path, coords: dict | None = None) -> None:
     import dask
 
     rows = min(ROWS_PER_CHUNK, dataset.sizes["sequence"])
@@ -825,8 +889,11 @@ def _to_zarr(dataset, path: Path) -> None:
         # Mode "a": the folder exists already, holding only the ownership marker, which "w"
         # would delete and "w-" refuses. Consolidated: readers then take the list of arrays
         # from zarr.json instead of listing the folder, so they neither warn about the marker
-        # nor (xarray's default) about a store without consolidated metadata.
-        dataset.chunk({"sequence": rows}).to_zarr(path, zarr_format=3, mode="a", consolidated=True)
+        # nor (xarray's default) about a store without consolidated metadata. Coordinates
+        # given in memory are added after chunking: a dask array of strings would be computed
+        # once to find its type, with a warning.
+        chunked = dataset.chunk({"sequence": rows}).assign_coords(coords or {})
+        chunked.to_zarr(path, zarr_format=3, mode="a", consolidated=True)
 
 
 def _close_half_closed(error: BaseException, path: Path) -> None:
@@ -1033,7 +1100,9 @@ def open_embeddings(path: str | Path, chunks: dict | str | None = None):
     xarray.Dataset
         With ``embedding``, ``length`` and ``truncated`` indexed by ``sequence`` (the ids, an
         object array of ``str``: xarray's own decoding makes a fixed-width array as wide as
-        the longest id), lazily loaded.
+        the longest id), lazily loaded. A run on reads adds ``read`` (also an object array of
+        ``str``), ``frame``, ``strand``, ``nt_start``, ``nt_end`` (and ``piece``, ...), so
+        that ``ds.groupby("read")`` gathers each read's peptides.
     """
     import xarray as xr
 
@@ -1044,13 +1113,13 @@ def open_embeddings(path: str | Path, chunks: dict | str | None = None):
         with warnings.catch_warnings():
             # Stores of earlier versions, without consolidated metadata, are listed.
             warnings.filterwarnings("ignore", message=_MARKER_WARNING)
-            dataset = xr.open_zarr(path, drop_variables=["sequence"], chunks=chunks or "auto")
-        ids = _zarr_ids(path)
+            dataset = xr.open_zarr(path, drop_variables=list(_STRINGS), chunks=chunks or "auto")
+        strings = _zarr_strings(path)
     else:
         dataset = xr.open_dataset(
-            path, engine="h5netcdf", drop_variables=["sequence"], chunks=chunks
+            path, engine="h5netcdf", drop_variables=list(_STRINGS), chunks=chunks
         )
-        ids = _hdf5_ids(path)
+        strings = _hdf5_strings(path)
     if chunks is not None or path.is_dir():
         # One value per sequence (lengths, flags, read provenance) is small: in memory, so it
         # can label groups (xarray cannot group by a dask array without being told the labels).
@@ -1059,18 +1128,26 @@ def open_embeddings(path: str | Path, chunks: dict | str | None = None):
         dataset = dataset.assign_coords(
             {n: dataset[n].load() for n in small if n in dataset.coords}
         )
-    return dataset if ids is None else dataset.assign_coords(sequence=ids)
+    if "sequence" in strings:
+        dataset = dataset.assign_coords(sequence=strings.pop("sequence"))
+    return dataset.assign_coords({name: ("sequence", values) for name, values in strings.items()})
 
 
-def _hdf5_ids(path: Path) -> np.ndarray | None:
+#: Variables of variable-length strings, read as object arrays of ``str``.
+_STRINGS = ("sequence", "read")
+
+
+def _hdf5_strings(path: Path) -> dict[str, np.ndarray]:
     with h5py.File(path, "r") as f:
-        return f["sequence"].asstr()[:] if "sequence" in f else None
+        return {name: f[name].asstr()[:] for name in _STRINGS if name in f}
 
 
-def _zarr_ids(path: Path) -> np.ndarray | None:
+def _zarr_strings(path: Path) -> dict[str, np.ndarray]:
     import zarr
 
-    if not (path / "sequence").is_dir():
-        return None
     # zarr returns numpy's variable-width StringDType; xarray and pandas index objects.
-    return zarr.open_array(path, path="sequence", mode="r")[:].astype(object)
+    return {
+        name: zarr.open_array(path, path=name, mode="r")[:].astype(object)
+        for name in _STRINGS
+        if (path / name).is_dir()
+    }

@@ -49,7 +49,9 @@ from dask.delayed import Delayed
 from virnuc_dask import workdir
 from virnuc_dask.config import EmbedConfig
 from virnuc_dask.errors import VirnucError, option
-from virnuc_dask.index import FastaIndex, build_index
+from virnuc_dask.index import FastaIndex
+from virnuc_dask.inputs import index_inputs
+from virnuc_dask.inputs.provenance import ReadProvenance, reads_summary
 from virnuc_dask.lock import RunLock
 from virnuc_dask.models import WeightsSource, model_spec, resolve_weights
 from virnuc_dask.output import POOLING, ShardInfo, assemble, check_target, remove_stale_partials
@@ -108,6 +110,8 @@ class EmbeddingJob:
     locks
         The output's and work directory's locks, held from :func:`prepare` until :meth:`run`
         ends (or :meth:`finish`).
+    reads
+        For a run on reads (``translate``): where each peptide comes from; else None.
     """
 
     config: EmbedConfig
@@ -125,6 +129,7 @@ class EmbeddingJob:
     report: RunReport | None = None
     phases: dict[str, float] = dataclasses.field(default_factory=dict)
     locks: list[RunLock] = dataclasses.field(default_factory=list, repr=False)
+    reads: ReadProvenance | None = None
 
     @property
     def engine_settings(self) -> EngineSettings:
@@ -234,7 +239,14 @@ class EmbeddingJob:
             "fingerprint": self.fingerprint,
             "run": self.token,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            **(self.reads.attributes() if self.reads is not None else {}),
         }
+
+    def read_variables(self) -> dict[str, np.ndarray] | None:
+        """The output's provenance variables of a run on reads (None for proteins)."""
+        if self.reads is None:
+            return None
+        return self.reads.variables(self.index.id_bytes, self.index.id_offsets)
 
     def run(self, client, *, progress: bool = True, cleanup: bool = True) -> Path:
         """Register the model plugin on ``client``'s workers and compute the graph.
@@ -281,6 +293,7 @@ class EmbeddingJob:
             writer = OutputWriter(
                 ids=self.index.ids(),
                 lengths=np.asarray(self.index.length),
+                variables=self.read_variables(),
                 **self._output_settings(),
             )
             shards = list(self.reused)
@@ -331,7 +344,7 @@ class EmbeddingJob:
             # Raised outside the handler: no remote traceback stays attached as the context.
             raise failure
         self.report = RunReport.from_shards(
-            output, shards, time.perf_counter() - started, phases=_rounded(phases)
+            output, shards, time.perf_counter() - started, phases=_rounded(phases), reads=self.reads
         )
         logger.info(self.report.summary())
         logger.debug("phases: %s", self.report.phase_line())
@@ -523,6 +536,10 @@ class RunReport:
     seconds: float
     worker_tokens: dict[str, int]
     phases: dict[str, float] = dataclasses.field(default_factory=dict)
+    #: A run on reads: reads read, reads without any kept frame, and the first of their ids.
+    reads: int | None = None
+    reads_without_peptides: int = 0
+    reads_without_peptides_first: tuple[str, ...] = ()
 
     @classmethod
     def from_shards(
@@ -531,8 +548,9 @@ class RunReport:
         shards: list[ShardInfo],
         seconds: float,
         phases: dict[str, float] | None = None,
+        reads: ReadProvenance | None = None,
     ) -> RunReport:
-        """Summarise the shards of a run."""
+        """Summarise the shards of a run (and its reads, for a run on reads)."""
         per_worker: dict[str, int] = {}
         for shard in shards:
             per_worker[shard.worker] = per_worker.get(shard.worker, 0) + shard.tokens
@@ -545,6 +563,9 @@ class RunReport:
             seconds=seconds,
             worker_tokens=per_worker,
             phases=dict(phases or {}),
+            reads=reads.reads if reads is not None else None,
+            reads_without_peptides=reads.without_peptides if reads is not None else 0,
+            reads_without_peptides_first=tuple(reads.first_without) if reads is not None else (),
         )
 
     def phase_line(self) -> str:
@@ -555,17 +576,25 @@ class RunReport:
         """One line for a person: sequences, tokens, time and throughput."""
         rate = self.tokens / self.seconds if self.seconds else 0.0
         workers = len(set(self.worker_tokens) - {"resumed", "existing"})
-        return (
+        line = (
             f"{self.sequences:,} sequences, {self.tokens:,} tokens in {self.chunks} chunks "
             f"({self.reused} reused) on {workers} worker{'s' if workers != 1 else ''}: "
             f"{self.seconds:.1f} s, {rate:,.0f} tokens/s"
         )
+        if self.reads is not None:
+            first = self.reads_without_peptides_first
+            line += "; " + reads_summary(self.reads, self.reads_without_peptides, first)
+        return line
 
 
 def _assemble(shards: list[ShardInfo], *, index_dir: str, **kwargs) -> tuple[str, list[ShardInfo]]:
     """The reduction task: read ids and lengths from the saved index, then assemble."""
     index = FastaIndex.load(index_dir)
-    path = assemble(shards, ids=index.ids(), lengths=np.asarray(index.length), **kwargs)
+    reads = ReadProvenance.load(index_dir)
+    variables = reads.variables(index.id_bytes, index.id_offsets) if reads is not None else None
+    path = assemble(
+        shards, ids=index.ids(), lengths=np.asarray(index.length), variables=variables, **kwargs
+    )
     return path, shards
 
 
@@ -604,7 +633,7 @@ def prepare(
     Parameters
     ----------
     inputs
-        FASTA files, plain or gzip.
+        FASTA files, plain or gzip; with ``translate``, reads (FASTA or FASTQ, plain or gzip).
     output
         Final HDF5 path. Its folder must exist.
     client
@@ -655,15 +684,12 @@ def prepare(
             if target is not None:
                 for stale in remove_stale_partials(target):
                     logger.warning("removed %s, left by an assembly that was killed", stale)
-        index = build_index(
-            inputs,
-            work / "staging",
-            invalid_to_x=config.invalid_to_x,
-            duplicate_ids=config.duplicate_ids,
-        )
+        index, reads = index_inputs(inputs, work / "staging", config)
         fingerprint = workdir.fingerprint(index, weights, config)
         parts = workdir.saved_or_new_partition(work, saved, fingerprint, index, lanes, config)
         index.save(work / "index")
+        if reads is not None:
+            reads.save(work / "index")
         reused = workdir.finished_shards(work, parts, fingerprint) if saved is not None else []
     except BaseException:
         try:
@@ -696,6 +722,7 @@ def prepare(
         overwrite=overwrite,
         phases={"index": time.perf_counter() - clock},
         locks=locks,
+        reads=reads,
     )
 
 
@@ -718,7 +745,8 @@ def embed(
     Parameters
     ----------
     inputs
-        FASTA file(s), plain or gzip.
+        FASTA file(s), plain or gzip; with ``translate="six-frame"``, nucleotide reads (FASTA
+        or FASTQ, plain or gzip), whose peptides are embedded.
     output
         The HDF5 file to write (its folder must exist).
     client
@@ -741,7 +769,8 @@ def embed(
         ``random_weights``, ``seed``, ``layers``, ``dtype``, ``output_dtype``,
         ``max_residues``, ``tokens_per_batch``, ``chunk_tokens``, ``workers``,
         ``invalid_to_x``, ``duplicate_ids``, ``compile``, ``retries``,
-        ``chunk_time_limit``, ``wait_limit``.
+        ``chunk_time_limit``, ``wait_limit``; for nucleotide reads ``translate="six-frame"``
+        with ``genetic_code``, ``frames``, ``min_peptide`` and ``split_bp``.
 
     Examples
     --------

@@ -13,7 +13,8 @@ Decisions:
 - The *fingerprint* hashes the inputs' bytes, the model's name and the weights' identity
   (checkpoint digest, or the seed of random weights), the torch and fair-esm versions, the
   engine's version (:data:`~virnuc_dask.engine.ENGINE_VERSION`) and every setting that changes
-  the stored numbers. A shard is reused only under the same fingerprint, for the same rows.
+  the stored numbers, the translation of reads included (genetic code, frames, shortest
+  peptide, piece size). A shard is reused only under the same fingerprint, for the same rows.
 """
 
 from __future__ import annotations
@@ -135,6 +136,9 @@ def fingerprint(index: FastaIndex, weights: WeightsSource, config: EmbedConfig) 
         "invalid_to_x": config.invalid_to_x,
         "duplicate_ids": config.duplicate_ids,
     }
+    translation = config.translation()
+    if translation is not None:  # absent for proteins, so their fingerprints stay as they were
+        identity["translation"] = translation.settings()
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
 
 
