@@ -127,9 +127,26 @@ def check_shared_cluster(notebook, folder: Path) -> None:
     assert "demo scheduler and workers stopped" in text(notebook)
 
 
+def check_reads(notebook, folder: Path) -> None:
+    """Reads refused as protein, then translated; provenance, per-read means and one plot."""
+    printed = text(notebook)
+    assert "translate" in printed and "six-frame" in printed  # the refusal says what to use
+    with virnuc_dask.open_embeddings(folder / "reads.h5") as ds:
+        assert {"read", "frame", "strand", "nt_start", "nt_end"} <= set(ds.coords)
+        reads = set(ds.read.values)
+        assert "all_n" not in reads and len(reads) > 150  # the coding reads kept a frame
+        pairs = zip(ds.sequence.values, ds.read.values, strict=True)
+        assert all(name.startswith(read) for name, read in pairs)
+    assert "200 reads -> " in printed
+    assert "reads without a stop-free frame, e.g. noise_" in printed  # random reads have stops
+    [(width, height)] = image_sizes(notebook, "ax.bar")
+    assert width >= 600 and height >= 300
+
+
 CHECKS = {
     "01-quickstart.ipynb": check_quickstart,
     "02-shared-cluster.ipynb": check_shared_cluster,
+    "03-reads.ipynb": check_reads,
 }
 
 
