@@ -1113,7 +1113,8 @@ def open_embeddings(path: str | Path, chunks: dict | str | None = None):
         with warnings.catch_warnings():
             # Stores of earlier versions, without consolidated metadata, are listed.
             warnings.filterwarnings("ignore", message=_MARKER_WARNING)
-            dataset = xr.open_zarr(path, drop_variables=list(_STRINGS), chunks=chunks or "auto")
+            given = {} if chunks is None else {"chunks": chunks}
+            dataset = xr.open_zarr(path, drop_variables=list(_STRINGS), **given)
         strings = _zarr_strings(path)
     else:
         dataset = xr.open_dataset(
