@@ -14,7 +14,7 @@ import numpy as np
 
 from virnuc_dask.errors import VirnucError
 from virnuc_dask.inputs.duplicates import shown_id
-from virnuc_dask.inputs.reads import ReadBatch, header_ids, offsets
+from virnuc_dask.inputs.reads import ReadBatch, header_ids, offsets, split_lines
 
 
 def has_boundary(block: bytes) -> bool:
@@ -42,11 +42,7 @@ def parse(data: bytes, line: int, final: bool, text: str) -> tuple[ReadBatch | N
     batch, used, lines
         The reads (None if none), the bytes and the lines of ``data`` they took.
     """
-    a = np.frombuffer(data, dtype=np.uint8)
-    ends = np.flatnonzero(a == 10)
-    if final and len(a) and a[-1] != 10:
-        ends = np.append(ends, len(a))
-    starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64)
+    a, starts, ends = split_lines(data, final)
     nonempty = ends > starts
     is_header = nonempty & (a[np.minimum(starts, max(len(a) - 1, 0))] == 62)
     headers = np.flatnonzero(is_header)

@@ -20,7 +20,7 @@ import numpy as np
 
 from virnuc_dask.errors import VirnucError
 from virnuc_dask.inputs.duplicates import shown_id
-from virnuc_dask.inputs.reads import ReadBatch, header_ids
+from virnuc_dask.inputs.reads import ReadBatch, header_ids, split_lines
 
 _FOUR_LINES = "FASTQ records are four lines: @id, bases, +, qualities (wrapped FASTQ is not read)"
 
@@ -49,11 +49,7 @@ def parse(data: bytes, line: int, final: bool, text: str) -> tuple[ReadBatch | N
     batch, used, lines
         The reads (None if none), the bytes and the lines of ``data`` they took.
     """
-    a = np.frombuffer(data, dtype=np.uint8)
-    ends = np.flatnonzero(a == 10)
-    if final and len(a) and a[-1] != 10:
-        ends = np.append(ends, len(a))  # the last line has no line end
-    starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64)
+    a, starts, ends = split_lines(data, final)
     if final:
         # Blank lines after the last record are fine; anything else must make whole records.
         count = len(ends)

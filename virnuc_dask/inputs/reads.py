@@ -77,6 +77,19 @@ def ragged(buffer: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.nd
     return buffer[shift + np.arange(total, dtype=np.int64)]
 
 
+def split_lines(data: bytes, final: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The bytes of ``data`` and where each of its lines starts and ends (before the newline).
+
+    With ``final`` (``data`` runs to the end of the file) a last line without a newline counts.
+    """
+    a = np.frombuffer(data, dtype=np.uint8)
+    ends = np.flatnonzero(a == 10)
+    if final and len(a) and a[-1] != 10:
+        ends = np.append(ends, len(a))  # the last line has no line end
+    starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64)
+    return a, starts, ends
+
+
 def offsets(lengths: np.ndarray) -> np.ndarray:
     """Offsets (``len + 1``, int64, from 0) of items of ``lengths`` laid back to back."""
     out = np.zeros(len(lengths) + 1, dtype=np.int64)
