@@ -108,6 +108,7 @@ def test_worker_killed_mid_run_is_restarted_by_its_nanny(workload, baseline, tmp
     assert_same_output(out, baseline)
 
 
+@pytest.mark.slow  # the default run loses a worker in test_a_lost_worker_costs_only_its_chunk...
 def test_worker_killed_mid_run_for_good(workload, baseline, tmp_path):
     fasta, _ = workload
     out = tmp_path / "out.h5"

@@ -71,6 +71,7 @@ def _cli(fasta: Path, out: Path, *extra: str) -> subprocess.Popen:
     )  # fmt: skip
 
 
+@pytest.mark.slow  # the default run has two runs at once through one client
 def test_two_commands_at_once_on_one_scheduler(two_inputs, singles, tmp_path):
     a, b = two_inputs
     with (
@@ -155,6 +156,7 @@ def test_a_failed_run_does_not_poison_the_next_on_the_same_client(two_inputs, si
     assert_same(tmp_path / "a.h5", singles["a"])
 
 
+@pytest.mark.slow  # the default run checks an abandoned run's task (tests/test_worker.py)
 def test_interrupted_command_on_a_scheduler_leaves_no_task_writing(two_inputs, tmp_path):
     a, _ = two_inputs
     out = tmp_path / "a.h5"
