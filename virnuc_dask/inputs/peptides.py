@@ -46,7 +46,7 @@ from virnuc_dask.inputs.fasta import FastaIndex
 from virnuc_dask.inputs.provenance import LISTED_WITHOUT, ReadProvenance
 from virnuc_dask.inputs.reads import ReadBatch, bad_base_message, offsets, ragged, read_batches
 from virnuc_dask.inputs.split import split_starts
-from virnuc_dask.inputs.staging import check_inputs, shown
+from virnuc_dask.inputs.staging import check_inputs, out_of_room, shown
 from virnuc_dask.inputs.translate import (
     DEFAULT_MIN_ORF,
     FRAME_MODES,
@@ -263,10 +263,8 @@ class _Builder:
                     self._collect(*ahead.popleft(), number, out)
         except OSError as error:
             partial.unlink(missing_ok=True)
-            raise VirnucError(
-                f"cannot write {shown(partial)} to stage the peptides of input {shown(path)}: "
-                f"{error.strerror or error}; free space there or choose another work directory "
-                "(--work-dir)"
+            raise out_of_room(
+                f"cannot write {shown(partial)} to stage the peptides of input {shown(path)}", error
             ) from None
         except BaseException:
             partial.unlink(missing_ok=True)

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from virnuc_dask.errors import VirnucError
+from virnuc_dask.errors import VirnucError, option
 
 _GZIP_MAGIC = b"\x1f\x8b"
 # First bytes of what is often mistaken for a FASTA file; none can start a FASTA file.
@@ -332,14 +332,19 @@ def _copy(source: BinaryIO, target: Path, path: str) -> None:
                 try:
                     out.write(block)
                 except OSError as error:
-                    raise VirnucError(
-                        f"{cannot_write}: {error.strerror or error}; free space there or choose "
-                        "another work directory (--work-dir)"
-                    ) from None
+                    raise out_of_room(cannot_write, error) from None
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
     os.replace(partial, target)
+
+
+def out_of_room(cannot_write: str, error: OSError) -> VirnucError:
+    """A failed write into the work directory, with the fix (free space, another folder)."""
+    return VirnucError(
+        f"{cannot_write}: {error.strerror or error}; free space there or choose another work "
+        f"directory ({option('work_dir', 'DIR')})"
+    )
 
 
 def read_block(read, path: str, where: Callable[[], str] | None = None) -> bytes:
