@@ -1,0 +1,37 @@
+"""Output: the package that owns files on disk: shards, the final HDF5 file, and Zarr.
+
+The data flow, one module per idea:
+
+- :mod:`.shards`: each chunk's result, written atomically by its worker;
+- :mod:`.writer`: :class:`OutputWriter` builds the final file while the chunks finish, in
+  the :mod:`.layout` that xarray reads, and :func:`assemble` does it in one call;
+- :mod:`.zarr_store`: the same content as a Zarr store;
+- :mod:`.targets`: what may be written where, and the renames that make outputs appear whole;
+- :mod:`.space`: a full disk becomes :class:`DiskFull`, the shards kept;
+- :mod:`.reading`: :func:`open_embeddings` opens an output as an ``xarray.Dataset``.
+"""
+
+from virnuc_dask.output.layout import POOLING
+from virnuc_dask.output.reading import open_embeddings
+from virnuc_dask.output.shards import ShardInfo, ShardMismatch, shard_matches, write_shard
+from virnuc_dask.output.space import DiskFull
+from virnuc_dask.output.targets import OUTPUT, ZARR_STORE, check_target, remove_stale_partials
+from virnuc_dask.output.writer import OutputWriter, assemble
+from virnuc_dask.output.zarr_store import ROWS_PER_CHUNK
+
+__all__ = [
+    "OUTPUT",
+    "POOLING",
+    "ROWS_PER_CHUNK",
+    "ZARR_STORE",
+    "DiskFull",
+    "OutputWriter",
+    "ShardInfo",
+    "ShardMismatch",
+    "assemble",
+    "check_target",
+    "open_embeddings",
+    "remove_stale_partials",
+    "shard_matches",
+    "write_shard",
+]
