@@ -25,9 +25,7 @@ from virnuc_dask.storage import Remote, write_atomic
 MARKER = ".virnuc-dask"
 
 
-def claim(
-    folder: str | Path | Remote, kind: str, fingerprint: str | None = None
-) -> Path | Remote:
+def claim(folder: str | Path | Remote, kind: str, fingerprint: str | None = None) -> Path | Remote:
     """Create ``folder`` (it must not exist) and mark it as the tool's own.
 
     Parameters

@@ -121,8 +121,7 @@ class StorageOptions:
                 return cls(json.dumps(value, sort_keys=True))
             except TypeError as error:
                 raise VirnucError(
-                    f"storage options must be JSON values (strings, numbers, lists, dicts): "
-                    f"{error}"
+                    f"storage options must be JSON values (strings, numbers, lists, dicts): {error}"
                 ) from None
         return cls.parse(value, command_line=False)
 
@@ -151,7 +150,7 @@ class StorageOptions:
             # The text itself is not quoted: it may hold a credential.
             raise VirnucError(f"{where} is not valid JSON ({error.msg}, at {error.pos})") from None
         if not isinstance(value, dict):
-            raise VirnucError(f"{where} must be a JSON object, such as {{\"anon\": true}}")
+            raise VirnucError(f'{where} must be a JSON object, such as {{"anon": true}}')
         if inline and command_line:
             secret = _secret_names(value)
             if secret:

@@ -258,9 +258,7 @@ def _open_input(path: str, storage: StorageOptions | None) -> BinaryIO:
 
 
 @contextlib.contextmanager
-def open_blocks(
-    path: str, digest=None, storage: StorageOptions | None = None
-) -> Iterator[Blocks]:
+def open_blocks(path: str, digest=None, storage: StorageOptions | None = None) -> Iterator[Blocks]:
     """Open an input to be read once, front to back, decompressing gzip on the fly.
 
     Works for pipes, standard input (``-``) and URLs too (nothing is copied). Yields a

@@ -60,6 +60,38 @@ def put_shard(local: Path, url: str, storage: StorageOptions | None = None) -> N
     Remote(url, storage).put(local)
 
 
+def stand_ins(
+    output: Path | Remote, zarr: Path | Remote | None, folder: Path
+) -> tuple[Path, Path | None, list[tuple[Path, Remote, str]]]:
+    """Local paths for the writer to build outputs at URLs in, and what to :func:`publish`.
+
+    Parameters
+    ----------
+    output, zarr
+        The run's outputs: local paths (returned as they are) or URLs.
+    folder
+        A local folder of the run's (created if need be) for the stand-ins.
+
+    Returns
+    -------
+    output, zarr, written
+        The paths the writer writes, and ``(stand-in, URL, kind)`` for each output at a URL.
+    """
+    written: list[tuple[Path, Remote, str]] = []
+
+    def local(target: Path | Remote, kind: str, sub: str) -> Path:
+        if not isinstance(target, Remote):
+            return target
+        stand_in = folder / sub / target.name
+        stand_in.parent.mkdir(parents=True, exist_ok=True)
+        written.append((stand_in, target, kind))
+        return stand_in
+
+    local_output = local(output, OUTPUT, "output")
+    local_zarr = local(zarr, ZARR_STORE, "output-zarr") if zarr is not None else None
+    return local_output, local_zarr, written
+
+
 def check_remote_target(target: Remote, kind: str, *, overwrite: bool) -> None:
     """Refuse an output URL that the run must not write (as :func:`.targets.check_target`).
 
