@@ -355,3 +355,26 @@ def test_nodes_that_share_only_the_object_store(s3, inputs, local_run, tmp_path)
     with virnuc_dask.open_embeddings(tmp_path / "emb.h5") as ds:
         assert_equal(ds.sequence.values, ds.embedding.values, local_run)
     assert not s3.find("nodes/work") and not list((driver / "tmp").iterdir())
+
+
+def test_reads_at_a_url_stage_their_peptides_in_the_s3_work_directory(s3, tmp_path):
+    from virnuc_dask.index import read_sequences
+
+    url = bucket(s3, "reads")
+    reads = b">r1\nATGGCCAAATTTGGGCCCAAATTTGGGCCC\n>r2\nATGAAACCCGGGTTTAAACCCGGGTTTAAA\n"
+    s3.pipe_file("reads/r.fa.gz", gzip.compress(reads))
+    job = virnuc_dask.prepare(
+        [f"{url}/r.fa.gz"],
+        tmp_path / "r.h5",
+        work_dir=f"{url}/work",
+        translate="six-frame",
+        model=TINY,
+        random_weights=True,
+    )
+    try:
+        assert job.index.files == [f"{url}/work/staging/peptides-0000.txt"]
+        peptides = read_sequences(job.index, range(len(job.index)), job.storage)
+        assert peptides[0] == b"MAKFGPKFGP" and job.index.id(0) == "r1F1"
+    finally:
+        job.finish(success=False)
+    assert sorted(s3.find("reads")) == ["reads/r.fa.gz"]
