@@ -20,6 +20,7 @@ from virnuc_dask.index import DUPLICATE_POLICIES
 from virnuc_dask.inputs.peptides import TRANSLATIONS
 from virnuc_dask.inputs.translate import DEFAULT_MIN_ORF, FRAME_MODES
 from virnuc_dask.models import DEFAULT_MODEL, MODELS
+from virnuc_dask.storage import StorageOptions
 
 
 def _layers(ctx, param, values: tuple[str, ...]) -> tuple[int, ...] | None:
@@ -84,8 +85,16 @@ def main() -> None:
 @click.option("--workers", type=int, help="Workers of the local cluster.")
 @click.option("--scheduler", help="Address of a running Dask scheduler.")
 @click.option("--scheduler-file", type=click.Path(), help="Scheduler file of a running cluster.")
-@click.option("--zarr", type=click.Path(), help="Also write a Zarr v3 store here.")
-@click.option("--work-dir", type=click.Path(), help="Work directory (default: OUTPUT.work).")
+@click.option("--zarr", type=click.Path(), help="Also write a Zarr v3 store here (path or URL).")
+@click.option(
+    "--work-dir", type=click.Path(), help="Work directory, path or URL (default: OUTPUT.work)."
+)
+@click.option(
+    "--storage-options",
+    metavar="JSON|@FILE",
+    help="fsspec options for URLs (endpoint, region, profile), as JSON or @FILE; credentials "
+    "only in a file, a profile or the environment.",
+)
 @click.option("--resume", is_flag=True, help="Reuse finished chunks of an interrupted run.")
 @click.option(
     "--overwrite",
@@ -155,11 +164,15 @@ def embed(
     work_dir,
     resume,
     overwrite,
+    storage_options,
     quiet,
     verbose,
     **settings,
 ):
     """Embed the sequences of INPUT FASTA files (plain or gzip) into one HDF5 file.
+
+    An INPUT, -o, --zarr and --work-dir may be fsspec URLs (s3://, gs://; https:// for
+    inputs); - reads standard input.
 
     With --translate six-frame, INPUT files are nucleotide reads (FASTA or FASTQ, plain or
     gzip) and their peptides are embedded.
@@ -179,6 +192,7 @@ def embed(
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         with command_line_spelling():
+            storage = StorageOptions.parse(storage_options) if storage_options else None
             path = run(
                 list(inputs),
                 output,
@@ -189,6 +203,7 @@ def embed(
                 resume=resume,
                 overwrite=overwrite,
                 progress=not quiet,
+                storage_options=storage,
                 **settings,
             )
     except VirnucError as error:

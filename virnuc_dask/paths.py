@@ -11,6 +11,11 @@ the command line and nothing created:
 - a symbolic link given as output, Zarr store or work directory is refused rather than
   followed: replacing it by rename would replace the link, not the file the user meant;
 - the folders that will hold them exist and are writable.
+
+Any of them may be an fsspec URL (:class:`~virnuc_dask.storage.Remote`): the same relations
+are checked between URLs (a URL is inside another when it starts with it and a ``/``); a URL
+and a local path never overlap. A URL of a web server (``http://``, ``https://``) can be read
+but not written, and an object store's bucket must exist.
 """
 
 from __future__ import annotations
@@ -20,15 +25,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from virnuc_dask.errors import VirnucError, option
+from virnuc_dask.storage import STDIN, Remote, StorageOptions, is_url
 
 
 @dataclass(frozen=True)
 class RunPaths:
     """Where a run writes: all absolute, none a symbolic link, none inside another."""
 
-    output: Path
-    zarr: Path | None
-    work_dir: Path
+    output: Path | Remote
+    zarr: Path | Remote | None
+    work_dir: Path | Remote
 
 
 def run_paths(
@@ -36,6 +42,7 @@ def run_paths(
     zarr: str | os.PathLike | None,
     work_dir: str | os.PathLike | None,
     inputs: list[str],
+    storage: StorageOptions | None = None,
 ) -> RunPaths:
     """Resolve the run's paths and refuse every dangerous relation (see the module docstring).
 
@@ -49,21 +56,20 @@ def run_paths(
         The work directory; default ``OUTPUT.work`` beside the output.
     inputs
         The input files as given (``-`` and other pipes are skipped in the comparisons).
+    storage
+        fsspec options for the places given as URLs.
     """
-    out = _absolute(output, "output")
-    _check_folder(out, "output")
-    if out.is_dir():
+    out = _place(output, "output", storage)
+    if isinstance(out, Path) and out.is_dir():
         raise VirnucError(f"output {out} is a directory; give a file name such as out.h5")
-    store = _absolute(zarr, "zarr") if zarr is not None else None
-    if store is not None:
-        _check_folder(store, "zarr")
-    work = _absolute(work_dir, "work_dir") if work_dir else out.with_name(out.name + ".work")
-    _check_folder(work, "work_dir")
+    store = _place(zarr, "zarr", storage) if zarr is not None else None
+    beside = out.with_name(out.name + ".work")
+    work = _place(work_dir, "work_dir", storage) if work_dir else beside
 
     named = [("output", out), ("work_dir", work)] + ([("zarr", store)] if store else [])
     for i, (name_a, a) in enumerate(named):
         for name_b, b in named[i + 1 :]:
-            if a == b or a in b.parents or b in a.parents:
+            if _overlap(a, b):
                 raise VirnucError(
                     f"{_shown(name_a)} {a} and {_shown(name_b)} {b} overlap; give "
                     "three separate places, none inside another"
@@ -71,6 +77,43 @@ def run_paths(
     for given in inputs:
         _check_input(given, named)
     return RunPaths(out, store, work)
+
+
+def _place(given: str | os.PathLike, name: str, storage: StorageOptions | None) -> Path | Remote:
+    """The checked place of ``given``: an absolute local path, or a writable URL."""
+    if not is_url(given):
+        path = _absolute(given, name)
+        _check_folder(path, name)
+        return path
+    remote = Remote(str(given), storage)
+    protocol = str(given).split("://", 1)[0].lower()
+    if protocol in ("http", "https"):
+        raise VirnucError(
+            f"{_shown(name)} {given}: a web server's URL can be read, not written; give a "
+            "local path or an object store's URL (s3://, gs://, abfs://)"
+        )
+    if protocol in ("s3", "s3a", "gs", "gcs"):
+        bucket = remote.path.split("/", 1)[0]
+        try:
+            found = remote.fs.exists(bucket)
+        except Exception as error:  # noqa: BLE001 (the store's client: credentials, network)
+            raise VirnucError(
+                f"cannot reach {_shown(name)} {given}: {type(error).__name__}: {error}"
+            ) from None
+        if not found:
+            raise VirnucError(
+                f"{_shown(name)} {given}: the bucket {bucket} does not exist; create it first"
+            )
+    return remote
+
+
+def _overlap(a: Path | Remote, b: Path | Remote) -> bool:
+    """Whether two places are one, or one lies inside the other."""
+    if isinstance(a, Remote) and isinstance(b, Remote):
+        return a.contains(b) or b.contains(a)
+    if isinstance(a, Remote) or isinstance(b, Remote):
+        return False
+    return a == b or a in b.parents or b in a.parents
 
 
 def _absolute(path: str | os.PathLike, name: str) -> Path:
@@ -92,9 +135,20 @@ def _check_folder(path: Path, name: str) -> None:
         raise VirnucError(f"{_shown(name)} folder {parent} is not writable")
 
 
-def _check_input(given: str, named: list[tuple[str, Path]]) -> None:
-    if given == "-":
+def _check_input(given: str, named: list[tuple[str, Path | Remote]]) -> None:
+    if given == STDIN:
         return
+    if is_url(given):
+        url = given.rstrip("/")
+        for name, place in named:
+            if isinstance(place, Remote) and (url == place.url or url.startswith(place.url + "/")):
+                where = "is" if url == place.url else "is inside"
+                raise VirnucError(
+                    f"input {given} {where} the {_shown(name)} {place}; the run would destroy "
+                    "it. Write the results somewhere else"
+                )
+        return
+    named = [(name, place) for name, place in named if isinstance(place, Path)]
     source = Path(os.path.abspath(Path(given).expanduser()))
     real = Path(os.path.realpath(source))
     if not real.exists():

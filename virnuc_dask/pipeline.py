@@ -22,6 +22,12 @@ Decisions:
   locks are released, so no run can start using it while it is being deleted.
 - With ``resume=True`` a run reuses the shards of an earlier run of the same inputs and
   settings (same fingerprint); without it an existing work directory is refused.
+- Inputs, work directory and outputs may be fsspec URLs (:mod:`~virnuc_dask.storage`). With
+  the work directory at a URL the driver keeps a local folder of its own (in ``TMPDIR``,
+  marked and removed at the end): inputs that must be staged are staged there and uploaded
+  to the work directory, the index is saved there and uploaded, and a local cluster keeps
+  its scratch space there. Outputs at URLs are built locally and uploaded
+  (:mod:`~virnuc_dask.output.remote`).
 """
 
 from __future__ import annotations
@@ -33,8 +39,10 @@ import inspect
 import json
 import logging
 import multiprocessing
+import os
 import re
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -46,7 +54,7 @@ import dask
 import numpy as np
 from dask.delayed import Delayed
 
-from virnuc_dask import workdir
+from virnuc_dask import ownership, workdir
 from virnuc_dask.config import EmbedConfig
 from virnuc_dask.errors import VirnucError, option
 from virnuc_dask.index import FastaIndex
@@ -55,8 +63,17 @@ from virnuc_dask.inputs.provenance import ReadProvenance, reads_summary
 from virnuc_dask.lock import RunLock
 from virnuc_dask.models import WeightsSource, model_spec, resolve_weights
 from virnuc_dask.output import POOLING, ShardInfo, assemble, check_target, remove_stale_partials
+from virnuc_dask.output.remote import publish, shard_source, stand_ins
 from virnuc_dask.partition import Chunk, Partition
 from virnuc_dask.paths import run_paths
+from virnuc_dask.storage import (
+    Remote,
+    StorageOptions,
+    download_folder,
+    is_url,
+    place,
+    upload_folder,
+)
 
 if TYPE_CHECKING:
     from virnuc_dask.worker import ChunkJob, EngineSettings
@@ -112,12 +129,17 @@ class EmbeddingJob:
         ends (or :meth:`finish`).
     reads
         For a run on reads (``translate``): where each peptide comes from; else None.
+    storage
+        fsspec options for the URLs among the inputs, work directory and outputs.
+    local_dir
+        The driver's own folder when the work directory is a URL (staging, the outputs'
+        local copies, a local cluster's scratch space); else None (the work directory).
     """
 
     config: EmbedConfig
-    output: Path
-    zarr: Path | None
-    work_dir: Path
+    output: Path | Remote
+    zarr: Path | Remote | None
+    work_dir: Path | Remote
     index: FastaIndex
     partition: Partition
     weights: WeightsSource
@@ -130,6 +152,14 @@ class EmbeddingJob:
     phases: dict[str, float] = dataclasses.field(default_factory=dict)
     locks: list[RunLock] = dataclasses.field(default_factory=list, repr=False)
     reads: ReadProvenance | None = None
+    storage: StorageOptions = dataclasses.field(default_factory=StorageOptions)
+    local_dir: Path | None = None
+    published: bool = dataclasses.field(default=False, repr=False)
+
+    @property
+    def local(self) -> Path:
+        """The driver's local folder: the work directory, or its own when that is a URL."""
+        return self.local_dir if self.local_dir is not None else self.work_dir
 
     @property
     def engine_settings(self) -> EngineSettings:
@@ -178,6 +208,7 @@ class EmbeddingJob:
             token=self.token,
             width=model_spec(self.config.model).embed_dim,
             chunk_seconds=self.config.chunk_time_limit,
+            storage=self.storage,
         )
 
     def _graph(self, key: str) -> tuple[Delayed, dict[str, Chunk], list[Delayed]]:
@@ -196,6 +227,7 @@ class EmbeddingJob:
             [*self.reused, *tasks],
             index_dir=str(self.work_dir / "index"),
             staging=str(self.work_dir),
+            storage=self.storage,
             **self._output_settings(),
             dask_key_name=f"assemble-{key}",
         )
@@ -290,15 +322,18 @@ class EmbeddingJob:
             # The run's tasks under one named span: the dashboard shows its own metrics.
             with span(f"virnuc-dask {self.output.name}"):
                 futures = client.compute(tasks)
+            settings = self._output_settings()
+            local_output, local_zarr, published = stand_ins(self.output, self.zarr, self.local)
+            settings.update(output=str(local_output), zarr_path=local_zarr)
             writer = OutputWriter(
                 ids=self.index.ids(),
                 lengths=np.asarray(self.index.length),
                 variables=self.read_variables(),
-                **self._output_settings(),
+                **settings,
             )
             shards = list(self.reused)
             for shard in self.reused:
-                writer.add(shard)
+                writer.add(shard, source=shard_source(shard.path, self.storage))
             # Shards go into the output as their chunks finish, while the others compute: the
             # work left after the last chunk is checking the rows and renaming the file.
             pending = set(futures)
@@ -312,13 +347,17 @@ class EmbeddingJob:
                     pending.discard(future)
                     shard = future.result()
                     future.release()  # a lost worker must not make Dask compute it again
-                    writer.add(shard)
+                    writer.add(shard, source=shard_source(shard.path, self.storage))
                     shards.append(shard)
                     watch.add(shard)
                 watch.check()
             phases["compute"] = time.perf_counter() - clock
             clock = time.perf_counter()
             output = writer.close(extra_attrs={"phases": json.dumps(_rounded(phases))})
+            if published:
+                publish(published, overwrite=self.overwrite)
+                self.published = True
+                output = str(self.output)
             phases["assembly"] = time.perf_counter() - clock
             watch.finish()
             done = True
@@ -348,12 +387,14 @@ class EmbeddingJob:
         )
         logger.info(self.report.summary())
         logger.debug("phases: %s", self.report.phase_line())
-        return Path(output)
+        return output if isinstance(self.output, Remote) else Path(output)
 
     def _output_complete(self) -> bool:
         """Whether this run's output is in place (its ``run`` attribute is this job's token)."""
         import h5py
 
+        if isinstance(self.output, Remote) or isinstance(self.zarr, Remote):
+            return self.published
         try:
             with h5py.File(self.output, "r") as f:
                 ours = f.attrs.get("run") == self.token
@@ -380,7 +421,11 @@ class EmbeddingJob:
                     option("resume"),
                 )
         finally:
-            self.release()
+            try:
+                if self.local_dir is not None:
+                    ownership.remove(self.local_dir, LOCAL_FOLDER)
+            finally:
+                self.release()
 
     def release(self) -> None:
         """Release the run's locks (done by :meth:`finish`)."""
@@ -388,6 +433,9 @@ class EmbeddingJob:
             lock.release()
         self.locks.clear()
 
+
+#: The kind of the driver's own local folder, when the work directory is a URL.
+LOCAL_FOLDER = "driver folder"
 
 #: Packages whose versions every output file records.
 _VERSIONED = ("torch", "fair-esm", "dask", "distributed", "h5py", "xarray")
@@ -587,15 +635,46 @@ class RunReport:
         return line
 
 
-def _assemble(shards: list[ShardInfo], *, index_dir: str, **kwargs) -> tuple[str, list[ShardInfo]]:
-    """The reduction task: read ids and lengths from the saved index, then assemble."""
-    index = FastaIndex.load(index_dir)
-    reads = ReadProvenance.load(index_dir)
-    variables = reads.variables(index.id_bytes, index.id_offsets) if reads is not None else None
-    path = assemble(
-        shards, ids=index.ids(), lengths=np.asarray(index.length), variables=variables, **kwargs
-    )
-    return path, shards
+def _assemble(
+    shards: list[ShardInfo],
+    *,
+    index_dir: str,
+    storage: StorageOptions | None = None,
+    **kwargs,
+) -> tuple[str, list[ShardInfo]]:
+    """The reduction task: read ids and lengths from the saved index, then assemble.
+
+    With a work directory or outputs at URLs, the index and the shards are copied to a local
+    temporary folder first, and the outputs built there and uploaded.
+    """
+    if not any(is_url(v) for v in (index_dir, kwargs["output"], kwargs.get("zarr_path"))):
+        index = FastaIndex.load(index_dir)
+        reads = ReadProvenance.load(index_dir)
+        variables = reads.variables(index.id_bytes, index.id_offsets) if reads else None
+        path = assemble(
+            shards, ids=index.ids(), lengths=np.asarray(index.length), variables=variables, **kwargs
+        )
+        return path, shards
+    with tempfile.TemporaryDirectory(prefix="virnuc-dask-assemble-") as folder:
+        local = Path(folder)
+        if is_url(index_dir):
+            download_folder(Remote(index_dir, storage), local / "index")
+            index_dir = str(local / "index")
+        fetched = []
+        for shard in shards:
+            if is_url(shard.path):
+                copy = local / "shards" / os.path.basename(shard.path)
+                copy.parent.mkdir(exist_ok=True)
+                Remote(shard.path, storage).get(copy)
+                shard = dataclasses.replace(shard, path=str(copy))
+            fetched.append(shard)
+        output = place(kwargs["output"], storage)
+        zarr = place(kwargs["zarr_path"], storage) if kwargs.get("zarr_path") else None
+        local_output, local_zarr, published = stand_ins(output, zarr, local)
+        kwargs.update(output=str(local_output), zarr_path=local_zarr)
+        path, _ = _assemble(fetched, index_dir=index_dir, **kwargs)
+        publish(published, overwrite=kwargs.get("overwrite", False))
+    return str(output) if published else path, shards
 
 
 def _rounded(phases: dict[str, float]) -> dict[str, float]:
@@ -623,6 +702,7 @@ def prepare(
     overwrite: bool = False,
     torch_threads: int | None = None,
     on_gpu: bool | None = None,
+    storage_options: dict | str | StorageOptions | None = None,
     **settings,
 ) -> EmbeddingJob:
     """Validate, index and partition on the driver; return the job, nothing computed yet.
@@ -634,8 +714,10 @@ def prepare(
     ----------
     inputs
         FASTA files, plain or gzip; with ``translate``, reads (FASTA or FASTQ, plain or gzip).
+        Any may be an fsspec URL (``s3://bucket/a.fa``, ``https://...``); ``-`` reads
+        standard input.
     output
-        Final HDF5 path. Its folder must exist.
+        Final HDF5 path (its folder must exist), or an object store's URL.
     client
         The cluster the job will run on: gives ``lanes`` and ``on_gpu`` when they are not set.
     lanes
@@ -654,12 +736,17 @@ def prepare(
     on_gpu
         Whether the workers have GPUs: resolves ``dtype="auto"`` to bf16 (else fp32);
         default: asked of the client's workers, else False.
+    storage_options
+        fsspec options for the URLs (credentials, ``endpoint_url``, ...): a dict, a JSON
+        text or ``@FILE``; they reach the workers with the run's settings and are never
+        logged or written into the work directory or the output.
     **settings
         Any field of :class:`~virnuc_dask.config.EmbedConfig`.
     """
     config = EmbedConfig.from_settings(**settings)
+    storage = StorageOptions.of(storage_options)
     inputs = [str(p) for p in inputs]
-    paths = run_paths(output, zarr, work_dir, inputs)
+    paths = run_paths(output, zarr, work_dir, inputs, storage)
     check_target(paths.output, "output", overwrite=overwrite)
     if paths.zarr is not None:
         check_target(paths.zarr, "zarr store", overwrite=overwrite)
@@ -679,25 +766,36 @@ def prepare(
     work = paths.work_dir
     clock = time.perf_counter()
     locks, saved = workdir.lock_and_open(paths.output, work, resume, token)
+    local_dir = None
     try:
         for target in (paths.output, paths.zarr):
             if target is not None:
                 for stale in remove_stale_partials(target):
                     logger.warning("removed %s, left by an assembly that was killed", stale)
-        index, reads = index_inputs(inputs, work / "staging", config)
+        if isinstance(work, Remote):
+            local_dir = Path(tempfile.gettempdir()) / f"virnuc-dask-{token}"
+            ownership.claim(local_dir, LOCAL_FOLDER)
+        local = local_dir if local_dir is not None else work
+        index, reads = index_inputs(inputs, local / "staging", config, storage)
         fingerprint = workdir.fingerprint(index, weights, config)
         parts = workdir.saved_or_new_partition(work, saved, fingerprint, index, lanes, config)
-        index.save(work / "index")
+        index.save(local / "index")
         if reads is not None:
-            reads.save(work / "index")
+            reads.save(local / "index")
+        if isinstance(work, Remote):
+            _upload_index(index, local, work)
         reused = workdir.finished_shards(work, parts, fingerprint) if saved is not None else []
     except BaseException:
         try:
             if saved is None:
                 workdir.remove(work)
         finally:
-            for lock in reversed(locks):
-                lock.release()
+            try:
+                if local_dir is not None:
+                    ownership.remove(local_dir, LOCAL_FOLDER)
+            finally:
+                for lock in reversed(locks):
+                    lock.release()
         raise
     if saved is not None:
         logger.info(
@@ -723,7 +821,26 @@ def prepare(
         phases={"index": time.perf_counter() - clock},
         locks=locks,
         reads=reads,
+        storage=storage,
+        local_dir=local_dir,
     )
+
+
+def _upload_index(index: FastaIndex, local: Path, work: Remote) -> None:
+    """Put the staged inputs and the saved index into a work directory at a URL.
+
+    Staged files (gzip inputs, standard input, the peptides of reads) are read by the workers
+    from the work directory's URL: the index names them there, saved again after the change.
+    """
+    staged = (local / "staging").resolve()
+    for number, name in enumerate(index.files):
+        path = Path(name).resolve()
+        if not is_url(name) and staged in path.parents:
+            target = work / "staging" / path.name
+            target.put(path)
+            index.files[number] = str(target)
+    index.save(local / "index")
+    upload_folder(local / "index", work / "index")
 
 
 def embed(
@@ -738,8 +855,9 @@ def embed(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    storage_options: dict | str | StorageOptions | None = None,
     **settings,
-) -> Path:
+) -> Path | str:
     """Embed every sequence of ``inputs`` with ESM-2 into one HDF5 file; return its path.
 
     Parameters
@@ -764,6 +882,10 @@ def embed(
         Replace an existing output (only once the new one is complete).
     progress
         Show progress.
+    storage_options
+        fsspec options for inputs, work directory and outputs given as URLs (``s3://``,
+        ``gs://``, ``https://``): a dict, a JSON text or ``@FILE``. Credentials are best left
+        to the standard places (``AWS_PROFILE``, ``AWS_ENDPOINT_URL``, the environment).
     **settings
         Fields of :class:`~virnuc_dask.config.EmbedConfig`: ``model``, ``checkpoint``,
         ``random_weights``, ``seed``, ``layers``, ``dtype``, ``output_dtype``,
@@ -784,7 +906,13 @@ def embed(
 
     _refuse_inside_a_starting_worker()
     inputs = [inputs] if isinstance(inputs, str | Path) else list(inputs)
-    options = dict(zarr=zarr, work_dir=work_dir, resume=resume, overwrite=overwrite)
+    options = dict(
+        zarr=zarr,
+        work_dir=work_dir,
+        resume=resume,
+        overwrite=overwrite,
+        storage_options=storage_options,
+    )
     if client is not None:
         job = prepare(inputs, output, client=client, **options, **settings)
         return job.run(client, progress=progress)
@@ -812,7 +940,7 @@ def embed(
     # nothing outside it and the output; it goes once the cluster has closed.
     from virnuc_dask.cluster import connect
 
-    scratch = job.work_dir / "dask-scratch"
+    scratch = job.local / "dask-scratch"
     path = None
     try:
         with contextlib.ExitStack() as stack:

@@ -15,6 +15,11 @@ Decisions:
   engine's version (:data:`~virnuc_dask.engine.ENGINE_VERSION`) and every setting that changes
   the stored numbers, the translation of reads included (genetic code, frames, shortest
   peptide, piece size). A shard is reused only under the same fingerprint, for the same rows.
+- The work directory may be an fsspec URL (:class:`~virnuc_dask.storage.Remote`), so that
+  nodes share nothing but the object store: the same layout under a prefix, every file
+  written in one PUT (so never seen half-written), the locks as leases
+  (:mod:`~virnuc_dask.lock`). No ``dask-scratch/`` there: a local cluster's scratch space
+  stays on the driver's disk.
 """
 
 from __future__ import annotations
@@ -27,8 +32,6 @@ from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
 
-import numpy as np
-
 from virnuc_dask import ownership
 from virnuc_dask.config import EmbedConfig
 from virnuc_dask.engine import ENGINE_VERSION
@@ -38,6 +41,7 @@ from virnuc_dask.lock import RunLock
 from virnuc_dask.models import WeightsSource
 from virnuc_dask.output import ShardInfo, shard_matches
 from virnuc_dask.partition import Chunk, Partition, partition
+from virnuc_dask.storage import Remote, load_npy, save_npy, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +51,7 @@ KIND = "work directory"
 
 
 def lock_and_open(
-    output: Path, work: Path, resume: bool, token: str = ""
+    output: Path | Remote, work: Path | Remote, resume: bool, token: str = ""
 ) -> tuple[list[RunLock], dict | None]:
     """Lock the output, open the work directory (see :func:`open_work_dir`) and lock it.
 
@@ -63,7 +67,7 @@ def lock_and_open(
     return locks, saved
 
 
-def open_work_dir(work: Path, resume: bool) -> dict | None:
+def open_work_dir(work: Path | Remote, resume: bool) -> dict | None:
     """Create and mark the work directory, or return an earlier run's manifest when resuming.
 
     Raises
@@ -77,7 +81,7 @@ def open_work_dir(work: Path, resume: bool) -> dict | None:
             ownership.claim(work, KIND)
         except OSError as error:
             raise VirnucError(
-                f"cannot create the work directory {work}: {error.strerror}"
+                f"cannot create the work directory {work}: {error.strerror or error}"
             ) from None
         return None
     hint = f"give {option('work_dir', 'DIR')} a path that does not exist yet"
@@ -102,12 +106,12 @@ def open_work_dir(work: Path, resume: bool) -> dict | None:
     return saved
 
 
-def remove(work: Path) -> None:
+def remove(work: Path | Remote) -> None:
     """Remove the work directory after a successful run (only if this tool made it)."""
     ownership.remove(work, KIND)
 
 
-def remove_if_unused(work: Path) -> bool:
+def remove_if_unused(work: Path | Remote) -> bool:
     """Remove the work directory when no chunk has been finished in it yet; say whether it was.
 
     After a failure before the first shard there is nothing to resume: leaving the folder
@@ -143,7 +147,7 @@ def fingerprint(index: FastaIndex, weights: WeightsSource, config: EmbedConfig) 
 
 
 def saved_or_new_partition(
-    work: Path,
+    work: Path | Remote,
     saved: dict | None,
     fingerprint: str,
     index: FastaIndex,
@@ -154,7 +158,7 @@ def saved_or_new_partition(
     if saved and saved.get("fingerprint") == fingerprint:
         try:
             return Partition(
-                order=np.load(work / "order.npy"),
+                order=load_npy(work / "order.npy"),
                 chunks=[Chunk(**c) for c in saved["chunks"]],
                 lanes=saved["lanes"],
             )
@@ -172,7 +176,7 @@ def saved_or_new_partition(
         for stale in (work / "shards").glob("*shard-*"):
             stale.unlink()
     parts = partition(index.length, lanes, config.chunk_tokens, config.max_residues)
-    np.save(work / "order.npy", parts.order)
+    save_npy(work / "order.npy", parts.order)
     (work / "shards").mkdir(exist_ok=True)
     manifest = {
         "fingerprint": fingerprint,
@@ -180,9 +184,7 @@ def saved_or_new_partition(
         "chunks": [asdict(c) for c in parts.chunks],
     }
     # Written whole or not at all: a killed driver never leaves a truncated manifest.
-    tmp = work / f"manifest.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(manifest))
-    os.replace(tmp, work / "manifest.json")
+    write_atomic(work / "manifest.json", json.dumps(manifest).encode())
     ownership.write_marker(work, KIND, fingerprint)
     return parts
 
@@ -192,19 +194,24 @@ def shard_path(shard_dir: str, chunk: Chunk) -> str:
     return os.path.join(shard_dir, f"shard-{chunk.number:06d}.h5")
 
 
-def finished_shards(work: Path, parts: Partition, fingerprint: str) -> list[ShardInfo]:
+def finished_shards(work: Path | Remote, parts: Partition, fingerprint: str) -> list[ShardInfo]:
     """Shards on disk that are complete and belong to this run; anything else is removed."""
+    from virnuc_dask.output.remote import shard_source
+
     for partial in (work / "shards").glob(".*.partial"):
         logger.warning("removing the half-written shard %s", partial.name)
         partial.unlink()
+    storage = work.storage if isinstance(work, Remote) else None
+    present = {p.name for p in (work / "shards").glob("shard-*.h5")}
     reused = []
     for chunk in parts.chunks:
         path = shard_path(str(work / "shards"), chunk)
-        if not os.path.exists(path):
+        if os.path.basename(path) not in present:
             continue
-        if shard_matches(path, fingerprint, parts.order[chunk.start : chunk.stop]):
+        rows = parts.order[chunk.start : chunk.stop]
+        if shard_matches(shard_source(path, storage), fingerprint, rows):
             reused.append(ShardInfo(chunk.number, path, chunk.size, chunk.tokens, "resumed", 0.0))
         else:
             logger.warning("shard %s does not match this run: recomputing it", path)
-            os.unlink(path)
+            (work / "shards" / os.path.basename(path)).unlink(missing_ok=True)
     return reused

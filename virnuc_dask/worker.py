@@ -17,6 +17,11 @@ Decisions:
   (a hung GPU call or a deadlock cannot be interrupted from Python): the nanny starts a new
   worker and the scheduler gives the chunk to a worker again, up to Dask's
   ``distributed.scheduler.allowed-failures`` times; then the run stops naming the chunk.
+- A work directory at a URL: the worker copies the saved index and partition to its own disk
+  once per run (its Dask local directory, :func:`_local_copy`) and memory-maps them there, as
+  it would on a shared filesystem; its inputs it reads by byte range from their URLs; its
+  shard it writes to its own disk and puts in one call (atomic on object stores). So the
+  worker needs nothing of the driver's disk, only the store and the run's storage options.
 """
 
 from __future__ import annotations
@@ -26,10 +31,14 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import signal
+import tempfile
 import threading
 import time
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from distributed import WorkerPlugin, get_worker
@@ -40,6 +49,7 @@ from virnuc_dask.models import WeightsSource
 from virnuc_dask.output import ShardInfo, shard_matches, write_shard
 from virnuc_dask.partition import Chunk
 from virnuc_dask.progress import BatchReporter
+from virnuc_dask.storage import Remote, StorageOptions, download_folder, is_url
 from virnuc_dask.workdir import shard_path
 
 logger = logging.getLogger(__name__)
@@ -333,6 +343,8 @@ class ChunkJob:
         Features per layer (the model's width), checked when reusing a shard.
     chunk_seconds
         Time limit of a chunk; None: automatic (:func:`time_limit`); 0: none.
+    storage
+        fsspec options for the URLs among these paths and the inputs (hidden in logs).
     """
 
     index_dir: str
@@ -345,6 +357,41 @@ class ChunkJob:
     token: str = ""
     width: int | None = None
     chunk_seconds: float | None = None
+    storage: StorageOptions | None = None
+
+
+#: Runs whose index a worker keeps on its disk (a work directory at a URL): the oldest go.
+KEEP_RUNS = 4
+
+
+def _local_copy(job: ChunkJob) -> tuple[str, str]:
+    """The saved index and partition of a work directory at a URL, on this worker's disk.
+
+    Downloaded once per run (the folder is named by the run's token) into the worker's Dask
+    local directory, under a temporary name renamed when complete, so that concurrent tasks
+    of the worker never read a half-copied index; copies of older runs are removed.
+    """
+    try:
+        base = Path(get_worker().local_directory) / "virnuc-dask-runs"
+    except ValueError:
+        base = Path(tempfile.gettempdir()) / "virnuc-dask-runs"
+    folder = base / job.token
+    if not (folder / "complete").exists():
+        partial = base / f".{job.token}.{uuid.uuid4().hex}.partial"
+        try:
+            download_folder(Remote(job.index_dir, job.storage), partial / "index")
+            Remote(job.order_path, job.storage).get(partial / "order.npy")
+            (partial / "complete").touch()
+            os.rename(partial, folder)
+        except OSError:
+            if not (folder / "complete").exists():
+                raise
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+        runs = sorted(base.iterdir(), key=lambda p: p.stat().st_mtime)
+        for old in [p for p in runs if not p.name.startswith(".")][:-KEEP_RUNS]:
+            shutil.rmtree(old, ignore_errors=True)  # mapped files stay readable (POSIX)
+    return str(folder / "index"), str(folder / "order.npy")
 
 
 def time_limit(tokens: int, given: float | None, slowest_rate: float | None) -> float | None:
@@ -411,13 +458,17 @@ def embed_chunk(chunk: Chunk, job: ChunkJob) -> ShardInfo:
     import torch
 
     from virnuc_dask.index import FastaIndex, read_sequences
+    from virnuc_dask.output.remote import put_shard, shard_source
 
     started = time.perf_counter()
     path = shard_path(job.shard_dir, chunk)
-    rows = np.array(np.load(job.order_path, mmap_mode="r")[chunk.start : chunk.stop])
+    remote = is_url(path)
+    index_dir, order_path = _local_copy(job) if remote else (job.index_dir, job.order_path)
+    rows = np.array(np.load(order_path, mmap_mode="r")[chunk.start : chunk.stop])
     worker = _worker_address()
-    if os.path.exists(path) and shard_matches(
-        path,
+    exists = Remote(path, job.storage).is_file() if remote else os.path.exists(path)
+    if exists and shard_matches(
+        shard_source(path, job.storage),
         job.fingerprint,
         rows,
         layers=list(job.engine.layers),
@@ -426,8 +477,8 @@ def embed_chunk(chunk: Chunk, job: ChunkJob) -> ShardInfo:
     ):
         return ShardInfo(chunk.number, path, chunk.size, chunk.tokens, "existing", 0.0)
     engine = worker_engine(job.engine)
-    index = FastaIndex.load(job.index_dir)
-    sequences = read_sequences(index, rows)
+    index = FastaIndex.load(index_dir)
+    sequences = read_sequences(index, rows, job.storage)
     limit = time_limit(chunk.tokens, job.chunk_seconds, _SLOWEST_RATE.get("rate"))
     try:
         # Grad mode is thread-local and Dask runs tasks in its own threads: set it here.
@@ -443,13 +494,15 @@ def embed_chunk(chunk: Chunk, job: ChunkJob) -> ShardInfo:
         ) from error
     rate = chunk.tokens / max(time.perf_counter() - computing, 1e-3)
     _SLOWEST_RATE["rate"] = min(rate, _SLOWEST_RATE.get("rate", rate))
-    if job.lock_path and not holds(job.lock_path, job.token):
+    if job.lock_path and not holds(job.lock_path, job.token, job.storage):
         raise RunAbandoned(
             f"chunk {chunk.number}: the run that asked for it no longer holds {job.lock_path}; "
             "its result is discarded"
         )
+    # A shard at a URL is written on this worker's disk, then put whole.
+    local = Path(index_dir).parent / os.path.basename(path) if remote else path
     write_shard(
-        path,
+        local,
         rows=rows,
         ids=index.ids(rows),
         embedding=embedding,
@@ -457,6 +510,11 @@ def embed_chunk(chunk: Chunk, job: ChunkJob) -> ShardInfo:
         dtype=job.output_dtype,
         layers=list(job.engine.layers),
     )
+    if remote:
+        try:
+            put_shard(local, path, job.storage)
+        finally:
+            os.unlink(local)
     return ShardInfo(
         chunk.number, path, chunk.size, chunk.tokens, worker, time.perf_counter() - started
     )

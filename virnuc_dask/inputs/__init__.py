@@ -25,10 +25,14 @@ if TYPE_CHECKING:
     from virnuc_dask.config import EmbedConfig
     from virnuc_dask.inputs.fasta import FastaIndex
     from virnuc_dask.inputs.provenance import ReadProvenance
+    from virnuc_dask.storage import StorageOptions
 
 
 def index_inputs(
-    inputs: list[str | Path], staging: str | Path, config: EmbedConfig
+    inputs: list[str | Path],
+    staging: str | Path,
+    config: EmbedConfig,
+    storage: StorageOptions | None = None,
 ) -> tuple[FastaIndex, ReadProvenance | None]:
     """Index a run's inputs: protein FASTA, or reads translated as ``config`` says.
 
@@ -40,6 +44,8 @@ def index_inputs(
         Folder for staged copies (gzip or piped proteins) and staged peptides (reads).
     config
         The run's settings (``translate``, ``invalid_to_x``, ``duplicate_ids``, ...).
+    storage
+        fsspec options for inputs given as URLs.
 
     Returns
     -------
@@ -51,8 +57,14 @@ def index_inputs(
 
     translation = config.translation()
     if translation is not None:
-        return build_peptide_index(inputs, staging, translation, duplicate_ids=config.duplicate_ids)
+        return build_peptide_index(
+            inputs, staging, translation, duplicate_ids=config.duplicate_ids, storage=storage
+        )
     index = build_index(
-        inputs, staging, invalid_to_x=config.invalid_to_x, duplicate_ids=config.duplicate_ids
+        inputs,
+        staging,
+        invalid_to_x=config.invalid_to_x,
+        duplicate_ids=config.duplicate_ids,
+        storage=storage,
     )
     return index, None

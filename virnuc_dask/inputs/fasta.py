@@ -33,6 +33,10 @@ Decisions (``docs/input.md`` lists every accepted and refused input with its mes
   CRC-32 of each sequence's bytes as a worker will read them (4 bytes a sequence), and
   :func:`read_sequences` refuses bytes that differ, so an edit, even one that keeps every
   length, stops the run instead of mixing old and new sequences in one output.
+- An input given as a URL is scanned as it streams in, and hashed on the way (one download,
+  where a local file is hashed and scanned in two reads of the page cache); workers then
+  read their sequences from the URL by byte range (:func:`~virnuc_dask.storage.read_ranges`),
+  nearby ranges merged into one request.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ from virnuc_dask.inputs.duplicates import shown_id as _shown_id
 from virnuc_dask.inputs.nucleotide import SAMPLE_LETTERS, letter_counts, looks_like_nucleotides
 from virnuc_dask.inputs.staging import check_inputs, file_digest, plain_copy, unreadable
 from virnuc_dask.inputs.staging import shown as _shown
+from virnuc_dask.storage import StorageOptions, is_url, open_url, read_ranges
 from virnuc_dask.tokens import RESIDUE_LETTERS
 
 _WHITESPACE = b" \t\r\n\v\f"
@@ -182,6 +187,7 @@ def build_index(
     *,
     invalid_to_x: bool = False,
     duplicate_ids: str = "error",
+    storage: StorageOptions | None = None,
 ) -> FastaIndex:
     """Scan FASTA files (plain or gzip) into a :class:`FastaIndex`, validating every record.
 
@@ -189,7 +195,8 @@ def build_index(
     ----------
     inputs
         FASTA files, plain or gzip-compressed, multi-line records, any line endings. Pipes
-        (``/dev/stdin``, ``<(zcat a.fa.gz)``) are accepted and copied into ``staging``.
+        (``-`` for standard input, ``<(zcat a.fa.gz)``) are accepted and copied into
+        ``staging``; fsspec URLs are read where they are.
     staging
         Directory for plain copies of gzip inputs and pipes; required when there is one.
     invalid_to_x
@@ -206,13 +213,19 @@ def build_index(
     if duplicate_ids not in DUPLICATE_POLICIES:
         raise VirnucError(f"duplicate_ids must be one of {DUPLICATE_POLICIES}")
     # Check that every input exists before the first long scan.
-    paths, infos = check_inputs(inputs)
+    paths, infos = check_inputs(inputs, storage)
     scan = _Scan(invalid_to_x)
     files, digest = [], hashlib.blake2b(digest_size=16)
     for number, (path, info) in enumerate(zip(paths, infos, strict=True)):
-        plain = plain_copy(path, info, number, staging)
-        digest.update(file_digest(plain, path).encode())
-        scan.file(plain, number, shown_as=path)
+        plain = plain_copy(path, info, number, staging, storage)
+        if is_url(plain):
+            # Hashed as it is scanned: one download (the same BLAKE2b a local copy would give).
+            of_file = hashlib.blake2b(digest_size=16)
+            scan.file(plain, number, shown_as=path, storage=storage, digest=of_file)
+            digest.update(of_file.hexdigest().encode())
+        else:
+            digest.update(file_digest(plain, path).encode())
+            scan.file(plain, number, shown_as=path)
         files.append(plain)
     # The arrays share the scan's buffers: nothing is copied at the end of the scan.
     index = FastaIndex(
@@ -244,8 +257,15 @@ class _Scan:
         self.ids, self.id_offsets = bytearray(), array("q", [0])
         self.sample = bytearray()  # the first letters of the file being scanned
 
-    def file(self, path: str, number: int, shown_as: str) -> None:
-        """Scan one plain FASTA file."""
+    def file(
+        self,
+        path: str,
+        number: int,
+        shown_as: str,
+        storage: StorageOptions | None = None,
+        digest=None,
+    ) -> None:
+        """Scan one plain FASTA file (or URL); ``digest`` is updated with its bytes if given."""
         shown = _shown(shown_as)
         before = len(self.line)
         self.sample.clear()
@@ -260,7 +280,7 @@ class _Scan:
         crc = base = 0
         last = b""
         try:
-            with open(path, "rb") as f:
+            with _open_scanned(path, storage, digest) as f:
                 for raw in f:
                     line_no += 1
                     start, position = position, position + len(raw)
@@ -401,6 +421,13 @@ class _Scan:
         return _shown_id(self.ids[self.id_offsets[-2] : self.id_offsets[-1]].decode())
 
 
+def _open_scanned(path: str, storage: StorageOptions | None, digest) -> BinaryIO:
+    """Open a plain input for the scan: a local file, or a URL hashed as it streams in."""
+    if not is_url(path):
+        return open(path, "rb")  # noqa: SIM115 (the scan closes it)
+    return open_url(path, storage, digest=digest)
+
+
 def _odd_line(body: bytes, before_header: bool, shown: str, line_no: int) -> None:
     """Refuse a residue line that is not one (rare); return for an indented residue line."""
     first = body.lstrip(_WHITESPACE)[:1]
@@ -435,11 +462,23 @@ def _lone_cr(shown: str, line_no: int) -> str:
     )
 
 
-def read_sequences(index: FastaIndex, rows: np.ndarray) -> list[bytes]:
+def read_sequences(
+    index: FastaIndex, rows: np.ndarray, storage: StorageOptions | None = None
+) -> list[bytes]:
     """Read the sequences of ``rows`` back from their files, upper-cased, ready to tokenise.
 
-    Reads each file in offset order (one ``seek`` and ``read`` per sequence) and returns the
+    Reads each file in offset order (one ``seek`` and ``read`` per sequence; for a URL, byte
+    ranges fetched together, see :func:`~virnuc_dask.storage.read_ranges`) and returns the
     sequences in the order of ``rows``.
+
+    Parameters
+    ----------
+    index
+        The inputs' index.
+    rows
+        The rows to read.
+    storage
+        fsspec options for files that are URLs.
 
     Raises
     ------
@@ -449,16 +488,20 @@ def read_sequences(index: FastaIndex, rows: np.ndarray) -> list[bytes]:
     rows = np.asarray(rows, dtype=np.int64)
     out: list[bytes] = [b""] * len(rows)
     order = np.lexsort((index.offset[rows], index.file[rows]))
+    fetched = _fetch_remote(index, rows, storage)
     with contextlib.ExitStack() as stack:
         handles: dict[int, BinaryIO] = {}
         for position in order.tolist():
             row = int(rows[position])
             number = int(index.file[row])
-            if number not in handles:
-                handles[number] = stack.enter_context(open(index.files[number], "rb"))
-            handle = handles[number]
-            handle.seek(int(index.offset[row]))
-            data = handle.read(int(index.span[row]))
+            if position in fetched:
+                data = fetched.pop(position)
+            else:
+                if number not in handles:
+                    handles[number] = stack.enter_context(open(index.files[number], "rb"))
+                handle = handles[number]
+                handle.seek(int(index.offset[row]))
+                data = handle.read(int(index.span[row]))
             if zlib.crc32(data) != index.checksum[row]:
                 raise VirnucError(_changed(index, number, row))
             data = data.translate(None, _WHITESPACE)
@@ -470,10 +513,29 @@ def read_sequences(index: FastaIndex, rows: np.ndarray) -> list[bytes]:
     return out
 
 
+def _fetch_remote(
+    index: FastaIndex, rows: np.ndarray, storage: StorageOptions | None
+) -> dict[int, bytes]:
+    """The bytes of the ``rows`` that live in URLs, by position in ``rows``."""
+    fetched: dict[int, bytes] = {}
+    files = index.file[rows]
+    for number, url in enumerate(index.files):
+        if not is_url(url):
+            continue
+        positions = np.flatnonzero(files == number)
+        if not len(positions):
+            continue
+        starts = index.offset[rows[positions]].astype(np.int64)
+        ends = starts + index.span[rows[positions]]
+        data = read_ranges(url, starts.tolist(), ends.tolist(), storage)
+        fetched.update(zip(positions.tolist(), data, strict=True))
+    return fetched
+
+
 def _changed(index: FastaIndex, number: int, row: int) -> str:
     """The message for a sequence whose bytes are no longer those indexed."""
     given, read = index.inputs[number], index.files[number]
-    if str(Path(given).resolve()) == read:
+    if given == read or (not is_url(given) and str(Path(given).resolve()) == read):
         what = _shown(given)
     else:  # gzip inputs and pipes are read from a copy in the work directory
         what = f"the staged copy {_shown(read)} of input {_shown(given)}"

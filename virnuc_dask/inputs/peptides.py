@@ -132,6 +132,7 @@ def build_peptide_index(
     translation: Translation | None = None,
     *,
     duplicate_ids: str = "error",
+    storage=None,
 ) -> tuple[FastaIndex, ReadProvenance]:
     """Translate the reads of ``inputs`` and index the kept peptides.
 
@@ -146,6 +147,9 @@ def build_peptide_index(
     duplicate_ids
         ``"error"`` refuses a read id seen twice; ``"suffix"`` renames later occurrences
         ``ID.2``, ``ID.3``, ... before the frame is added.
+    storage
+        fsspec options (a :class:`~virnuc_dask.storage.StorageOptions`) for inputs that are
+        URLs; ``-`` reads standard input.
 
     Returns
     -------
@@ -163,10 +167,10 @@ def build_peptide_index(
     translation.validate()
     if duplicate_ids not in DUPLICATE_POLICIES:
         raise VirnucError(f"duplicate_ids must be one of {DUPLICATE_POLICIES}")
-    paths, _ = check_inputs(inputs)
+    paths, _ = check_inputs(inputs, storage)
     staging = Path(staging)
     staging.mkdir(parents=True, exist_ok=True)
-    built = _Builder(translation, paths)
+    built = _Builder(translation, paths, storage)
     # SHA-256 of each file as stored: three times BLAKE2b's speed where the CPU has SHA
     # instructions, and reads files are large.
     digest = hashlib.sha256()
@@ -227,8 +231,9 @@ class _Builder:
     for most of the work) while the main thread parses the next ones, and collected in order.
     """
 
-    def __init__(self, translation: Translation, paths: list[str]) -> None:
+    def __init__(self, translation: Translation, paths: list[str], storage=None) -> None:
         self.translation = translation
+        self.storage = storage
         self.lookup = CodonLookup.for_code(translation.genetic_code)
         self.paths = paths
         names = dict(_COLUMNS)
@@ -255,7 +260,7 @@ class _Builder:
                 # Batches are translated in threads while the next ones are parsed here, and
                 # collected in their order; a few at most are in flight.
                 ahead: deque = deque()
-                for batch in read_batches(path, digest):
+                for batch in read_batches(path, digest, self.storage):
                     ahead.append((batch, pool.submit(self._translate, batch, number, path)))
                     if len(ahead) > threads:
                         self._collect(*ahead.popleft(), number, out)

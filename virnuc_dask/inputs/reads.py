@@ -182,15 +182,17 @@ def _check_ids(ids: np.ndarray, id_offsets: np.ndarray, lines: np.ndarray, text:
     return text_bytes
 
 
-def read_batches(path: str, digest=None) -> Iterator[ReadBatch]:
+def read_batches(path: str, digest=None, storage=None) -> Iterator[ReadBatch]:
     """The records of a reads file (FASTA or FASTQ, plain or gzip), in batches.
 
     Parameters
     ----------
     path
-        The file (or pipe).
+        The file (or pipe, ``-`` for standard input, or fsspec URL).
     digest
         A ``hashlib`` object updated with the file's bytes as stored, for fingerprints.
+    storage
+        fsspec options (:class:`~virnuc_dask.storage.StorageOptions`) for a URL.
 
     Raises
     ------
@@ -200,7 +202,7 @@ def read_batches(path: str, digest=None) -> Iterator[ReadBatch]:
     from virnuc_dask.inputs import fasta_reads, fastq
 
     text = shown(path)
-    with open_blocks(path, digest) as blocks:
+    with open_blocks(path, digest, storage) as blocks:
         parts: list[bytes] = []
         line, form = 1, None
         while True:

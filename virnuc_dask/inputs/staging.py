@@ -15,6 +15,12 @@ Decisions:
   CRC mismatch, corrupt deflate data. Zero padding after the data is accepted (as ``gzip``
   does).
 - Messages show a path quoted when it holds characters that would break the one-line message.
+- ``-`` is standard input: always staged (a pipe is read once; a redirected file has no name
+  that a worker could open), and refused when it is a terminal.
+- An fsspec URL (:mod:`~virnuc_dask.storage`) is checked to exist before the first input is
+  read, and read once, front to back. A plain one is not copied: workers read their sequences
+  from the same URL by byte range. A gzip one is decompressed into the staging directory, as
+  a local gzip file is. The same URL given twice is refused.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from virnuc_dask.errors import VirnucError, option
+from virnuc_dask.storage import STDIN, StorageOptions, filesystem, is_url, open_url
 
 _GZIP_MAGIC = b"\x1f\x8b"
 # First bytes of what is often mistaken for a FASTA file; none can start a FASTA file.
@@ -62,8 +69,26 @@ def shown(path: str | Path) -> str:
     return text if text.isprintable() else repr(text)
 
 
-def stat_input(path: str) -> os.stat_result:
-    """Return ``os.stat`` of an input; refuse what is neither a file nor a pipe."""
+def stat_input(path: str, storage: StorageOptions | None = None) -> os.stat_result | None:
+    """Return ``os.stat`` of an input; refuse what is neither a file nor a pipe.
+
+    For standard input (``-``) the stat of its descriptor; for a URL None, once the URL is
+    known to hold a file.
+    """
+    if path == STDIN:
+        try:
+            info = os.fstat(0)
+        except OSError as error:
+            raise VirnucError(f"cannot read standard input: {error.strerror}") from None
+        if not (stat.S_ISREG(info.st_mode) or stat.S_ISFIFO(info.st_mode)):
+            raise VirnucError(
+                "input - (standard input) is a terminal or a device; pipe or redirect a file "
+                "into it (zcat a.fa.gz | virnuc-dask embed - ...)"
+            )
+        return info
+    if is_url(path):
+        _check_url(path, storage)
+        return None
     try:
         info = os.stat(path)
     except OSError as error:
@@ -82,8 +107,35 @@ def stat_input(path: str) -> os.stat_result:
     return info
 
 
-def check_inputs(inputs: list[str | Path]) -> tuple[list[str], list[os.stat_result]]:
+def _check_url(url: str, storage: StorageOptions | None) -> None:
+    """Refuse a URL that holds no file, naming it."""
+    fs, path = filesystem(url, storage)
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        raise VirnucError(f"input {shown(url)} does not exist; check the URL") from None
+    except PermissionError:
+        raise VirnucError(
+            f"cannot read input {shown(url)}: permission denied; check the credentials "
+            "(the environment, a profile, or storage options)"
+        ) from None
+    except Exception as error:  # noqa: BLE001 (the store's client: credentials, network)
+        raise VirnucError(
+            f"cannot read input {shown(url)}: {type(error).__name__}: {error}"
+        ) from None
+    if info.get("type") == "directory":
+        raise VirnucError(
+            f"input {shown(url)} is a folder; give the FASTA files inside it "
+            f"({shown(url.rstrip('/') + '/NAME.fasta')})"
+        )
+
+
+def check_inputs(
+    inputs: list[str | Path], storage: StorageOptions | None = None
+) -> tuple[list[str], list[os.stat_result | None]]:
     """Check every input before the first is read; return the paths as strings and their stats.
+
+    A URL's stat is None; standard input (``-``) has its descriptor's.
 
     Raises
     ------
@@ -94,18 +146,22 @@ def check_inputs(inputs: list[str | Path]) -> tuple[list[str], list[os.stat_resu
     if not inputs:
         raise VirnucError("no input files given")
     paths = [str(p) for p in inputs]
-    infos = [stat_input(path) for path in paths]
+    infos = [stat_input(path, storage) for path in paths]
     check_distinct(paths, infos)
     return paths, infos
 
 
-def check_distinct(paths: list[str], infos: list[os.stat_result]) -> None:
+def check_distinct(paths: list[str], infos: list[os.stat_result | None]) -> None:
     """Refuse a file given twice (under one name or two): every sequence would be seen twice."""
-    first: dict[tuple[int, int], int] = {}
-    for number, info in enumerate(infos):
-        if not stat.S_ISREG(info.st_mode):
+    first: dict[object, int] = {}
+    for number, (path, info) in enumerate(zip(paths, infos, strict=True)):
+        if info is None or path == STDIN:  # a URL, or standard input: by name
+            key: object = path
+        elif stat.S_ISREG(info.st_mode):
+            key = (info.st_dev, info.st_ino)
+        else:
             continue
-        earlier = first.setdefault((info.st_dev, info.st_ino), number)
+        earlier = first.setdefault(key, number)
         if earlier != number:
             raise VirnucError(
                 f"input {shown(paths[number])} is the same file as input "
@@ -116,6 +172,10 @@ def check_distinct(paths: list[str], infos: list[os.stat_result]) -> None:
 def unreadable(path: str, error: OSError) -> str:
     """The message for an input that cannot be opened or read."""
     text = shown(path)
+    if is_url(path):
+        if isinstance(error, FileNotFoundError):
+            return f"input {text} does not exist; check the URL"
+        return f"cannot read input {text}: {error.strerror or error}"
     if error.errno == errno.ENOENT:
         if os.path.islink(path):
             return (
@@ -142,19 +202,28 @@ def _sniff(path: str, handle: BinaryIO) -> tuple[bytes, bool]:
     return magic, magic.startswith(_GZIP_MAGIC)
 
 
-def plain_copy(path: str, info: os.stat_result, number: int, staging: str | Path | None) -> str:
+def plain_copy(
+    path: str,
+    info: os.stat_result | None,
+    number: int,
+    staging: str | Path | None,
+    storage: StorageOptions | None = None,
+) -> str:
     """Return a path to a plain, seekable version of ``path``: itself, or a staged copy.
 
-    gzip inputs are decompressed once into ``staging``; so are pipes, which can be read only
-    once. Other compressed formats are refused with the command that decompresses them.
+    gzip inputs are decompressed once into ``staging``; so are pipes and standard input, which
+    can be read only once. Other compressed formats are refused with the command that
+    decompresses them. A plain URL is returned as it is: workers read it by byte range.
     """
     with contextlib.ExitStack() as stack:
-        try:
-            handle = stack.enter_context(open(path, "rb"))
-        except OSError as error:
-            raise VirnucError(unreadable(path, error)) from None
+        handle = stack.enter_context(_open_input(path, storage))
         magic, compressed = _sniff(path, handle)
-        seekable = stat.S_ISREG(info.st_mode)
+        if is_url(path):
+            if not compressed:
+                return path
+            seekable = False  # read on from the bytes already read, as from a pipe
+        else:
+            seekable = path != STDIN and stat.S_ISREG(info.st_mode)
         if seekable and not compressed:
             return str(Path(path).resolve())
         if staging is None:
@@ -167,7 +236,7 @@ def plain_copy(path: str, info: os.stat_result, number: int, staging: str | Path
             source: BinaryIO = handle
         else:
             source = _Prefixed(magic, handle)
-        name = Path(path).name
+        name = "stdin" if path == STDIN else Path(path.rstrip("/")).name
         if compressed:
             source = gzip.GzipFile(fileobj=source, mode="rb")
             name = name.removesuffix(".gz")
@@ -176,11 +245,24 @@ def plain_copy(path: str, info: os.stat_result, number: int, staging: str | Path
     return str(target.resolve())
 
 
+def _open_input(path: str, storage: StorageOptions | None) -> BinaryIO:
+    """Open an input for reading: a file, standard input (``-``) or a URL."""
+    try:
+        if path == STDIN:
+            return open(0, "rb", closefd=False)  # noqa: SIM115 (the caller closes it)
+        if is_url(path):
+            return open_url(path, storage, BLOCK_BYTES)
+        return open(path, "rb")  # noqa: SIM115 (the caller closes it)
+    except OSError as error:
+        raise VirnucError(unreadable(path, error)) from None
+
+
 @contextlib.contextmanager
-def open_blocks(path: str, digest=None) -> Iterator[Blocks]:
+def open_blocks(path: str, digest=None, storage: StorageOptions | None = None) -> Iterator[Blocks]:
     """Open an input to be read once, front to back, decompressing gzip on the fly.
 
-    Works for pipes too (nothing is copied). Yields a :class:`Blocks` reader.
+    Works for pipes, standard input (``-``) and URLs too (nothing is copied). Yields a
+    :class:`Blocks` reader.
 
     Parameters
     ----------
@@ -189,13 +271,12 @@ def open_blocks(path: str, digest=None) -> Iterator[Blocks]:
     digest
         A ``hashlib`` object updated with the file's bytes as stored (compressed, for gzip:
         fewer bytes to hash, and as good an identity of the input).
+    storage
+        fsspec options, for a URL.
     """
     with contextlib.ExitStack() as stack:
-        try:
-            handle = stack.enter_context(open(path, "rb"))
-            seekable = handle.seekable()
-        except OSError as error:
-            raise VirnucError(unreadable(path, error)) from None
+        handle = stack.enter_context(_open_input(path, storage))
+        seekable = not is_url(path) and handle.seekable()
         magic, compressed = _sniff(path, handle)
         if seekable:
             handle.seek(0)

@@ -5,7 +5,7 @@ Outputs are written to hidden siblings (``.NAME.<hex>.partial``, a Zarr one mark
 are complete, so they appear together or not at all, and an existing output stays intact
 until it is replaced. :func:`check_target` says what may be replaced: an existing file or
 Zarr store only with ``overwrite``, a folder without the tool's marker never, a symbolic link
-never.
+never. Outputs at URLs are checked and written by :mod:`.remote` (no rename there).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pathlib import Path
 
 from virnuc_dask import ownership
 from virnuc_dask.errors import VirnucError, option
+from virnuc_dask.storage import Remote
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,10 @@ def check_target(path: Path, kind: str, *, overwrite: bool) -> None:
     """
     if kind not in (OUTPUT, ZARR_STORE):
         raise ValueError(f"unknown kind of output {kind!r}")
+    if isinstance(path, Remote):
+        from virnuc_dask.output.remote import check_remote_target
+
+        return check_remote_target(path, kind, overwrite=overwrite)
     path = Path(path)
     if path.is_symlink():
         raise VirnucError(
@@ -104,6 +109,8 @@ def remove_stale_partials(path: Path) -> list[Path]:
     list of Path
         What was removed.
     """
+    if isinstance(path, Remote):
+        return []  # nothing partial is ever at a URL: outputs are uploaded whole
     path = Path(path)
     pattern = re.compile(rf"\.{re.escape(path.name)}\.[0-9a-f]{{32}}\.partial")
     try:

@@ -24,6 +24,7 @@ import contextlib
 import logging
 import time
 from pathlib import Path
+from typing import BinaryIO
 
 import h5py
 import numpy as np
@@ -180,7 +181,7 @@ class OutputWriter:
         """The hidden file being written, renamed to the output path by :meth:`close`."""
         return self._partial
 
-    def add(self, shard: ShardInfo) -> None:
+    def add(self, shard: ShardInfo, source: str | Path | BinaryIO | None = None) -> None:
         """Validate a shard and write its rows into the file now.
 
         Nothing of a refused shard is written, and the writer stays usable: its rows still
@@ -190,6 +191,9 @@ class OutputWriter:
         ----------
         shard
             A finished chunk's shard, in any order relative to the others.
+        source
+            Where to read it instead of ``shard.path``, e.g. the bytes of a shard at a URL
+            (:func:`~virnuc_dask.output.remote.shard_source`); messages still name the path.
 
         Raises
         ------
@@ -199,7 +203,7 @@ class OutputWriter:
             The shard is misaligned: its ids are not the ids the index expects at its rows.
         """
         self._require_open()
-        with h5py.File(shard.path, "r") as f:
+        with h5py.File(shard.path if source is None else source, "r") as f:
             problem = mismatch(
                 f,
                 fingerprint=self._fingerprint,

@@ -1,0 +1,175 @@
+"""Outputs at URLs: shards, the HDF5 file and the Zarr store on an object store.
+
+Everything is built locally as for a local output (:class:`~.writer.OutputWriter`, with its
+memory map and reserved blocks) and then uploaded, because object stores have no rename and
+no partial writes into an object:
+
+- **Shards**: a worker writes its shard to a local file and puts it in one call; one PUT is
+  atomic, so a shard at its URL is always whole (no ``.partial`` names on the store). The
+  driver fetches each shard's bytes as it arrives and copies its rows into the output.
+- **HDF5 output**: written in the driver's local folder (the work directory when it is local,
+  else a temporary folder, ``TMPDIR``), then uploaded in one put, so a partial file is never
+  visible at the URL. Without ``overwrite`` the put is conditional (``If-None-Match: *``): an
+  object that appeared at the URL meanwhile is never replaced.
+- **Zarr store**: written locally from the finished file, as a local store is, then uploaded
+  object by object: its ownership marker first, its arrays' chunks and metadata next, and
+  its root ``zarr.json`` (which holds the consolidated metadata every reader opens first)
+  last, so that readers find a store only once it is complete. With ``overwrite`` the old
+  store (checked to be one this tool made) is removed just before: an object store cannot
+  swap two prefixes, so for that moment there is no store at the URL.
+- Workers do not write Zarr regions themselves: a Zarr chunk holds rows of many chunks (the
+  partition deals rows by length), so it is complete only at the end, as for local stores.
+- Both outputs at URLs: the store's objects go first, then the HDF5 file, then the store's
+  root ``zarr.json``: they appear within moments of each other, or neither does.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+
+from virnuc_dask import ownership
+from virnuc_dask.errors import VirnucError, option
+from virnuc_dask.storage import Remote, StorageOptions, is_url
+
+logger = logging.getLogger(__name__)
+
+#: The kinds of target (as :mod:`.targets` names them).
+OUTPUT = "output"
+ZARR_STORE = "zarr store"
+#: The object readers open first in a Zarr v3 store: uploaded last.
+ROOT = "zarr.json"
+
+
+def shard_source(path: str, storage: StorageOptions | None = None) -> str | io.BytesIO:
+    """What h5py should open for the shard at ``path``: the path, or a URL's bytes.
+
+    Raises
+    ------
+    FileNotFoundError
+        No shard at the URL.
+    """
+    if not is_url(path):
+        return path
+    return io.BytesIO(Remote(path, storage).read_bytes())
+
+
+def put_shard(local: Path, url: str, storage: StorageOptions | None = None) -> None:
+    """Upload a shard written locally to its URL, in one call (atomic)."""
+    Remote(url, storage).put(local)
+
+
+def stand_ins(
+    output: Path | Remote, zarr: Path | Remote | None, folder: Path
+) -> tuple[Path, Path | None, list[tuple[Path, Remote, str]]]:
+    """Local paths for the writer to build outputs at URLs in, and what to :func:`publish`.
+
+    Parameters
+    ----------
+    output, zarr
+        The run's outputs: local paths (returned as they are) or URLs.
+    folder
+        A local folder of the run's (created if need be) for the stand-ins.
+
+    Returns
+    -------
+    output, zarr, written
+        The paths the writer writes, and ``(stand-in, URL, kind)`` for each output at a URL.
+    """
+    written: list[tuple[Path, Remote, str]] = []
+
+    def local(target: Path | Remote, kind: str, sub: str) -> Path:
+        if not isinstance(target, Remote):
+            return target
+        stand_in = folder / sub / target.name
+        stand_in.parent.mkdir(parents=True, exist_ok=True)
+        written.append((stand_in, target, kind))
+        return stand_in
+
+    local_output = local(output, OUTPUT, "output")
+    local_zarr = local(zarr, ZARR_STORE, "output-zarr") if zarr is not None else None
+    return local_output, local_zarr, written
+
+
+def check_remote_target(target: Remote, kind: str, *, overwrite: bool) -> None:
+    """Refuse an output URL that the run must not write (as :func:`.targets.check_target`).
+
+    Raises
+    ------
+    VirnucError
+        An existing output without ``overwrite``; an HDF5 URL that is a prefix of other
+        objects; a Zarr URL whose objects are not a store this tool made (no marker).
+    """
+    if kind == OUTPUT:
+        if target.is_file():
+            if not overwrite:
+                raise VirnucError(
+                    f"output {target} already exists; pass {option('overwrite')} to replace it "
+                    "(the old file stays intact until the new one is complete)"
+                )
+            return
+        if target.is_dir():
+            raise VirnucError(
+                f"output {target} holds other objects under it (a folder); give a file name "
+                "such as out.h5"
+            )
+        return
+    if not target.exists():
+        return
+    ownership.require_owned(
+        target, ZARR_STORE, hint=f"Give another URL: {option('overwrite')} never replaces it."
+    )
+    if not overwrite:
+        raise VirnucError(
+            f"Zarr store {target} already exists; pass {option('overwrite')} to replace it"
+        )
+
+
+def publish(written: list[tuple[Path, Remote, str]], *, overwrite: bool) -> None:
+    """Upload finished local outputs to their URLs (see the module's docstring for the order).
+
+    Parameters
+    ----------
+    written
+        ``(local file or store, URL, kind)`` for each output at a URL.
+    overwrite
+        Whether an existing output may be replaced.
+    """
+    for _, target, kind in written:
+        try:
+            check_remote_target(target, kind, overwrite=overwrite)
+        except VirnucError as error:
+            raise VirnucError(f"{error}. {_appeared(target)}") from None
+    stores = [(local, target) for local, target, kind in written if kind == ZARR_STORE]
+    for local, target in stores:
+        ownership.remove(target, ZARR_STORE)  # only a store of ours (checked just above)
+        _upload_store(local, target)
+    for local, target, kind in written:
+        if kind != OUTPUT:
+            continue
+        try:
+            target.put(local, exclusive=not overwrite)
+        except FileExistsError:
+            raise VirnucError(
+                f"output {target} already exists; pass {option('overwrite')} to replace it. "
+                f"{_appeared(target)}"
+            ) from None
+    for local, target in stores:
+        (target / ROOT).put(local / ROOT)
+
+
+def _upload_store(local: Path, target: Remote) -> None:
+    """Upload a local store but its root ``zarr.json``: the marker first, then the rest."""
+    (target / ownership.MARKER).put(local / ownership.MARKER)
+    for path in sorted(p for p in local.rglob("*") if p.is_file()):
+        name = path.relative_to(local).as_posix()
+        if name not in (ROOT, ownership.MARKER):
+            (target / name).put(path)
+
+
+def _appeared(target: Remote) -> str:
+    return (
+        f"{target} appeared while the run was computing; the finished shards are kept: run "
+        f"again with {option('resume')} (and {option('overwrite')} to replace it)"
+    )
