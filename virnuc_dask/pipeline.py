@@ -54,9 +54,17 @@ from virnuc_dask.inputs import index_inputs
 from virnuc_dask.inputs.provenance import ReadProvenance, reads_summary
 from virnuc_dask.lock import RunLock
 from virnuc_dask.models import WeightsSource, model_spec, resolve_weights
-from virnuc_dask.output import POOLING, ShardInfo, assemble, check_target, remove_stale_partials
+from virnuc_dask.output import (
+    POOLING,
+    ResidueLayout,
+    ShardInfo,
+    assemble,
+    check_target,
+    remove_stale_partials,
+)
 from virnuc_dask.partition import Chunk, Partition
 from virnuc_dask.paths import run_paths
+from virnuc_dask.windows import WINDOWS_RULE, embedded_residues
 
 if TYPE_CHECKING:
     from virnuc_dask.worker import ChunkJob, EngineSettings
@@ -178,6 +186,9 @@ class EmbeddingJob:
             token=self.token,
             width=model_spec(self.config.model).embed_dim,
             chunk_seconds=self.config.chunk_time_limit,
+            per_residue=self.config.per_residue,
+            residue_dtype=self.config.residue_dtype,
+            long=self.config.long,
         )
 
     def _graph(self, key: str) -> tuple[Delayed, dict[str, Chunk], list[Delayed]]:
@@ -192,10 +203,18 @@ class EmbeddingJob:
             keys[name] = chunk
             with dask.annotate(priority=-rank[chunk.number], retries=self.config.retries):
                 tasks.append(dask.delayed(embed_chunk)(chunk, job_node, dask_key_name=name))
+        # The per-residue layout is rebuilt by the task from the saved index and partition
+        # (16 bytes a sequence would otherwise travel through the scheduler).
+        bounds = [(c.start, c.stop) for c in self.partition.chunks]
         final = dask.delayed(_assemble)(
             [*self.reused, *tasks],
             index_dir=str(self.work_dir / "index"),
             staging=str(self.work_dir),
+            residue_plan=(
+                (str(self.work_dir / "order.npy"), bounds, self.config.residue_dtype)
+                if self.config.per_residue
+                else None
+            ),
             **self._output_settings(),
             dask_key_name=f"assemble-{key}",
         )
@@ -213,7 +232,17 @@ class EmbeddingJob:
             fingerprint=self.fingerprint,
             zarr_path=str(self.zarr) if self.zarr else None,
             overwrite=self.overwrite,
+            long=self.config.long,
         )
+
+    def residue_layout(self) -> ResidueLayout | None:
+        """Where each sequence's residues go in the output (None without ``per_residue``)."""
+        if not self.config.per_residue:
+            return None
+        c = self.config
+        counts = embedded_residues(np.asarray(self.index.length), c.max_residues, c.long)
+        bounds = [(chunk.start, chunk.stop) for chunk in self.partition.chunks]
+        return ResidueLayout.from_partition(counts, self.partition.order, bounds, c.residue_dtype)
 
     def attributes(self) -> dict:
         """Attributes of the output file (netCDF-compatible values only)."""
@@ -232,6 +261,10 @@ class EmbeddingJob:
             "pooling": POOLING,
             "compute_dtype": c.dtype,
             "max_residues": c.max_residues,
+            "long": c.long,
+            **({"windows_rule": WINDOWS_RULE} if c.long == "window" else {}),
+            "per_residue": "yes" if c.per_residue else "no",
+            **({"residue_dtype": c.residue_dtype} if c.per_residue else {}),
             "weights": self.weights.describe(),
             "random_weights": "yes" if self.weights.is_random else "no",
             "versions": json.dumps(versions),
@@ -294,6 +327,7 @@ class EmbeddingJob:
                 ids=self.index.ids(),
                 lengths=np.asarray(self.index.length),
                 variables=self.read_variables(),
+                residues=self.residue_layout(),
                 **self._output_settings(),
             )
             shards = list(self.reused)
@@ -587,13 +621,30 @@ class RunReport:
         return line
 
 
-def _assemble(shards: list[ShardInfo], *, index_dir: str, **kwargs) -> tuple[str, list[ShardInfo]]:
-    """The reduction task: read ids and lengths from the saved index, then assemble."""
+def _assemble(
+    shards: list[ShardInfo], *, index_dir: str, residue_plan=None, **kwargs
+) -> tuple[str, list[ShardInfo]]:
+    """The reduction task: read ids and lengths from the saved index, then assemble.
+
+    ``residue_plan`` (the saved order's path, the chunks' bounds and the residue dtype) gives
+    the per-residue layout; None: pooled only.
+    """
     index = FastaIndex.load(index_dir)
     reads = ReadProvenance.load(index_dir)
     variables = reads.variables(index.id_bytes, index.id_offsets) if reads is not None else None
+    lengths = np.asarray(index.length)
+    residues = None
+    if residue_plan is not None:
+        order_path, bounds, dtype = residue_plan
+        counts = embedded_residues(lengths, kwargs["max_residues"], kwargs["long"])
+        residues = ResidueLayout.from_partition(counts, np.load(order_path), bounds, dtype)
     path = assemble(
-        shards, ids=index.ids(), lengths=np.asarray(index.length), variables=variables, **kwargs
+        shards,
+        ids=index.ids(),
+        lengths=lengths,
+        variables=variables,
+        residues=residues,
+        **kwargs,
     )
     return path, shards
 
@@ -769,7 +820,8 @@ def embed(
         ``random_weights``, ``seed``, ``layers``, ``dtype``, ``output_dtype``,
         ``max_residues``, ``tokens_per_batch``, ``chunk_tokens``, ``workers``,
         ``invalid_to_x``, ``duplicate_ids``, ``compile``, ``retries``,
-        ``chunk_time_limit``, ``wait_limit``; for nucleotide reads ``translate="six-frame"``
+        ``chunk_time_limit``, ``wait_limit``, ``per_residue``, ``residue_dtype``, ``long``;
+        for nucleotide reads ``translate="six-frame"``
         with ``genetic_code``, ``frames``, ``min_peptide`` and ``split_bp``.
 
     Examples
