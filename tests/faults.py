@@ -23,7 +23,7 @@ class EnginePatch(WorkerPlugin):
 
     Subclasses define ``embed(self, original, engine, sequences)``, which stands in for
     ``ReferenceEngine.embed`` and may call ``original(engine, sequences)``. The batch
-    progress callback of the real call is passed through.
+    progress callback and the other settings of the real call are passed through.
     """
 
     def setup(self, worker) -> None:
@@ -32,9 +32,9 @@ class EnginePatch(WorkerPlugin):
         original = getattr(ReferenceEngine, "_unpatched_embed", ReferenceEngine.embed)
         ReferenceEngine._unpatched_embed = original
 
-        def patched(engine, sequences, on_batch=None):
+        def patched(engine, sequences, on_batch=None, **settings):
             def call(engine, sequences):
-                return original(engine, sequences, on_batch)
+                return original(engine, sequences, on_batch, **settings)
 
             return self.embed(call, engine, sequences)
 
@@ -142,8 +142,8 @@ class SlowBatches(WorkerPlugin):
         original = getattr(ReferenceEngine, "_unpatched_batch", ReferenceEngine._embed_batch)
         ReferenceEngine._unpatched_batch = original
 
-        def slow(engine, sequences, residues):
+        def slow(engine, *args):
             time.sleep(self.seconds)
-            return original(engine, sequences, residues)
+            return original(engine, *args)
 
         ReferenceEngine._embed_batch = slow

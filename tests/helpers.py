@@ -117,3 +117,31 @@ def dask_processes(folder: Path, workers: int, *, nanny: bool = True):
         ]
         with processes(*[worker] * workers) as started:
             yield scheduler_file, address, started
+
+
+def fair_esm_residues(model, sequence: str, layers: list[int]) -> np.ndarray:
+    """fair-esm's per-token representations of one sequence: ``(residues, layers, dim)``.
+
+    Positions 1..n of ``model(tokens, repr_layers=...)`` (BOS and EOS excluded), the sequence
+    truncated at 1022 residues as fair-esm's batch converter does.
+    """
+    convert = model.alphabet.get_batch_converter(1022)
+    with torch.inference_mode():
+        _, _, tokens = convert([("x", sequence)])
+        reps = model(tokens, repr_layers=layers)["representations"]
+    n = min(len(sequence), 1022)
+    return np.stack([reps[layer][0, 1 : n + 1].numpy() for layer in layers], axis=1)
+
+
+def collect_residues(engine, sequences: list[bytes], **settings) -> tuple[np.ndarray, dict]:
+    """Run ``engine.embed`` with a per-residue sink; return pooled and ``{position: rows}``."""
+    rows: dict[int, np.ndarray] = {}
+
+    def sink(positions, values, counts):
+        bounds = np.concatenate([[0], np.cumsum(counts)])
+        for k, position in enumerate(positions.tolist()):
+            assert position not in rows, f"sequence {position} handed over twice"
+            rows[position] = values[bounds[k] : bounds[k + 1]].copy()
+
+    pooled = engine.embed(sequences, on_residues=sink, **settings)
+    return pooled, rows

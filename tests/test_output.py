@@ -692,3 +692,107 @@ def test_open_embeddings_in_dask_blocks_selects_groups_and_keeps_the_attributes(
         np.testing.assert_allclose(
             means.sel(truncated=False).values, embedding[~truncated, 0].mean(0), rtol=1e-5
         )
+
+
+# Per-residue values: one aligned region per chunk, compressed chunks copied as they are. -----
+
+
+def _residue_shards(tmp_path, counts, bounds, order, values, dtype="float16"):
+    """Shards of ``bounds`` (ranges of ``order``) whose residues are rows of ``values``."""
+    from virnuc_dask.output.residues import ShardResidues
+
+    shards = []
+    for number, (a, b) in enumerate(bounds):
+        rows = order[a:b]
+        path = tmp_path / f"res-{number}.h5"
+        partial = tmp_path / f".res-{number}.partial"
+        sink = ShardResidues(partial, counts[rows], layers=1, width=4, dtype=dtype)
+        # Handed over out of order and in two calls, as batches come back.
+        half = len(rows) // 2
+        for part in (np.arange(half, len(rows)), np.arange(half)):
+            if len(part) == 0:
+                continue
+            sink.write(part, np.concatenate([values[r] for r in rows[part]]), counts[rows[part]])
+        sink.close()
+        write_shard(
+            path,
+            rows=rows,
+            ids=[IDS[r] for r in rows],
+            embedding=np.stack([values[r].astype(np.float32).mean(0) for r in rows]),
+            fingerprint="fp",
+            partial=partial,
+        )
+        shards.append(ShardInfo(number, str(path), len(rows), 0, "w", 0.0))
+    return shards
+
+
+@pytest.fixture
+def residue_case():
+    from virnuc_dask.output import ResidueLayout
+
+    rng = np.random.default_rng(3)
+    counts = rng.integers(1, 900, len(IDS))
+    order = rng.permutation(len(IDS))
+    bounds = [(0, 7), (7, 30), (30, 31), (31, 50)]
+    values = [rng.standard_normal((n, 1, 4)).astype(np.float16) for n in counts]
+    layout = ResidueLayout.from_partition(counts, order, bounds, "float16")
+    return counts, order, bounds, values, layout
+
+
+def test_residue_layout_regions_are_aligned_and_disjoint(residue_case):
+    counts, order, bounds, _, layout = residue_case
+    spans = []
+    for a, b in bounds:
+        rows = order[a:b]
+        region = layout.region(rows)
+        assert region % 1024 == 0
+        spans.append((region, region + counts[rows].sum()))
+    for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
+        assert end <= start  # no storage chunk is shared by two chunks' regions
+    assert layout.rows % 1024 == 0 and layout.rows >= spans[-1][1]
+    with pytest.raises(RuntimeError, match="one region"):
+        layout.region(order[0:7][::-1])
+
+
+def test_residues_stream_into_hdf5_and_zarr_and_read_back_by_id(tmp_path, residue_case):
+    from virnuc_dask.output import residues_of
+
+    counts, order, bounds, values, layout = residue_case
+    shards = _residue_shards(tmp_path, counts, bounds, order, values)
+    with _writer(
+        tmp_path, residues=layout, lengths=counts, zarr_path=tmp_path / "out.zarr"
+    ) as writer:
+        for shard in reversed(shards):
+            writer.add(shard)
+        writer.close()
+    with h5py.File(tmp_path / "out.h5", "r") as f:
+        data = f["residue_embedding"]
+        assert data.dtype == np.float16 and data.chunks == (1024, 4)
+        assert data.compression == "gzip" and data.shuffle
+    for path in (tmp_path / "out.h5", tmp_path / "out.zarr"):
+        ds = open_embeddings(path)
+        assert ds.residue_embedding.dims == ("residue", "feature")
+        np.testing.assert_array_equal(ds.residue_start.values, layout.start)
+        for i in (0, 17, 49):
+            got = residues_of(ds, IDS[i])
+            assert got.dims == ("position", "feature") and got.sizes["position"] == counts[i]
+            np.testing.assert_array_equal(got.values, values[i][:, 0])
+    # A shuffled id mapping would read another sequence's rows.
+    ds = open_embeddings(tmp_path / "out.h5")
+    assert not np.array_equal(residues_of(ds, IDS[1]).values[:1], values[0][:1, 0])
+
+
+def test_a_shard_without_residues_or_of_another_dtype_is_refused(tmp_path, residue_case):
+    counts, order, bounds, values, layout = residue_case
+    plain = _shards(tmp_path, np.zeros((50, 1, 4), np.float32), 2)
+    with (
+        _writer(tmp_path, residues=layout, lengths=counts) as writer,
+        pytest.raises(ShardMismatch, match="no per-residue"),
+    ):
+        writer.add(plain[0])
+    wide = _residue_shards(tmp_path, counts, bounds, order, values, dtype="float32")
+    with (
+        _writer(tmp_path, residues=layout, lengths=counts) as writer,
+        pytest.raises(ShardMismatch, match="residue dtype"),
+    ):
+        writer.add(wide[0])

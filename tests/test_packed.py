@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import TINY, assert_rows_close, random_sequences
+from tests.helpers import TINY, assert_rows_close, collect_residues, random_sequences
 from virnuc_dask.engine.batching import token_budget_batches
 from virnuc_dask.engine.packed import (
     MAX_AUTO_TOKENS,
@@ -215,3 +215,28 @@ def test_gpu_fp16_matches_fp32_reference():
     engine = PackedEngine(load_model(source).cuda(), layers=[6], dtype=torch.float16)
     assert engine.compile_seconds > 0
     assert_faithful(engine.embed(seqs), expected)
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_per_residue_matches_fp32_reference(gpu_models):
+    # Per residue, the bf16 path (rows cast to float16 on the device) against fp32 fair-esm
+    # on the same weights: min cosine >= 0.999 for every residue, windows included.
+    reference, model = gpu_models
+    seqs = [random_sequences(1, n, n, seed=n)[0] for n in (1, 2, 100, 1021, 1022, 1023, 3000)]
+    seqs = encoded(seqs + random_sequences(300, 50, 170, seed=12))
+    engine = PackedEngine(model, layers=[5, 6], tokens_per_batch=8192, compile=False)
+    for long in ("truncate", "window"):
+        _, expected = collect_residues(
+            ReferenceEngine(reference, layers=[5, 6]), seqs, long=long, residue_dtype="float32"
+        )
+        _, actual = collect_residues(engine, seqs, long=long)
+        assert sorted(actual) == list(range(len(seqs)))
+        every = np.concatenate([actual[i] for i in range(len(seqs))]).astype(np.float32)
+        truth = np.concatenate([expected[i] for i in range(len(seqs))])
+        assert every.dtype == np.float32 and actual[0].dtype == np.float16
+        for layer in range(2):
+            cosine, error = fidelity(every[:, layer], truth[:, layer])
+            assert cosine >= 0.999, f"{long}, layer {layer}: min cosine per residue {cosine:.5f}"
+            # Rows one residue off would be caught: their worst error is far larger.
+            _, shifted = fidelity(np.roll(every[:, layer], 1, axis=0), truth[:, layer])
+            assert shifted > 2 * error

@@ -6,7 +6,8 @@ FASTA into numpy arrays, or translate nucleotide reads into peptides),
 :mod:`~virnuc_dask.hardware` (the local cluster's shape) and
 :mod:`~virnuc_dask.cluster` (local GPU/CPU cluster or an existing scheduler),
 :mod:`~virnuc_dask.worker` (resident model per worker, one task per chunk),
-:mod:`~virnuc_dask.engine` (tokens to pooled vectors on a device),
+:mod:`~virnuc_dask.engine` (tokens to pooled vectors on a device), with
+:mod:`~virnuc_dask.windows` (long sequences in overlapping windows),
 :mod:`~virnuc_dask.output` (shards, the final HDF5/Zarr file),
 :mod:`~virnuc_dask.workdir` (saved partition, what a resumed run reuses), with
 :mod:`~virnuc_dask.paths` (the run's paths checked before any work),
@@ -32,6 +33,7 @@ _PUBLIC = {
     "embed": "virnuc_dask.pipeline",
     "open_embeddings": "virnuc_dask.output",
     "prepare": "virnuc_dask.pipeline",
+    "residues_of": "virnuc_dask.output",
 }
 
 __all__ = [*_PUBLIC, "__version__"]

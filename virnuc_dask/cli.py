@@ -21,6 +21,7 @@ from virnuc_dask.inputs.peptides import TRANSLATIONS
 from virnuc_dask.inputs.translate import DEFAULT_MIN_ORF, FRAME_MODES
 from virnuc_dask.models import DEFAULT_MODEL, MODELS
 from virnuc_dask.storage import StorageOptions
+from virnuc_dask.windows import LONG_MODES
 
 
 def _layers(ctx, param, values: tuple[str, ...]) -> tuple[int, ...] | None:
@@ -135,6 +136,23 @@ def main() -> None:
     type=int,
     help="First cut reads longer than N bases into pieces of N bases, named <read>_chunk_<k> "
     "(VirNucPro's chunks).",
+)
+@click.option(
+    "--per-residue",
+    is_flag=True,
+    default=None,
+    help="Also store every residue's embedding (residue_embedding, indexed by residue_start).",
+)
+@click.option(
+    "--residue-dtype",
+    type=click.Choice(OUTPUT_DTYPES),
+    help="Stored precision of --per-residue values. [default: float16]",
+)
+@click.option(
+    "--long",
+    type=click.Choice(LONG_MODES),
+    help="Sequences longer than --max-residues: truncate (first 1022 residues, flagged) or "
+    "window (all residues, overlapping windows blended). [default: truncate]",
 )
 @click.option(
     "--chunk-time-limit",

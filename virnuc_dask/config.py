@@ -20,6 +20,7 @@ from virnuc_dask.index import DUPLICATE_POLICIES
 from virnuc_dask.inputs.peptides import TRANSLATIONS, Translation
 from virnuc_dask.models import model_spec
 from virnuc_dask.tokens import MODEL_WINDOW
+from virnuc_dask.windows import LONG_MODES
 
 _DEFAULTS_FILE = Path(__file__).with_name("virnuc-dask.yaml")
 dask.config.update_defaults(yaml.safe_load(_DEFAULTS_FILE.read_text()))
@@ -87,6 +88,13 @@ class EmbedConfig:
     split_bp
         Cut reads longer than this into pieces of this many bases before translating, as
         VirNucPro does; None: no cutting.
+    per_residue
+        Also store every residue's embedding (``residue_embedding``, ``residue_start``).
+    residue_dtype
+        Stored precision of the per-residue values: ``float16`` or ``float32``.
+    long
+        Sequences longer than ``max_residues``: ``truncate`` (embed the first
+        ``max_residues``, flagged) or ``window`` (all residues, in overlapping windows).
     """
 
     model: str = "esm2_t36_3B_UR50D"
@@ -112,6 +120,10 @@ class EmbedConfig:
     frames: str = "stop-free"
     min_peptide: int | None = None
     split_bp: int | None = None
+    # Per-residue output and long sequences.
+    per_residue: bool = False
+    residue_dtype: str = "float16"
+    long: str = "truncate"
 
     @classmethod
     def from_settings(cls, **settings) -> EmbedConfig:
@@ -130,6 +142,11 @@ class EmbedConfig:
             values["layers"] = tuple(dict.fromkeys(int(n) for n in values["layers"]))
         config = cls(**values)
         config.validate()
+        if settings.get("residue_dtype") is not None and not config.per_residue:
+            raise VirnucError(
+                f"{option('residue_dtype', settings['residue_dtype'])} applies to per-residue "
+                f"output: add {option('per_residue')}"
+            )
         given = [name for name in _TRANSLATION_OPTIONS if settings.get(name) is not None]
         if given and config.translate is None:
             raise VirnucError(
@@ -161,6 +178,13 @@ class EmbedConfig:
             raise VirnucError("chunk time limit must be 0 (none) or a number of seconds")
         if self.wait_limit <= 0:
             raise VirnucError("wait limit must be a positive number of seconds")
+        if self.residue_dtype not in OUTPUT_DTYPES:
+            raise VirnucError(
+                f"residue dtype must be one of {', '.join(OUTPUT_DTYPES)}, not "
+                f"{self.residue_dtype!r}"
+            )
+        if self.long not in LONG_MODES:
+            raise VirnucError(f"long must be one of {', '.join(LONG_MODES)}, not {self.long!r}")
         if self.duplicate_ids not in DUPLICATE_POLICIES:
             raise VirnucError(f"duplicate ids must be one of {', '.join(DUPLICATE_POLICIES)}")
         if self.translate is not None:

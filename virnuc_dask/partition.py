@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from virnuc_dask.tokens import MODEL_WINDOW
+from virnuc_dask.windows import model_tokens
 
 
 @dataclass(frozen=True)
@@ -79,9 +80,14 @@ class Partition:
         return float(totals.max() / totals.mean()) if totals.sum() else 1.0
 
 
-def sequence_tokens(lengths: np.ndarray, max_residues: int = MODEL_WINDOW) -> np.ndarray:
-    """Tokens each sequence costs the model: residues after truncation, plus BOS and EOS."""
-    return np.minimum(np.asarray(lengths, dtype=np.int64), max_residues) + 2
+def sequence_tokens(
+    lengths: np.ndarray, max_residues: int = MODEL_WINDOW, long: str = "truncate"
+) -> np.ndarray:
+    """Tokens each sequence costs the model: residues after truncation, plus BOS and EOS.
+
+    With ``long="window"``, a longer sequence costs its windows' residues and BOS and EOS each.
+    """
+    return model_tokens(lengths, max_residues, long)
 
 
 def default_chunk_tokens(total_tokens: int, lanes: int) -> int:
@@ -98,6 +104,7 @@ def partition(
     lanes: int,
     chunk_tokens: int | None = None,
     max_residues: int = MODEL_WINDOW,
+    long: str = "truncate",
 ) -> Partition:
     """Sort by length, deal round-robin over ``lanes`` workers, cut each share into chunks.
 
@@ -112,10 +119,12 @@ def partition(
         than the budget is a chunk of its own.
     max_residues
         Truncation window, for counting tokens.
+    long
+        How longer sequences are embedded (``"window"``: their windows' tokens count).
     """
     if lanes < 1:
         raise ValueError(f"lanes must be at least 1, got {lanes}")
-    tokens = sequence_tokens(lengths, max_residues)
+    tokens = sequence_tokens(lengths, max_residues, long)
     if chunk_tokens is None:
         chunk_tokens = default_chunk_tokens(int(tokens.sum()), lanes)
     if chunk_tokens < 1:

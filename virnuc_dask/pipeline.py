@@ -62,7 +62,14 @@ from virnuc_dask.inputs import index_inputs
 from virnuc_dask.inputs.provenance import ReadProvenance, reads_summary
 from virnuc_dask.lock import RunLock
 from virnuc_dask.models import WeightsSource, model_spec, resolve_weights
-from virnuc_dask.output import POOLING, ShardInfo, assemble, check_target, remove_stale_partials
+from virnuc_dask.output import (
+    POOLING,
+    ResidueLayout,
+    ShardInfo,
+    assemble,
+    check_target,
+    remove_stale_partials,
+)
 from virnuc_dask.output.remote import publish, shard_source, stand_ins
 from virnuc_dask.partition import Chunk, Partition
 from virnuc_dask.paths import run_paths
@@ -74,6 +81,7 @@ from virnuc_dask.storage import (
     place,
     upload_folder,
 )
+from virnuc_dask.windows import WINDOWS_RULE, embedded_residues
 
 if TYPE_CHECKING:
     from virnuc_dask.worker import ChunkJob, EngineSettings
@@ -209,6 +217,9 @@ class EmbeddingJob:
             width=model_spec(self.config.model).embed_dim,
             chunk_seconds=self.config.chunk_time_limit,
             storage=self.storage,
+            per_residue=self.config.per_residue,
+            residue_dtype=self.config.residue_dtype,
+            long=self.config.long,
         )
 
     def _graph(self, key: str) -> tuple[Delayed, dict[str, Chunk], list[Delayed]]:
@@ -223,11 +234,19 @@ class EmbeddingJob:
             keys[name] = chunk
             with dask.annotate(priority=-rank[chunk.number], retries=self.config.retries):
                 tasks.append(dask.delayed(embed_chunk)(chunk, job_node, dask_key_name=name))
+        # The per-residue layout is rebuilt by the task from the saved index and partition
+        # (16 bytes a sequence would otherwise travel through the scheduler).
+        bounds = [(c.start, c.stop) for c in self.partition.chunks]
         final = dask.delayed(_assemble)(
             [*self.reused, *tasks],
             index_dir=str(self.work_dir / "index"),
             staging=str(self.work_dir),
             storage=self.storage,
+            residue_plan=(
+                (str(self.work_dir / "order.npy"), bounds, self.config.residue_dtype)
+                if self.config.per_residue
+                else None
+            ),
             **self._output_settings(),
             dask_key_name=f"assemble-{key}",
         )
@@ -245,7 +264,17 @@ class EmbeddingJob:
             fingerprint=self.fingerprint,
             zarr_path=str(self.zarr) if self.zarr else None,
             overwrite=self.overwrite,
+            long=self.config.long,
         )
+
+    def residue_layout(self) -> ResidueLayout | None:
+        """Where each sequence's residues go in the output (None without ``per_residue``)."""
+        if not self.config.per_residue:
+            return None
+        c = self.config
+        counts = embedded_residues(np.asarray(self.index.length), c.max_residues, c.long)
+        bounds = [(chunk.start, chunk.stop) for chunk in self.partition.chunks]
+        return ResidueLayout.from_partition(counts, self.partition.order, bounds, c.residue_dtype)
 
     def attributes(self) -> dict:
         """Attributes of the output file (netCDF-compatible values only)."""
@@ -264,6 +293,10 @@ class EmbeddingJob:
             "pooling": POOLING,
             "compute_dtype": c.dtype,
             "max_residues": c.max_residues,
+            "long": c.long,
+            **({"windows_rule": WINDOWS_RULE} if c.long == "window" else {}),
+            "per_residue": "yes" if c.per_residue else "no",
+            **({"residue_dtype": c.residue_dtype} if c.per_residue else {}),
             "weights": self.weights.describe(),
             "random_weights": "yes" if self.weights.is_random else "no",
             "versions": json.dumps(versions),
@@ -329,11 +362,12 @@ class EmbeddingJob:
                 ids=self.index.ids(),
                 lengths=np.asarray(self.index.length),
                 variables=self.read_variables(),
+                residues=self.residue_layout(),
                 **settings,
             )
             shards = list(self.reused)
             for shard in self.reused:
-                writer.add(shard, source=shard_source(shard.path, self.storage))
+                _add_shard(writer, shard, self.storage)
             # Shards go into the output as their chunks finish, while the others compute: the
             # work left after the last chunk is checking the rows and renaming the file.
             pending = set(futures)
@@ -347,7 +381,7 @@ class EmbeddingJob:
                     pending.discard(future)
                     shard = future.result()
                     future.release()  # a lost worker must not make Dask compute it again
-                    writer.add(shard, source=shard_source(shard.path, self.storage))
+                    _add_shard(writer, shard, self.storage)
                     shards.append(shard)
                     watch.add(shard)
                 watch.check()
@@ -640,19 +674,33 @@ def _assemble(
     *,
     index_dir: str,
     storage: StorageOptions | None = None,
+    residue_plan=None,
     **kwargs,
 ) -> tuple[str, list[ShardInfo]]:
     """The reduction task: read ids and lengths from the saved index, then assemble.
 
-    With a work directory or outputs at URLs, the index and the shards are copied to a local
-    temporary folder first, and the outputs built there and uploaded.
+    ``residue_plan`` (the saved order's path, the chunks' bounds and the residue dtype) gives
+    the per-residue layout; None: pooled only. With a work directory or outputs at URLs, the
+    index, the order and the shards are copied to a local temporary folder first, and the
+    outputs built there and uploaded.
     """
     if not any(is_url(v) for v in (index_dir, kwargs["output"], kwargs.get("zarr_path"))):
         index = FastaIndex.load(index_dir)
         reads = ReadProvenance.load(index_dir)
         variables = reads.variables(index.id_bytes, index.id_offsets) if reads else None
+        lengths = np.asarray(index.length)
+        residues = None
+        if residue_plan is not None:
+            order_path, bounds, dtype = residue_plan
+            counts = embedded_residues(lengths, kwargs["max_residues"], kwargs["long"])
+            residues = ResidueLayout.from_partition(counts, np.load(order_path), bounds, dtype)
         path = assemble(
-            shards, ids=index.ids(), lengths=np.asarray(index.length), variables=variables, **kwargs
+            shards,
+            ids=index.ids(),
+            lengths=lengths,
+            variables=variables,
+            residues=residues,
+            **kwargs,
         )
         return path, shards
     with tempfile.TemporaryDirectory(prefix="virnuc-dask-assemble-") as folder:
@@ -660,6 +708,9 @@ def _assemble(
         if is_url(index_dir):
             download_folder(Remote(index_dir, storage), local / "index")
             index_dir = str(local / "index")
+        if residue_plan is not None and is_url(residue_plan[0]):
+            Remote(residue_plan[0], storage).get(local / "order.npy")
+            residue_plan = (str(local / "order.npy"), *residue_plan[1:])
         fetched = []
         for shard in shards:
             if is_url(shard.path):
@@ -672,9 +723,19 @@ def _assemble(
         zarr = place(kwargs["zarr_path"], storage) if kwargs.get("zarr_path") else None
         local_output, local_zarr, published = stand_ins(output, zarr, local)
         kwargs.update(output=str(local_output), zarr_path=local_zarr)
-        path, _ = _assemble(fetched, index_dir=index_dir, **kwargs)
+        path, _ = _assemble(fetched, index_dir=index_dir, residue_plan=residue_plan, **kwargs)
         publish(published, overwrite=kwargs.get("overwrite", False))
     return str(output) if published else path, shards
+
+
+def _add_shard(writer, shard: ShardInfo, storage: StorageOptions | None) -> None:
+    """Copy a finished shard into the output, fetching it first when it is at a URL."""
+    source = shard_source(shard.path, storage)
+    try:
+        writer.add(shard, source=source)
+    finally:
+        if not isinstance(source, str):
+            source.close()
 
 
 def _rounded(phases: dict[str, float]) -> dict[str, float]:
@@ -891,7 +952,8 @@ def embed(
         ``random_weights``, ``seed``, ``layers``, ``dtype``, ``output_dtype``,
         ``max_residues``, ``tokens_per_batch``, ``chunk_tokens``, ``workers``,
         ``invalid_to_x``, ``duplicate_ids``, ``compile``, ``retries``,
-        ``chunk_time_limit``, ``wait_limit``; for nucleotide reads ``translate="six-frame"``
+        ``chunk_time_limit``, ``wait_limit``, ``per_residue``, ``residue_dtype``, ``long``;
+        for nucleotide reads ``translate="six-frame"``
         with ``genetic_code``, ``frames``, ``min_peptide`` and ``split_bp``.
 
     Examples

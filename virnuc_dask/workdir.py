@@ -140,6 +140,12 @@ def fingerprint(index: FastaIndex, weights: WeightsSource, config: EmbedConfig) 
         "invalid_to_x": config.invalid_to_x,
         "duplicate_ids": config.duplicate_ids,
     }
+    # Absent at their defaults, so that earlier runs' fingerprints stay as they were; present,
+    # a resumed run never mixes pooled-only and per-residue shards, or the two long modes.
+    if config.per_residue:
+        identity["per_residue"] = config.residue_dtype
+    if config.long != "truncate":
+        identity["long"] = config.long
     translation = config.translation()
     if translation is not None:  # absent for proteins, so their fingerprints stay as they were
         identity["translation"] = translation.settings()
@@ -175,7 +181,7 @@ def saved_or_new_partition(
         )
         for stale in (work / "shards").glob("*shard-*"):
             stale.unlink()
-    parts = partition(index.length, lanes, config.chunk_tokens, config.max_residues)
+    parts = partition(index.length, lanes, config.chunk_tokens, config.max_residues, config.long)
     save_npy(work / "order.npy", parts.order)
     (work / "shards").mkdir(exist_ok=True)
     manifest = {

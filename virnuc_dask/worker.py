@@ -47,9 +47,12 @@ from virnuc_dask.errors import VirnucError
 from virnuc_dask.lock import holds
 from virnuc_dask.models import WeightsSource
 from virnuc_dask.output import ShardInfo, shard_matches, write_shard
+from virnuc_dask.output.residues import ShardResidues
+from virnuc_dask.output.targets import partial_name
 from virnuc_dask.partition import Chunk
 from virnuc_dask.progress import BatchReporter
 from virnuc_dask.storage import Remote, StorageOptions, download_folder, is_url
+from virnuc_dask.windows import embedded_residues
 from virnuc_dask.workdir import shard_path
 
 logger = logging.getLogger(__name__)
@@ -345,6 +348,10 @@ class ChunkJob:
         Time limit of a chunk; None: automatic (:func:`time_limit`); 0: none.
     storage
         fsspec options for the URLs among these paths and the inputs (hidden in logs).
+    per_residue, residue_dtype
+        Also write every residue's rows into the shard, in this dtype.
+    long
+        How sequences longer than the engine's ``max_residues`` are embedded.
     """
 
     index_dir: str
@@ -358,6 +365,9 @@ class ChunkJob:
     width: int | None = None
     chunk_seconds: float | None = None
     storage: StorageOptions | None = None
+    per_residue: bool = False
+    residue_dtype: str = "float16"
+    long: str = "truncate"
 
 
 #: Runs whose index a worker keeps on its disk (a work directory at a URL): the oldest go.
@@ -480,36 +490,61 @@ def embed_chunk(chunk: Chunk, job: ChunkJob) -> ShardInfo:
     index = FastaIndex.load(index_dir)
     sequences = read_sequences(index, rows, job.storage)
     limit = time_limit(chunk.tokens, job.chunk_seconds, _SLOWEST_RATE.get("rate"))
-    try:
-        # Grad mode is thread-local and Dask runs tasks in its own threads: set it here.
-        with _Watchdog(chunk, limit), torch.inference_mode():
-            computing = time.perf_counter()
-            embedding = engine.embed(sequences, on_batch=_batch_reporter(job.token, chunk))
-    except Exception as error:
-        ids = index.ids(rows[:5])
-        more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
-        raise ChunkError(
-            f"chunk {chunk.number} ({len(rows)} sequences: {', '.join(ids)}{more}) failed: "
-            f"{type(error).__name__}: {error}"
-        ) from error
-    rate = chunk.tokens / max(time.perf_counter() - computing, 1e-3)
-    _SLOWEST_RATE["rate"] = min(rate, _SLOWEST_RATE.get("rate", rate))
-    if job.lock_path and not holds(job.lock_path, job.token, job.storage):
-        raise RunAbandoned(
-            f"chunk {chunk.number}: the run that asked for it no longer holds {job.lock_path}; "
-            "its result is discarded"
-        )
     # A shard at a URL is written on this worker's disk, then put whole.
-    local = Path(index_dir).parent / os.path.basename(path) if remote else path
-    write_shard(
-        local,
-        rows=rows,
-        ids=index.ids(rows),
-        embedding=embedding,
-        fingerprint=job.fingerprint,
-        dtype=job.output_dtype,
-        layers=list(job.engine.layers),
-    )
+    local = Path(index_dir).parent / os.path.basename(path) if remote else Path(path)
+    residues = None
+    if job.per_residue:
+        # The residues go into the shard batch by batch: the chunk's rows are never all in
+        # this process's memory (a chunk of 3B on 2 M tokens would be 10 GB in float16).
+        lengths = np.array([len(s) for s in sequences], dtype=np.int64)
+        residues = ShardResidues(
+            partial_name(local),
+            embedded_residues(lengths, job.engine.max_residues, job.long),
+            layers=len(job.engine.layers),
+            width=engine.model.embed_dim,
+            dtype=job.residue_dtype,
+        )
+    try:
+        try:
+            # Grad mode is thread-local and Dask runs tasks in its own threads: set it here.
+            with _Watchdog(chunk, limit), torch.inference_mode():
+                computing = time.perf_counter()
+                embedding = engine.embed(
+                    sequences,
+                    on_batch=_batch_reporter(job.token, chunk),
+                    long=job.long,
+                    on_residues=residues.write if residues is not None else None,
+                    residue_dtype=job.residue_dtype,
+                )
+        except Exception as error:
+            ids = index.ids(rows[:5])
+            more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
+            raise ChunkError(
+                f"chunk {chunk.number} ({len(rows)} sequences: {', '.join(ids)}{more}) failed: "
+                f"{type(error).__name__}: {error}"
+            ) from error
+        rate = chunk.tokens / max(time.perf_counter() - computing, 1e-3)
+        _SLOWEST_RATE["rate"] = min(rate, _SLOWEST_RATE.get("rate", rate))
+        if job.lock_path and not holds(job.lock_path, job.token, job.storage):
+            raise RunAbandoned(
+                f"chunk {chunk.number}: the run that asked for it no longer holds "
+                f"{job.lock_path}; its result is discarded"
+            )
+        if residues is not None:
+            residues.close()
+        write_shard(
+            local,
+            rows=rows,
+            ids=index.ids(rows),
+            embedding=embedding,
+            fingerprint=job.fingerprint,
+            dtype=job.output_dtype,
+            layers=list(job.engine.layers),
+            partial=residues.path if residues is not None else None,
+        )
+    finally:
+        if residues is not None:
+            residues.discard()  # a no-op once write_shard renamed it
     if remote:
         try:
             put_shard(local, path, job.storage)

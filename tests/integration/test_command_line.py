@@ -169,3 +169,20 @@ def test_unreachable_scheduler_is_a_clear_error(tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("virnuc-dask: error: cannot reach the Dask scheduler")
     assert not (tmp_path / "o.h5").exists()
+
+
+def test_bad_per_residue_and_long_settings_exit_2(tmp_path):
+    for flags, message in (
+        (["--residue-dtype", "float32"], "--residue-dtype float32 applies to per-residue"),
+        (["--long", "slide"], "Invalid value for '--long'"),
+    ):
+        result = subprocess.run(
+            [*CLI, "embed", str(EXAMPLE), "-o", str(tmp_path / "x.h5"), "--model", TINY,
+             "--random-weights", *flags],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )  # fmt: skip
+        assert result.returncode == 2, result.stderr
+        assert message in result.stderr
+        assert not (tmp_path / "x.h5").exists()

@@ -173,3 +173,57 @@ def test_the_graph_computed_on_a_users_client_writes_the_same_file(
     ds = virnuc_dask.open_embeddings(path).load()
     assert list(ds.sequence.values) == ids
     assert_rows_close(ds.embedding.values, reference)
+
+
+def test_per_residue_with_windows_on_the_cluster_and_in_zarr(cluster_client, tmp_path, tiny_model):
+    from tests.helpers import collect_residues, fair_esm_residues
+    from virnuc_dask.engine.reference import ReferenceEngine
+
+    # Windows of 100 residues keep the test quick; the rule is the same as for 1,022.
+    seqs = random_sequences(40, 1, 100, seed=13) + [
+        random_sequences(1, n, n, seed=n)[0] for n in (101, 160, 260)
+    ]
+    fasta = tmp_path / "r.fasta"
+    ids = write_fasta(fasta, seqs)
+    job = virnuc_dask.prepare(
+        [fasta],
+        tmp_path / "r.h5",
+        lanes=2,
+        model=TINY,
+        random_weights=True,
+        per_residue=True,
+        residue_dtype="float32",
+        long="window",
+        max_residues=100,
+        chunk_tokens=800,
+        zarr=tmp_path / "r.zarr",
+    )
+    job.run(cluster_client, progress=False)
+    h5 = virnuc_dask.open_embeddings(tmp_path / "r.h5")
+    zr = virnuc_dask.open_embeddings(tmp_path / "r.zarr")
+    assert list(h5.sequence.values) == ids and not h5.truncated.values.any()
+    long = [i for i, s in enumerate(seqs) if len(s) > 100]
+    assert h5.windows.values[long].tolist() == [2, 3, 5]
+    assert h5.attrs["long"] == "window" and h5.attrs["per_residue"] == "yes"
+    # Windowed sequences against the reference engine here; the others against fair-esm.
+    local = ReferenceEngine(tiny_model, layers=[2], max_residues=100)
+    _, windowed = collect_residues(
+        local, [seqs[i].encode() for i in long], long="window", residue_dtype="float32"
+    )
+    for i in [*long, 0, 1, 17, 39]:
+        rows = virnuc_dask.residues_of(h5, ids[i])
+        assert rows.dims == ("position", "feature") and rows.sizes["position"] == len(seqs[i])
+        expected = (
+            windowed[long.index(i)][:, 0]
+            if i in long
+            else fair_esm_residues(tiny_model, seqs[i], [2])[:, 0]
+        )
+        assert_rows_close(rows.values, expected)
+        # The pooled vector is the mean of the (blended) residues.
+        assert_rows_close(h5.embedding.values[i][None], rows.values.mean(0)[None])
+        np.testing.assert_array_equal(virnuc_dask.residues_of(zr, ids[i]).values, rows.values)
+    # A shuffled id points at another sequence's rows, and fails the same comparison.
+    n = min(len(seqs[1]), len(seqs[2]))
+    other = virnuc_dask.residues_of(h5, ids[2]).values[:n]
+    with pytest.raises(AssertionError):
+        assert_rows_close(other, fair_esm_residues(tiny_model, seqs[1], [2])[:n, 0])

@@ -15,7 +15,12 @@ layers are fair-esm's own modules and weights, called in a different arrangement
 - q is scaled by ``head_dim ** -0.5`` through the attention's softmax scale, which is the same
   product as fair-esm's scaling of q before the rotation (the rotation is linear);
 - pooling (mean over residues, BOS and EOS excluded) happens on the GPU in fp32, and only pooled
-  vectors come back to the host.
+  vectors come back to the host, with, when asked, the residues' rows cast on the device to the
+  storage dtype (float16 by default: half the bytes of a download in fp32, on the same
+  overlapped download stream);
+- the windows of a long sequence (``long="window"``) are ordinary packed segments: their tokens
+  carry blending weights, the weighted rows come down in fp32 and are blended on the host, and
+  a batch without windows multiplies by nothing.
 
 The host never waits for the device inside a batch. While the device computes batch ``i``, the
 host tokenises batch ``i + 1`` into pinned memory and starts its upload on a copy stream, then
@@ -41,6 +46,7 @@ import torch.nn.functional as F
 
 from virnuc_dask.engine.batching import token_budget_batches
 from virnuc_dask.tokens import MODEL_WINDOW, packed_tokens
+from virnuc_dask.windows import Blender, Segments, plan_segments
 
 # torch >= 2.10 has varlen flash attention; without it the GPU path is unavailable and the
 # CPU fallback still works. Found, not imported: see _prepare_compiled_kernels.
@@ -291,7 +297,12 @@ def _adjacent_view(parts: list[torch.Tensor]) -> torch.Tensor | None:
     return first.detach().as_strided(shape, first.stride())
 
 
-def segment_mean(x: torch.Tensor, segments: torch.Tensor, residues: torch.Tensor) -> torch.Tensor:
+def segment_mean(
+    x: torch.Tensor,
+    segments: torch.Tensor,
+    residues: torch.Tensor,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Mean of the rows of ``x`` per segment, in fp32; segment ``len(residues)`` is dropped.
 
     Parameters
@@ -301,10 +312,14 @@ def segment_mean(x: torch.Tensor, segments: torch.Tensor, residues: torch.Tensor
     segments
         Output row of each token (BOS and EOS point one past the last row).
     residues
-        Tokens counted per row (residues per sequence).
+        The divisor of each row: residues of its sequence (of all its windows).
+    weights
+        Blending weight of each token (windows of long sequences); None: all 1, and nothing
+        is multiplied, so a batch without windows computes exactly what it always did.
     """
     sums = torch.zeros(len(residues) + 1, x.shape[1], dtype=torch.float32, device=x.device)
-    sums.index_add_(0, segments, x.float())
+    rows = x.float() if weights is None else x.float() * weights[:, None]
+    sums.index_add_(0, segments, rows)
     return sums[:-1] / residues[:, None].float()
 
 
@@ -329,12 +344,12 @@ def auto_token_budget(free_bytes: int, embed_dim: int, element_size: int) -> int
 class _Staged:
     """A batch uploaded (or being uploaded) to the device."""
 
-    sequences: list[bytes]
     rows: np.ndarray
     buffer: torch.Tensor
     tensors: dict[str, torch.Tensor]
     max_len: int
     uploaded: torch.cuda.Event | None
+    residue_tokens: int = 0
 
 
 @dataclass
@@ -344,6 +359,7 @@ class _Pending:
     rows: np.ndarray
     host: torch.Tensor
     downloaded: torch.cuda.Event | None
+    residues: torch.Tensor | None = None
 
 
 class PackedEngine:
@@ -414,6 +430,7 @@ class PackedEngine:
         )
         self.tokens_per_batch = tokens_per_batch or self._auto_budget()
         self.oom_splits = 0
+        self._run: _Run | None = None
         if self._cuda:
             self._upload = torch.cuda.Stream(self.device)
             self._download = torch.cuda.Stream(self.device)
@@ -443,34 +460,51 @@ class PackedEngine:
         return seconds
 
     def embed(
-        self, sequences: list[bytes], on_batch: Callable[[int], None] | None = None
+        self,
+        sequences: list[bytes],
+        on_batch: Callable[[int], None] | None = None,
+        *,
+        long: str = "truncate",
+        on_residues: Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None = None,
+        residue_dtype: str = "float16",
     ) -> np.ndarray:
         """Return mean embeddings, float32 of shape ``(len(sequences), len(layers), dim)``.
 
         Rows are in the order of ``sequences``; batches run longest first. ``on_batch`` is
-        called with the tokens (residues + 2 per sequence) of each batch once its vectors are
-        on the host.
+        called with the tokens (residues + 2 per window) of each batch once its vectors are
+        on the host. ``long``, ``on_residues`` and ``residue_dtype`` as in
+        :meth:`~virnuc_dask.engine.reference.ReferenceEngine.embed`: the windows of a long
+        sequence are ordinary packed segments; per-residue rows come down in
+        ``residue_dtype`` (float32 for the weighted rows of windowed sequences, blended on
+        the host).
         """
-        out = np.empty((len(sequences), len(self.layers), self.model.embed_dim), np.float32)
+        out = np.zeros((len(sequences), len(self.layers), self.model.embed_dim), np.float32)
         if not sequences:
             return out
-        residues = np.array([min(len(s), self.max_residues) for s in sequences], dtype=np.int64)
-        order = np.argsort(-residues, kind="stable")
-        cuts = token_budget_batches(residues[order] + 2, self.tokens_per_batch, padded=False)
+        lengths = np.array([len(s) for s in sequences], dtype=np.int64)
+        plan = plan_segments(lengths, self.max_residues, long)
+        self._run = _Run(sequences, plan, on_residues is not None, torch_dtype_of(residue_dtype))
+        blender = Blender(plan, out, on_residues, residue_dtype)
+        sizes = plan.lengths
+        order = np.argsort(-sizes, kind="stable")
+        cuts = token_budget_batches(sizes[order] + 2, self.tokens_per_batch, padded=False)
         batches = [order[cut] for cut in cuts]
         in_flight: deque[_Pending] = deque()
-        with torch.inference_mode(), _on_device(self.device):
-            staged = self._stage([sequences[i] for i in batches[0]], batches[0])
-            for upcoming in [*batches[1:], None]:
-                in_flight.extend(self._launch(staged))
-                # The device now has this batch queued: tokenise and upload the next one
-                # meanwhile, then collect the batch before this one.
-                if upcoming is not None:
-                    staged = self._stage([sequences[i] for i in upcoming], upcoming)
-                while len(in_flight) > 1:
-                    self._collect(in_flight.popleft(), out, residues, on_batch)
-            while in_flight:
-                self._collect(in_flight.popleft(), out, residues, on_batch)
+        try:
+            with torch.inference_mode(), _on_device(self.device):
+                staged = self._stage(batches[0])
+                for upcoming in [*batches[1:], None]:
+                    in_flight.extend(self._launch(staged))
+                    # The device now has this batch queued: tokenise and upload the next one
+                    # meanwhile, then collect the batch before this one.
+                    if upcoming is not None:
+                        staged = self._stage(upcoming)
+                    while len(in_flight) > 1:
+                        self._collect(in_flight.popleft(), blender, sizes, on_batch)
+                while in_flight:
+                    self._collect(in_flight.popleft(), blender, sizes, on_batch)
+        finally:
+            self._run = None
         return out
 
     def _auto_budget(self) -> int:
@@ -498,24 +532,47 @@ class PackedEngine:
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - start
 
-    def _stage(self, batch: list[bytes], rows: np.ndarray) -> _Staged:
-        """Tokenise a batch (output rows ``rows``) into one host buffer and start its upload."""
-        packed = pack_batch(batch, self.max_residues)
-        arrays = packed.arrays()
+    def _stage(self, segs: np.ndarray) -> _Staged:
+        """Tokenise a batch of segments into one host buffer and start its upload."""
+        run = self._run
+        plan = run.plan
+        pieces = [run.sequences[q][a:b] for q, a, b in plan.pieces(segs)]
+        packed = pack_batch(pieces, self.max_residues)
+        # Each segment's mean is divided by its sequence's residues (all its windows).
+        divisors = plan.residues[plan.sequence[segs]].astype(np.int32)
+        arrays = [packed.tokens, packed.positions, packed.segments, packed.cu_seqlens, divisors]
+        names = ["tokens", "positions", "segments", "cu_seqlens", "residues"]
+        body = None
+        if run.residues:
+            body = np.flatnonzero(packed.segments != len(segs)).astype(np.int32)
+            arrays.append(body)
+            names.append("body")
         sizes = [len(a) for a in arrays]
         host = torch.empty(sum(sizes), dtype=torch.int32, pin_memory=self._cuda)
         np.concatenate(arrays, out=host.numpy())
+        weights = None
+        if plan.blended(segs).any():
+            # Blending weights per token (0 for BOS and EOS): batches holding windows only.
+            weights = np.zeros(len(packed.tokens), dtype=np.float32)
+            weights[packed.segments != len(segs)] = plan.weights(segs)
+            weights = (
+                torch.from_numpy(weights).pin_memory() if self._cuda else torch.from_numpy(weights)
+            )
         uploaded = None
         if self._cuda:
             with torch.cuda.stream(self._upload):
                 buffer = host.to(self.device, non_blocking=True)
+                if weights is not None:
+                    weights = weights.to(self.device, non_blocking=True)
                 uploaded = torch.cuda.Event()
                 uploaded.record()
         else:
             buffer = host
-        names = ("tokens", "positions", "segments", "cu_seqlens", "residues")
         tensors = dict(zip(names, buffer.split(sizes), strict=True))
-        return _Staged(batch, rows, buffer, tensors, packed.max_len, uploaded)
+        if weights is not None:
+            tensors["weights"] = weights
+        count = 0 if body is None else len(body)
+        return _Staged(segs, buffer, tensors, packed.max_len, uploaded, count)
 
     def _launch(self, staged: _Staged) -> list[_Pending]:
         """Queue a batch's forward and the download of its pooled vectors.
@@ -526,8 +583,10 @@ class PackedEngine:
             compute = torch.cuda.current_stream(self.device)
             compute.wait_event(staged.uploaded)
             staged.buffer.record_stream(compute)
+            if "weights" in staged.tensors:
+                staged.tensors["weights"].record_stream(compute)
         try:
-            return [self._send_back(self._forward(staged), staged.rows)]
+            return [self._send_back(*self._forward(staged), staged.rows)]
         except torch.OutOfMemoryError:
             if len(staged.rows) == 1:
                 raise
@@ -542,20 +601,39 @@ class PackedEngine:
         return [
             pending
             for part in (slice(None, half), slice(half, None))
-            for pending in self._launch(self._stage(staged.sequences[part], staged.rows[part]))
+            for pending in self._launch(self._stage(staged.rows[part]))
         ]
 
-    def _forward(self, staged: _Staged) -> torch.Tensor:
-        """Run the model on one packed batch; return pooled fp32 ``(count, len(layers), dim)``."""
+    def _forward(self, staged: _Staged) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run the model on one packed batch.
+
+        Returns the pooled fp32 ``(count, len(layers), dim)`` and, when per-residue values are
+        asked for, the residues' rows ``(residues, len(layers), dim)``: in the storage dtype,
+        or weighted fp32 in a batch that holds windows of long sequences.
+        """
         t = staged.tensors
         model = self.model
+        weights = t.get("weights")
+        wanted = "body" in t
         x = model.embed_tokens(t["tokens"])
         if model.token_dropout:
             x = x * TOKEN_DROPOUT_SCALE
         rotary = self._rotary[:, t["positions"]]
         pooled: dict[int, torch.Tensor] = {}
+        rows: dict[int, torch.Tensor] = {}
+
+        def keep(index: int, x: torch.Tensor) -> None:
+            pooled[index] = segment_mean(x, t["segments"], t["residues"], weights)
+            if wanted:
+                # Cast as soon as taken: one layer's residues in the storage dtype stay alive.
+                body = x[t["body"]]
+                if weights is None:
+                    rows[index] = body.to(self._run.residue_dtype)
+                else:
+                    rows[index] = body.float() * weights[t["body"]][:, None]
+
         if 0 in self.layers:
-            pooled[0] = segment_mean(x, t["segments"], t["residues"])
+            keep(0, x)
         for index, (layer, (weight, bias)) in enumerate(
             zip(model.layers[: self._depth], self._qkv, strict=True), start=1
         ):
@@ -563,31 +641,58 @@ class PackedEngine:
             if index == model.num_layers:
                 x = model.emb_layer_norm_after(x)
             if index in self.layers:
-                pooled[index] = segment_mean(x, t["segments"], t["residues"])
-        return torch.stack([pooled[n] for n in self.layers], dim=1)
+                keep(index, x)
+        stacked = torch.stack([pooled[n] for n in self.layers], dim=1)
+        if not wanted:
+            return stacked, None
+        return stacked, torch.stack([rows[n] for n in self.layers], dim=1)
 
-    def _send_back(self, pooled: torch.Tensor, rows: np.ndarray) -> _Pending:
-        """Start copying pooled vectors into pinned host memory on the download stream."""
+    def _send_back(
+        self, pooled: torch.Tensor, residues: torch.Tensor | None, rows: np.ndarray
+    ) -> _Pending:
+        """Start copying pooled vectors (and residues) into pinned host memory."""
         if not self._cuda:
-            return _Pending(rows, pooled, None)
+            return _Pending(rows, pooled, None, residues)
         computed = torch.cuda.Event()
         computed.record()
         host = torch.empty(pooled.shape, dtype=pooled.dtype, pin_memory=True)
+        host_residues = None
+        if residues is not None:
+            host_residues = torch.empty(residues.shape, dtype=residues.dtype, pin_memory=True)
         with torch.cuda.stream(self._download):
             self._download.wait_event(computed)
             host.copy_(pooled, non_blocking=True)
             pooled.record_stream(self._download)
+            if residues is not None:
+                host_residues.copy_(residues, non_blocking=True)
+                residues.record_stream(self._download)
             downloaded = torch.cuda.Event()
             downloaded.record()
-        return _Pending(rows, host, downloaded)
+        return _Pending(rows, host, downloaded, host_residues)
 
     @staticmethod
-    def _collect(pending: _Pending, out: np.ndarray, residues: np.ndarray, on_batch) -> None:
+    def _collect(pending: _Pending, blender: Blender, sizes: np.ndarray, on_batch) -> None:
         if pending.downloaded is not None:
             pending.downloaded.synchronize()
-        out[pending.rows] = pending.host.numpy()
+        residues = None if pending.residues is None else pending.residues.numpy()
+        blender.add(pending.rows, pending.host.numpy(), residues)
         if on_batch is not None:
-            on_batch(int(residues[pending.rows].sum()) + 2 * len(pending.rows))
+            on_batch(int(sizes[pending.rows].sum()) + 2 * len(pending.rows))
+
+
+@dataclass
+class _Run:
+    """One :meth:`PackedEngine.embed` call's inputs, read by its batches."""
+
+    sequences: list[bytes]
+    plan: Segments
+    residues: bool
+    residue_dtype: torch.dtype
+
+
+def torch_dtype_of(name: str) -> torch.dtype:
+    """The torch dtype of a numpy dtype name (``float16``, ``float32``)."""
+    return {"float16": torch.float16, "float32": torch.float32}[str(np.dtype(name))]
 
 
 def _on_device(device: torch.device):

@@ -4,6 +4,10 @@ This is the path every other engine is measured against, and the one CPU workers
 calls the unmodified ``ESM2.forward`` of fair-esm on length-sorted, padded, token-budget
 batches and mean-pools the requested layers over residue positions (BOS, EOS and padding
 excluded). It runs in the model's dtype (fp32 by default) on any device.
+
+Per-residue values are the same representations at positions 1..n, handed on per batch; with
+``long="window"`` each window of a long sequence is one padded row like any sequence, and the
+windows are blended on the host (:class:`~virnuc_dask.windows.Blender`).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import torch
 
 from virnuc_dask.engine.batching import token_budget_batches
 from virnuc_dask.tokens import MODEL_WINDOW, padded_tokens
+from virnuc_dask.windows import Blender, plan_segments
 
 
 class ReferenceEngine:
@@ -48,34 +53,87 @@ class ReferenceEngine:
         self.device = next(model.parameters()).device
 
     def embed(
-        self, sequences: list[bytes], on_batch: Callable[[int], None] | None = None
+        self,
+        sequences: list[bytes],
+        on_batch: Callable[[int], None] | None = None,
+        *,
+        long: str = "truncate",
+        on_residues: Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None = None,
+        residue_dtype: str = "float16",
     ) -> np.ndarray:
         """Return mean embeddings, float32 of shape ``(len(sequences), len(layers), dim)``.
 
-        ``on_batch`` is called with the tokens (residues + 2 per sequence) of each batch
-        once it is done.
+        Parameters
+        ----------
+        sequences
+            Validated sequences as bytes.
+        on_batch
+            Called with the tokens (residues + 2 per window) of each batch once it is done.
+        long
+            ``"truncate"`` embeds the first ``max_residues`` residues of a longer sequence;
+            ``"window"`` embeds all of them in overlapping windows (:mod:`virnuc_dask.windows`).
+        on_residues
+            Called with per-residue values as whole sequences are done:
+            ``(positions in sequences, rows (residues, layers, dim) in residue_dtype, counts)``.
+            None: per-residue values are not computed.
+        residue_dtype
+            Dtype of the rows given to ``on_residues``.
         """
-        residues = np.array([min(len(s), self.max_residues) for s in sequences], dtype=np.int64)
-        order = np.argsort(-residues, kind="stable")
-        out = np.empty((len(sequences), len(self.layers), self.model.embed_dim), np.float32)
-        batches = token_budget_batches(residues[order] + 2, self.tokens_per_batch, padded=True)
+        lengths = np.array([len(s) for s in sequences], dtype=np.int64)
+        plan = plan_segments(lengths, self.max_residues, long)
+        out = np.zeros((len(sequences), len(self.layers), self.model.embed_dim), np.float32)
+        blender = Blender(plan, out, on_residues, residue_dtype)
+        sizes = plan.lengths
+        order = np.argsort(-sizes, kind="stable")
+        batches = token_budget_batches(sizes[order] + 2, self.tokens_per_batch, padded=True)
         with torch.inference_mode():
             for batch in batches:
-                rows = order[batch]
-                out[rows] = self._embed_batch([sequences[i] for i in rows], residues[rows])
+                segs = order[batch]
+                pieces = [sequences[q][a:b] for q, a, b in plan.pieces(segs)]
+                pooled, rows = self._embed_batch(
+                    pieces,
+                    sizes[segs],
+                    plan.residues[plan.sequence[segs]],
+                    plan.weights(segs) if plan.blended(segs).any() else None,
+                    on_residues is not None,
+                )
+                blender.add(segs, pooled, rows)
                 if on_batch is not None:
-                    on_batch(int(residues[rows].sum()) + 2 * len(rows))
+                    on_batch(int(sizes[segs].sum()) + 2 * len(segs))
         return out
 
-    def _embed_batch(self, sequences: list[bytes], residues: np.ndarray) -> np.ndarray:
-        tokens = torch.from_numpy(padded_tokens(sequences, self.max_residues)).to(self.device)
+    def _embed_batch(
+        self,
+        pieces: list[bytes],
+        sizes: np.ndarray,
+        divisors: np.ndarray,
+        weights: np.ndarray | None,
+        rows: bool,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Pooled contributions of a padded batch of segments, and their residues' rows.
+
+        ``divisors`` are the residues of each segment's sequence; ``weights`` the blending
+        weights of all their residues back to back (None: all 1, nothing is multiplied).
+        """
+        tokens = torch.from_numpy(padded_tokens(pieces, self.max_residues)).to(self.device)
         reps = self.model(tokens, repr_layers=self.layers)["representations"]
         positions = torch.arange(tokens.shape[1], device=self.device)
-        lengths = torch.from_numpy(residues).to(self.device)
-        # Residues sit at positions 1..L; BOS (0), EOS (L + 1) and padding are left out.
-        mask = ((positions >= 1) & (positions <= lengths[:, None])).to(torch.float32)
+        counts = torch.from_numpy(sizes).to(self.device)
+        # Residues sit at positions 1..n; BOS (0), EOS (n + 1) and padding are left out.
+        body = (positions >= 1) & (positions <= counts[:, None])
+        mask = body.to(torch.float32)
+        if weights is not None:
+            mask[body] = torch.from_numpy(weights).to(self.device)
+        divisor = torch.from_numpy(divisors).to(self.device).float()
         pooled = [
-            (reps[layer].float() * mask[..., None]).sum(1) / lengths[:, None].float()
+            (reps[layer].float() * mask[..., None]).sum(1) / divisor[:, None]
             for layer in self.layers
         ]
-        return torch.stack(pooled, dim=1).cpu().numpy()
+        pooled = torch.stack(pooled, dim=1).cpu().numpy()
+        if not rows:
+            return pooled, None
+        # Row-major boolean indexing keeps segment order, then position order.
+        values = torch.stack([reps[layer] for layer in self.layers], dim=2)[body].float()
+        if weights is not None:
+            values = values * mask[body][:, None, None]
+        return pooled, values.cpu().numpy()

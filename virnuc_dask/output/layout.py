@@ -5,7 +5,10 @@ Layout (``docs/output.md``):
 - ``embedding`` (``sequence``, ``feature``) or (``sequence``, ``layer``, ``feature``), float32
   or float16, contiguous;
 - ``sequence``: the ids, variable-length UTF-8, a dimension scale (``ds.sel(sequence=ID)``);
-- ``length`` (residues before truncation), ``truncated`` (bool);
+- ``length`` (residues before truncation), ``truncated`` (bool), with ``long="window"``
+  ``windows`` (windows per sequence);
+- with ``per_residue``: ``residue_start`` along ``sequence`` and ``residue_embedding``
+  (``residue``, [``layer``,] ``feature``), chunked and compressed (:mod:`.residues`);
 - for a run on reads, the peptides' provenance as coordinates along ``sequence`` (``read``,
   ``frame``, ``strand``, ``nt_start``, ``nt_end``, ...), given by the caller;
 - attributes: model, layers, pooling, compute dtype, weights source, versions, inputs, time.
@@ -34,6 +37,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from virnuc_dask.output.residues import ResidueLayout, create_variable
 from virnuc_dask.output.space import close_half_closed
 
 logger = logging.getLogger(__name__)
@@ -53,12 +57,20 @@ def create_layout(
     dtype: np.dtype,
     attrs: dict,
     variables: dict[str, np.ndarray] | None = None,
+    truncated: np.ndarray | None = None,
+    windows: np.ndarray | None = None,
+    residues: ResidueLayout | None = None,
 ) -> int | None:
     """Write the file's netCDF-4 layout, all but the embedding values; return their offset.
 
     Written through h5netcdf, as xarray writes it (the ids a variable-length UTF-8 dimension
     scale, ``truncated`` as int8 marked ``dtype="bool"``, a NaN ``_FillValue`` on the values),
     so that xarray opens it without warnings. Returns None when the values take no bytes.
+
+    ``truncated`` (default: longer than ``max_residues``) and ``windows`` (windows per
+    sequence, stored when given) describe how long sequences were embedded; ``residues`` adds
+    ``residue_start`` and the chunked, compressed ``residue_embedding`` (never filled: each
+    shard's chunks are copied in as they arrive, see :mod:`.residues`).
     """
     import h5netcdf
 
@@ -67,6 +79,8 @@ def create_layout(
     if not single:
         dimensions["layer"] = len(layers)
     dimensions["feature"] = width
+    if residues is not None:
+        dimensions["residue"] = residues.rows
     # Contiguous and allocated now: the values get one fixed place in the file, which the
     # shards are copied into through a memory map. Never filled: HDF5 would otherwise write
     # the whole variable with NaN first, and close() refuses a file with rows left unwritten.
@@ -84,15 +98,24 @@ def create_layout(
             if not single:
                 f.create_variable("layer", ("layer",), data=np.array(layers, dtype=np.int32))
             f.create_variable("length", ("sequence",), data=lengths.astype(np.int64))
-            truncated = f.create_variable(
-                "truncated", ("sequence",), data=(lengths > max_residues).astype(np.int8)
+            if truncated is None:
+                truncated = lengths > max_residues
+            flags = f.create_variable(
+                "truncated", ("sequence",), data=np.asarray(truncated).astype(np.int8)
             )
-            truncated.attrs["dtype"] = "bool"
+            flags.attrs["dtype"] = "bool"
+            if windows is not None:
+                f.create_variable("windows", ("sequence",), data=windows.astype(np.int32))
+            if residues is not None:
+                f.create_variable("residue_start", ("sequence",), data=residues.start)
+                names = tuple(d for d in dimensions if d in ("layer", "feature"))
+                sizes = tuple(dimensions[d] for d in names)
+                create_variable(f, ("residue", *names), sizes, residues.dtype)
             for name, values in (variables or {}).items():
                 _create_sequence_variable(f, name, values)
             values = f.create_variable(
                 "embedding",
-                tuple(dimensions),
+                tuple(d for d in dimensions if d != "residue"),
                 dtype=dtype,
                 fillvalue=np.array(np.nan, dtype=dtype),
                 chunks=None,

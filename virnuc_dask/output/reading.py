@@ -32,7 +32,9 @@ def open_embeddings(path: str | Path, chunks: dict | str | None = None):
         object array of ``str``: xarray's own decoding makes a fixed-width array as wide as
         the longest id), lazily loaded. A run on reads adds ``read`` (also an object array of
         ``str``), ``frame``, ``strand``, ``nt_start``, ``nt_end`` (and ``piece``, ...), so
-        that ``ds.groupby("read")`` gathers each read's peptides.
+        that ``ds.groupby("read")`` gathers each read's peptides. A per-residue output adds
+        ``residue_start`` and ``residue_embedding`` (lazily read; one sequence's rows with
+        :func:`~virnuc_dask.output.residues_of`), a windowed one ``windows``.
     """
     import xarray as xr
 

@@ -25,9 +25,11 @@ no partial writes into an object:
 
 from __future__ import annotations
 
-import io
 import logging
+import shutil
+import tempfile
 from pathlib import Path
+from typing import BinaryIO
 
 from virnuc_dask import ownership
 from virnuc_dask.errors import VirnucError, option
@@ -42,8 +44,11 @@ ZARR_STORE = "zarr store"
 ROOT = "zarr.json"
 
 
-def shard_source(path: str, storage: StorageOptions | None = None) -> str | io.BytesIO:
-    """What h5py should open for the shard at ``path``: the path, or a URL's bytes.
+def shard_source(path: str, storage: StorageOptions | None = None) -> str | BinaryIO:
+    """What h5py should open for the shard at ``path``: the path, or a URL's local copy.
+
+    A URL's shard is downloaded into an unnamed temporary file (removed when it is closed),
+    not into memory: a per-residue shard holds gigabytes. The caller closes a file it gets.
 
     Raises
     ------
@@ -52,7 +57,13 @@ def shard_source(path: str, storage: StorageOptions | None = None) -> str | io.B
     """
     if not is_url(path):
         return path
-    return io.BytesIO(Remote(path, storage).read_bytes())
+    folder = tempfile.mkdtemp(prefix="virnuc-dask-shard-")
+    try:
+        local = Path(folder) / "shard.h5"
+        Remote(path, storage).get(local)
+        return open(local, "rb")  # noqa: SIM115 (the caller closes it)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)  # an open file stays readable (POSIX)
 
 
 def put_shard(local: Path, url: str, storage: StorageOptions | None = None) -> None:

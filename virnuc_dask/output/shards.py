@@ -3,7 +3,8 @@
 A shard is an HDF5 file written to a temporary name and renamed, so a retried or resumed task
 never leaves half a shard. It holds the input rows it covers, their ids (as read by the
 worker, so that assembly can prove the alignment), the pooled embeddings, and what they are:
-the run's fingerprint, the pooled layers and the width.
+the run's fingerprint, the pooled layers and the width. With per-residue output it also holds
+the chunk's residues, written while the chunk computes (:mod:`.residues`), and their counts.
 
 A shard of another run (fingerprint), another layer set, width or dtype is refused
 (:class:`ShardMismatch`), never cast or broadcast into the output: a width-1 shard would
@@ -52,6 +53,7 @@ def write_shard(
     fingerprint: str,
     layers: list[int] | None = None,
     dtype: str = "float32",
+    partial: str | Path | None = None,
 ) -> None:
     """Write one chunk's result atomically: a temporary file in the same folder, then a rename.
 
@@ -72,6 +74,10 @@ def write_shard(
         not recorded when None.
     dtype
         Stored precision.
+    partial
+        The partial shard already holding the chunk's per-residue rows
+        (:class:`~virnuc_dask.output.residues.ShardResidues`, closed): completed and renamed.
+        None: a fresh partial file.
     """
     path = Path(path)
     embedding = np.asarray(embedding)
@@ -80,9 +86,9 @@ def write_shard(
             f"embedding of shape {embedding.shape} is not (rows, {len(layers or ()) or 'layers'}"
             ", width)"
         )
-    partial = partial_name(path)
+    partial = partial_name(path) if partial is None else Path(partial)
     try:
-        with h5py.File(partial, "w") as f:
+        with h5py.File(partial, "r+" if partial.exists() else "w") as f:
             f.attrs["fingerprint"] = fingerprint
             f.attrs["width"] = embedding.shape[2]
             if layers is not None:

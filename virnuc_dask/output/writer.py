@@ -31,6 +31,7 @@ import numpy as np
 
 from virnuc_dask.errors import option
 from virnuc_dask.output.layout import add_attributes, create_layout, map_reserved, variable_bytes
+from virnuc_dask.output.residues import SHARD_DATASET, ResidueLayout, copy_chunks, same_storage
 from virnuc_dask.output.shards import ShardInfo, ShardMismatch, mismatch
 from virnuc_dask.output.space import reporting_disk_full
 from virnuc_dask.output.targets import (
@@ -43,6 +44,7 @@ from virnuc_dask.output.targets import (
     partial_name,
 )
 from virnuc_dask.output.zarr_store import hdf5_to_zarr
+from virnuc_dask.windows import window_counts
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +93,13 @@ class OutputWriter:
     variables
         More variables along ``sequence``, by name (the reads' provenance): numbers, fixed-width
         bytes (``S``, stored as UTF-8 text) or strings (object arrays, variable-length UTF-8).
+    long
+        How sequences longer than ``max_residues`` were embedded: ``"truncate"`` (flagged in
+        ``truncated``) or ``"window"`` (none truncated; ``windows`` per sequence stored).
+    residues
+        The per-residue layout (:class:`~virnuc_dask.output.residues.ResidueLayout`): the file
+        gets ``residue_start`` and ``residue_embedding``, and every shard must bring its
+        residues, whose compressed chunks are copied in as the shard arrives. None: pooled only.
 
     Raises
     ------
@@ -123,6 +132,8 @@ class OutputWriter:
         zarr_path: str | Path | None = None,
         overwrite: bool = False,
         variables: dict[str, np.ndarray] | None = None,
+        long: str = "truncate",
+        residues: ResidueLayout | None = None,
     ) -> None:
         lengths = np.asarray(lengths)
         if len(lengths) != len(ids):
@@ -145,6 +156,8 @@ class OutputWriter:
             check_target(self._zarr, ZARR_STORE, overwrite=overwrite)
         self._seen = np.zeros(len(ids), dtype=np.int32)
         self._values: np.memmap | None = None
+        self._residues = residues
+        self._h5: h5py.File | None = None
         self._partial = partial_name(self._output)
         self._state = "open"
         shape = (len(ids), len(self._layers), self._width)
@@ -164,8 +177,17 @@ class OutputWriter:
                     dtype=self._dtype,
                     attrs=self._attrs,
                     variables=self._variables,
+                    truncated=(lengths > max_residues) & (long == "truncate"),
+                    windows=window_counts(lengths, max_residues, long)
+                    if long != "truncate"
+                    else None,
+                    residues=residues,
                 )
                 self._values = map_reserved(self._partial, offset, shape, self._dtype)
+                if residues is not None:
+                    # The residues' chunks are written through HDF5 (the embedding's bytes,
+                    # at their fixed place, through the map: HDF5 never writes those).
+                    self._h5 = h5py.File(self._partial, "r+")
         except BaseException:
             self.abort()
             raise
@@ -220,7 +242,9 @@ class OutputWriter:
             rows = f["rows"][:]
             shard_ids = f["ids"].asstr()[:]
             embedding = f["embedding"][:]
-        self._check_alignment(shard, rows, shard_ids, embedding)
+            self._check_alignment(shard, rows, shard_ids, embedding)
+            if self._residues is not None:
+                self._add_residues(shard, f, rows)
         if self._values is not None:
             self._values[rows] = embedding
         # add.at counts a row listed twice in one shard twice; ``seen[rows] += 1`` would not.
@@ -326,6 +350,26 @@ class OutputWriter:
                 f"the index says {expected[bad]!r}"
             )
 
+    def _add_residues(self, shard: ShardInfo, f: h5py.File, rows: np.ndarray) -> None:
+        """Copy a shard's compressed residue chunks into its region of the file."""
+        if SHARD_DATASET not in f:
+            raise ShardMismatch(
+                f"shard {shard.path} does not belong to this run: it holds no per-residue "
+                "values. Nothing was written and the run's shards are kept"
+            )
+        target = self._h5["residue_embedding"]
+        problem = same_storage(f[SHARD_DATASET], target)
+        if problem:
+            raise ShardMismatch(f"shard {shard.path} does not belong to this run: its {problem}")
+        if not np.array_equal(f["residue_counts"][:], self._residues.counts[rows]):
+            raise RuntimeError(
+                f"shard {shard.path} is misaligned: its residue counts are not the index's"
+            )
+        region = self._residues.region(rows)
+        needed = f[SHARD_DATASET].id.get_storage_size()
+        with reporting_disk_full(self._output, "the output file", needed):
+            copy_chunks(f, target, region, self._residues.chunk_rows)
+
     def _require_every_row_once(self) -> None:
         missing = np.flatnonzero(self._seen == 0)
         doubled = np.flatnonzero(self._seen > 1)
@@ -340,6 +384,9 @@ class OutputWriter:
     def _unmap(self) -> None:
         # Dropping the last reference unmaps; no msync (see the module's decisions).
         self._values = None
+        if self._h5 is not None:
+            self._h5.close()
+            self._h5 = None
 
 
 def assemble(
@@ -358,6 +405,8 @@ def assemble(
     width: int | None = None,
     overwrite: bool = False,
     variables: dict[str, np.ndarray] | None = None,
+    long: str = "truncate",
+    residues: ResidueLayout | None = None,
 ) -> str:
     """Assemble finished shards into the final file at once: :class:`OutputWriter` in one call.
 
@@ -396,6 +445,9 @@ def assemble(
     variables
         More variables along ``sequence`` (a run on reads: the peptides' provenance), as
         :class:`OutputWriter` takes them.
+    long, residues
+        How long sequences were embedded, and the per-residue layout, as
+        :class:`OutputWriter` takes them.
 
     Returns
     -------
@@ -430,6 +482,8 @@ def assemble(
         zarr_path=zarr_path,
         overwrite=overwrite,
         variables=variables,
+        long=long,
+        residues=residues,
     ) as writer:
         for shard in shards:
             writer.add(shard)

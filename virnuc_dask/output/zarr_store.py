@@ -2,7 +2,9 @@
 
 Written at the end from the finished HDF5 file: its chunks are compressed blocks of rows, and
 the rows of a block arrive from many chunks (the partition deals rows by length), so a block is
-complete only at the end.
+complete only at the end. ``residue_embedding`` is copied one storage chunk
+(:data:`~virnuc_dask.output.residues.RESIDUES_PER_CHUNK` rows) at a time, chunked the same in
+the store, so no process holds it whole.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from virnuc_dask import ownership
+from virnuc_dask.output.residues import RESIDUES_PER_CHUNK
 
 #: Rows per HDF5/Zarr chunk of the final file.
 ROWS_PER_CHUNK = 4096
@@ -29,15 +32,21 @@ def hdf5_to_zarr(
     variables: dict[str, np.ndarray] | None = None,
 ) -> None:
     """Write the finished HDF5 file's content as a Zarr store, chunked by rows."""
+    import h5py
     import xarray as xr
 
     rows = max(1, min(ROWS_PER_CHUNK, len(ids)))
     variables = variables or {}
+    chunks = {"sequence": rows}
+    with h5py.File(hdf5, "r") as f:
+        if "residue_embedding" in f:
+            # Read and written one storage chunk at a time: never the whole variable.
+            chunks["residue"] = max(1, min(RESIDUES_PER_CHUNK, f["residue_embedding"].shape[0]))
     with xr.open_dataset(
         hdf5,
         engine="h5netcdf",
         drop_variables=["sequence", *variables],
-        chunks={"sequence": rows},
+        chunks=chunks,
     ) as source:
         # Object ids: xarray's decoding would make them as wide as the longest id on every row.
         dataset = source.assign_coords(sequence=np.array(ids, dtype=object))

@@ -1,0 +1,283 @@
+"""Per-residue output: where each sequence's residues go, and how they stream there.
+
+With ``per_residue=True`` the output holds ``residue_embedding`` (``residue``, [``layer``,]
+``feature``) and ``residue_start`` along ``sequence``: the residues of sequence ``i`` are rows
+``residue_start[i]`` to ``residue_start[i] + n_i``, ``n_i`` the residues embedded (BOS and EOS
+excluded; the first ``max_residues`` of a truncated sequence, all of a windowed one).
+
+Decisions:
+
+- **One region per chunk, known up front.** The rows of a chunk's sequences form one region,
+  in the chunk's order; the regions follow each other in chunk order, each starting at a
+  multiple of :data:`RESIDUES_PER_CHUNK` (the HDF5 and Zarr chunk of the variable). So the
+  layout, ``residue_start`` included, follows from the lengths and the partition alone, before
+  anything is computed, and no storage chunk is shared by two regions: a worker's shard holds
+  its region's chunks exactly, and two writers (or two workers writing a Zarr store) never
+  touch the same chunk. The price is a gap of fewer than 1,024 rows after each region, which
+  is never written (no disk used; it reads as NaN, and xarray's reductions skip NaN).
+  ``residue_start`` is an index: rows are not in sequence order.
+- **Compressed by the workers, copied by the writer.** A shard stores its residues with the
+  final variable's chunk shape, dtype and filters (deflate level 1 with byte shuffle: plain
+  netCDF-4, which every HDF5 and netCDF reader decodes). The single writer copies each chunk's
+  compressed bytes into the file (HDF5's direct chunk write) without decoding them: its work is
+  I/O only, one chunk in memory at a time, and the compression runs in parallel on the
+  workers. Decompressing and compressing 67 GB in one process would take the writer many
+  minutes at zlib's speed.
+- **Nothing holds the array.** The engines hand over rows batch by batch; the worker writes
+  them into its shard as they come (an HDF5 chunk cache of a few chunks absorbs the batches'
+  edges); the writer streams chunk by chunk; the Zarr store is written from the file in
+  blocks of :data:`RESIDUES_PER_CHUNK` rows.
+- **float16 by default** (``residue_dtype``): half the bytes of float32 for values that are
+  compared at float16's precision anyway (bf16 compute has fewer mantissa bits); float32 on
+  request.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+#: Rows of one storage chunk of ``residue_embedding`` (HDF5 and Zarr), and the alignment of
+#: each chunk's region: 1,024 rows of ESM-2 3B in float16 are 5 MB.
+RESIDUES_PER_CHUNK = 1024
+#: HDF5 filters of ``residue_embedding`` in shards and in the output (identical: the writer
+#: copies compressed chunks): deflate level 1, the fastest, after a byte shuffle.
+FILTERS = {"compression": "gzip", "compression_opts": 1, "shuffle": True}
+#: The shard dataset of a chunk's residues.
+SHARD_DATASET = "residues"
+
+
+@dataclass(frozen=True)
+class ResidueLayout:
+    """Where every sequence's residues lie in ``residue_embedding``.
+
+    Attributes
+    ----------
+    counts
+        Residues embedded per sequence, in input order.
+    start
+        ``residue_start``: the first row of each sequence.
+    rows
+        Rows of the variable (regions and their gaps).
+    dtype
+        Storage dtype.
+    chunk_rows
+        Rows per storage chunk, and the alignment of regions.
+    """
+
+    counts: np.ndarray
+    start: np.ndarray
+    rows: int
+    dtype: np.dtype
+    chunk_rows: int = RESIDUES_PER_CHUNK
+
+    @classmethod
+    def from_partition(
+        cls,
+        counts: np.ndarray,
+        order: np.ndarray,
+        bounds: list[tuple[int, int]],
+        dtype: str = "float16",
+        chunk_rows: int = RESIDUES_PER_CHUNK,
+    ) -> ResidueLayout:
+        """The layout of a partition: chunk ``k`` covers ``order[bounds[k][0]:bounds[k][1]]``.
+
+        Parameters
+        ----------
+        counts
+            Residues embedded per sequence, in input order.
+        order
+            The partition's order of input rows.
+        bounds
+            Each chunk's range of ``order``, in chunk order, covering it once.
+        dtype
+            Storage dtype.
+        chunk_rows
+            Rows per storage chunk.
+        """
+        counts = np.asarray(counts, dtype=np.int64)
+        in_order = counts[order]
+        before = np.concatenate([[0], np.cumsum(in_order)])  # residues before each position
+        begins = np.array([b[0] for b in bounds], dtype=np.int64)
+        ends = np.array([b[1] for b in bounds], dtype=np.int64)
+        sizes = before[ends] - before[begins]
+        padded = -(-sizes // chunk_rows) * chunk_rows
+        regions = np.concatenate([[0], np.cumsum(padded)])[:-1]
+        start = np.zeros(len(counts), dtype=np.int64)
+        chunk_of = np.repeat(np.arange(len(bounds)), ends - begins)
+        positions = np.concatenate([np.arange(a, b) for a, b in bounds]) if bounds else []
+        positions = np.asarray(positions, dtype=np.int64)
+        start[order[positions]] = regions[chunk_of] + before[positions] - before[begins[chunk_of]]
+        return cls(counts, start, int(padded.sum()), np.dtype(dtype), chunk_rows)
+
+    def region(self, rows: np.ndarray) -> int:
+        """The first row of the region of a shard of ``rows``; checks it is the layout's.
+
+        Raises
+        ------
+        RuntimeError
+            The rows' places in the layout are not one region in this order.
+        """
+        counts = self.counts[rows]
+        region = int(self.start[rows[0]]) if len(rows) else 0
+        expected = region + np.concatenate([[0], np.cumsum(counts)[:-1]])
+        if region % self.chunk_rows or not np.array_equal(self.start[rows], expected):
+            raise RuntimeError(
+                "the shard's sequences do not form one region of the per-residue layout in "
+                "this order (another partition?)"
+            )
+        return region
+
+
+def create_variable(f, dims: tuple[str, ...], shape_tail: tuple[int, ...], dtype) -> None:
+    """Create ``residue_embedding`` in an open h5netcdf file, chunked and compressed."""
+    f.create_variable(
+        "residue_embedding",
+        dims,
+        dtype=dtype,
+        chunks=(RESIDUES_PER_CHUNK, *shape_tail),
+        fillvalue=np.array(np.nan, dtype=dtype),
+        **FILTERS,
+    )
+
+
+class ShardResidues:
+    """A chunk's residues, written into its shard as the engine hands them over.
+
+    The shard is created here (under its partial name) with one dataset of all the chunk's
+    residues, in the chunk's order, chunked and compressed as the output's variable; the rest
+    of the shard is added by :func:`~virnuc_dask.output.shards.write_shard`.
+
+    Parameters
+    ----------
+    path
+        The shard's partial file, created here.
+    counts
+        Residues of each of the chunk's sequences, in the chunk's order.
+    layers, width
+        The rows' shape: ``(layers, width)``.
+    dtype
+        Storage dtype.
+    """
+
+    def __init__(
+        self, path: str | Path, counts: np.ndarray, layers: int, width: int, dtype: str
+    ) -> None:
+        self.path = Path(path)
+        self.counts = np.asarray(counts, dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(self.counts)])
+        self.dtype = np.dtype(dtype)
+        chunk = RESIDUES_PER_CHUNK * layers * width * self.dtype.itemsize
+        # A cache of a few chunks: a batch's rows end inside a chunk the next batch finishes,
+        # which then is compressed once, not read back and compressed again.
+        self._file = h5py.File(self.path, "w", rdcc_nbytes=max(8 * chunk, 1 << 24), rdcc_w0=1.0)
+        # Whole chunks (the region's gap included), so that each is copied as it is.
+        rows = -(-int(self.offsets[-1]) // RESIDUES_PER_CHUNK) * RESIDUES_PER_CHUNK
+        self._data = self._file.create_dataset(
+            SHARD_DATASET,
+            shape=(rows, layers, width),
+            dtype=self.dtype,
+            chunks=(RESIDUES_PER_CHUNK, layers, width) if rows else None,
+            fillvalue=np.array(np.nan, dtype=self.dtype),
+            **(FILTERS if rows else {}),
+        )
+        self._file.create_dataset("residue_counts", data=self.counts)
+
+    def write(self, sequences: np.ndarray, values: np.ndarray, counts: np.ndarray) -> None:
+        """Write whole sequences' rows: positions ``sequences`` of the chunk, rows back to back.
+
+        Consecutive sequences that lie next to each other in the shard (the usual case: the
+        engines run them in the chunk's order) are written in one call.
+        """
+        sequences = np.asarray(sequences, dtype=np.int64)
+        if not np.array_equal(self.counts[sequences], counts):
+            raise RuntimeError("per-residue rows do not match their sequences' residue counts")
+        starts = self.offsets[sequences]
+        ends = starts + counts
+        # Runs of sequences whose rows are adjacent in the shard too.
+        breaks = np.flatnonzero(starts[1:] != ends[:-1]) + 1
+        source = np.concatenate([[0], np.cumsum(counts)])
+        for run in np.split(np.arange(len(sequences)), breaks):
+            if len(run) == 0:
+                continue
+            a, b = int(starts[run[0]]), int(ends[run[-1]])
+            if b > a:
+                self._data[a:b] = values[source[run[0]] : source[run[-1] + 1]]
+
+    def close(self) -> None:
+        """Flush and close the shard's file (the rest is added by ``write_shard``)."""
+        if self._file.id.valid:
+            self._file.close()
+
+    def discard(self) -> None:
+        """Close and remove the partial shard."""
+        self.close()
+        self.path.unlink(missing_ok=True)
+
+
+def copy_chunks(shard: h5py.File, target: h5py.Dataset, region: int, chunk_rows: int) -> int:
+    """Copy a shard's compressed residue chunks into ``target`` from row ``region``; bytes.
+
+    The chunks are copied as stored (HDF5's direct chunk read and write): never decoded.
+    """
+    source = shard[SHARD_DATASET]
+    tail = (0,) * (target.ndim - 1)
+    copied = 0
+    for first in range(0, source.shape[0], chunk_rows):
+        mask, data = source.id.read_direct_chunk((first, 0, 0))
+        target.id.write_direct_chunk((region + first, *tail), data, mask)
+        copied += len(data)
+    return copied
+
+
+def same_storage(source: h5py.Dataset, target: h5py.Dataset) -> str | None:
+    """Why a shard's residues cannot be copied chunk for chunk into ``target``; None if they can."""
+    if source.dtype != target.dtype:
+        return f"residue dtype is {source.dtype}, the run's {target.dtype}"
+    if source.shape[1] * source.shape[2] != math.prod(target.shape[1:]):
+        return f"residue rows are {source.shape[1:]}, the run's {target.shape[1:]}"
+    if source.shape[0] and (
+        source.chunks[0] != target.chunks[0]
+        or source.compression != target.compression
+        or source.shuffle != target.shuffle
+        or source.compression_opts != target.compression_opts
+    ):
+        return "residue chunks or filters differ from the run's"
+    return None
+
+
+def residues_of(dataset, id: str):
+    """One sequence's per-residue embedding, ``(position, feature)`` (or with ``layer``).
+
+    Parameters
+    ----------
+    dataset
+        An output opened by :func:`~virnuc_dask.output.open_embeddings`, written with
+        ``per_residue=True``.
+    id
+        The sequence's id.
+
+    Returns
+    -------
+    xarray.DataArray
+        Dims ``("position", "feature")`` (``("position", "layer", "feature")`` with several
+        layers); ``position`` is the residue's 0-based place in the sequence (windowed
+        sequences: all residues; truncated ones: the first ``max_residues``).
+    """
+    from virnuc_dask.errors import VirnucError
+
+    if "residue_embedding" not in dataset:
+        raise VirnucError("this output has no per-residue embeddings: embed with per_residue=True")
+    i = int(dataset.indexes["sequence"].get_loc(id))
+    start = int(dataset["residue_start"].values[i])
+    length = int(dataset["length"].values[i])
+    truncated = bool(dataset["truncated"].values[i])
+    count = int(dataset.attrs["max_residues"]) if truncated else length
+    values = dataset["residue_embedding"].isel(residue=slice(start, start + count))
+    values = values.rename(residue="position").assign_coords(position=np.arange(count))
+    values.attrs["sequence"] = str(id)
+    return values
