@@ -192,7 +192,13 @@ def machine() -> dict:
 
 def versions() -> dict:
     names = ("virnuc-dask", "torch", "fair-esm", "dask", "distributed", "h5py", "zarr", "xarray")
-    return {name: importlib.metadata.version(name) for name in names}
+    found = {}
+    for name in names:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None  # importable from a source tree, not installed
+    return found
 
 
 def main() -> None:

@@ -17,12 +17,17 @@ Decisions:
   is never written (no disk used; it reads as NaN, and xarray's reductions skip NaN).
   ``residue_start`` is an index: rows are not in sequence order.
 - **Compressed by the workers, copied by the writer.** A shard stores its residues with the
-  final variable's chunk shape, dtype and filters (deflate level 1 with byte shuffle: plain
-  netCDF-4, which every HDF5 and netCDF reader decodes). The single writer copies each chunk's
-  compressed bytes into the file (HDF5's direct chunk write) without decoding them: its work is
-  I/O only, one chunk in memory at a time, and the compression runs in parallel on the
-  workers. Decompressing and compressing 67 GB in one process would take the writer many
-  minutes at zlib's speed.
+  final variable's chunk shape, dtype and filters (byte shuffle, then Zstandard level 1). The
+  single writer copies each chunk's compressed bytes into the file (HDF5's direct chunk
+  write) without decoding them: its work is I/O only, one chunk in memory at a time, and the
+  compression runs in parallel on the workers.
+- **Zstandard, not deflate.** ESM-2 3B on one H200 produces about 500 MB of float16 rows a
+  second; deflate (level 1, after the shuffle) compressed them at 34 MB/s per core on the GPU
+  machine, 369 MB/s with 16 threads, and the run with it embedded at 38% of the pooled-only
+  rate. Zstandard level 1 runs at hundreds of MB/s per core for about the same ratio. It is
+  HDF5 filter 32015, registered by ``hdf5plugin`` (a dependency, imported by this package and
+  by :func:`~virnuc_dask.open_embeddings`); other readers load it the same way (``import
+  hdf5plugin`` before h5py or xarray opens the file, or ``HDF5_PLUGIN_PATH`` for netCDF-C).
 - **Nothing holds the array.** The engines hand over rows batch by batch; the worker writes
   them into its shard as they come (an HDF5 chunk cache of a few chunks absorbs the batches'
   edges); the writer streams chunk by chunk; the Zarr store is written from the file in
@@ -36,21 +41,24 @@ from __future__ import annotations
 
 import math
 import os
-import zlib
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
+import hdf5plugin
 import numpy as np
+from numcodecs import Zstd
 
 #: Rows of one storage chunk of ``residue_embedding`` (HDF5 and Zarr), and the alignment of
 #: each chunk's region: 1,024 rows of ESM-2 3B in float16 are 5 MB.
 RESIDUES_PER_CHUNK = 1024
+#: Zstandard level of ``residue_embedding`` (1: the fastest; floats gain little from more).
+ZSTD_LEVEL = 1
 #: HDF5 filters of ``residue_embedding`` in shards and in the output (identical: the writer
-#: copies compressed chunks): deflate level 1, the fastest, after a byte shuffle.
-FILTERS = {"compression": "gzip", "compression_opts": 1, "shuffle": True}
+#: copies compressed chunks): a byte shuffle, then Zstandard (``hdf5plugin``'s filter 32015).
+FILTERS = {"shuffle": True, **hdf5plugin.Zstd(clevel=ZSTD_LEVEL)}
 #: The shard dataset of a chunk's residues.
 SHARD_DATASET = "residues"
 
@@ -157,11 +165,11 @@ class ShardResidues:
     of the shard is added by :func:`~virnuc_dask.output.shards.write_shard`.
 
     Rows are gathered into whole storage chunks in memory; a complete chunk is shuffled and
-    deflated by a pool of threads (zlib releases the GIL) and written as it is (HDF5's direct
-    chunk write), so compression neither runs in the engine's thread nor on one core: ESM-2 3B
-    on an H200 produces about 500 MB of float16 rows a second, and deflate runs at about a
-    fifth of that per core. The engines hand rows over in the chunk's order, so one or two
-    chunks are filling at a time; at most ``2 * threads`` compressed chunks wait to be written.
+    compressed by a pool of threads (Zstandard releases the GIL) and written as it is (HDF5's
+    direct chunk write), so compression never runs in the engine's thread nor on one core:
+    ESM-2 3B on an H200 produces about 500 MB of float16 rows a second. The engines hand rows
+    over in the chunk's order, so one or two chunks are filling at a time; at most
+    ``2 * threads`` compressed chunks wait to be written.
 
     Parameters
     ----------
@@ -207,7 +215,7 @@ class ShardResidues:
         # Chunk number -> (its rows, NaN where not yet written; rows still to come).
         self._filling: dict[int, tuple[np.ndarray, int]] = {}
         self._threads = threads or min(8, len(os.sched_getaffinity(0)))
-        self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="virnuc-dask-deflate")
+        self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="virnuc-dask-compress")
         self._compressing: deque[tuple[int, Future]] = deque()
 
     def write(self, sequences: np.ndarray, values: np.ndarray, counts: np.ndarray) -> None:
@@ -272,7 +280,7 @@ class ShardResidues:
                 self._filling[number] = (buffer, left)
                 continue
             self._filling.pop(number, None)
-            self._compressing.append((number, self._pool.submit(_deflate, buffer)))
+            self._compressing.append((number, self._pool.submit(_compress, buffer)))
             while len(self._compressing) > 2 * self._threads:
                 self._write_oldest()
 
@@ -289,15 +297,15 @@ class ShardResidues:
         self._data.id.write_direct_chunk((number * RESIDUES_PER_CHUNK, *tail), compressed.result())
 
 
-def _deflate(chunk: np.ndarray) -> bytes:
-    """A chunk's bytes through HDF5's shuffle and deflate filters (:data:`FILTERS`), in order.
+def _compress(chunk: np.ndarray) -> bytes:
+    """A chunk's bytes through HDF5's shuffle and Zstandard filters (:data:`FILTERS`), in order.
 
     The shuffle filter stores the first byte of every element, then every second byte, and so
-    on; HDF5's deflate is a zlib stream (header included) at the level given.
+    on; the Zstandard filter stores one frame with the content size in its header.
     """
     size = chunk.dtype.itemsize
     shuffled = np.ascontiguousarray(chunk.reshape(-1).view(np.uint8).reshape(-1, size).T)
-    return zlib.compress(shuffled.data, FILTERS["compression_opts"])
+    return bytes(Zstd(level=ZSTD_LEVEL).encode(shuffled))
 
 
 def copy_chunks(shard: h5py.File, target: h5py.Dataset, region: int, chunk_rows: int) -> int:

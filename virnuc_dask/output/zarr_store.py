@@ -13,6 +13,7 @@ import re
 import warnings
 from pathlib import Path
 
+import hdf5plugin  # noqa: F401  (registers the Zstandard filter of residue_embedding)
 import numpy as np
 
 from virnuc_dask import ownership
