@@ -240,3 +240,37 @@ def test_gpu_bf16_per_residue_matches_fp32_reference(gpu_models):
             # Rows one residue off would be caught: their worst error is far larger.
             _, shifted = fidelity(np.roll(every[:, layer], 1, axis=0), truth[:, layer])
             assert shifted > 2 * error
+
+
+@pytest.mark.gpu
+def test_gpu_a_50000_residue_protein_in_windows_with_esm2_3b():
+    # The memory case of --long window on one GPU: ESM-2 3B's width and depth (random weights,
+    # drawn on the device), 97 windows spread over packed batches, per-residue rows blended
+    # on the host; the peak stays far below an H200's memory and every row is finite.
+    from virnuc_dask.models import _esm2, _no_initialisation, model_spec
+
+    if torch.cuda.get_device_properties(0).total_memory < 40e9:
+        pytest.skip("needs a GPU with 40 GB for ESM-2 3B")
+    with _no_initialisation():
+        model = _esm2(model_spec("esm2_t36_3B_UR50D"), token_dropout=True)
+    model = model.to("cuda", torch.bfloat16).eval()
+    generator = torch.Generator("cuda").manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.02, generator=generator)
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.fill_(1.0)
+                module.bias.zero_()
+    engine = PackedEngine(model, layers=[36], compile=False)
+    torch.cuda.reset_peak_memory_stats()
+    sequence = random_sequences(1, 50_000, 50_000, seed=50)[0].encode()
+    pooled, rows = collect_residues(engine, [sequence], long="window")
+    peak = torch.cuda.max_memory_allocated()
+    assert rows[0].shape == (50_000, 1, 2560) and np.isfinite(rows[0]).all()
+    assert np.isfinite(pooled).all() and pooled.shape == (1, 1, 2560)
+    np.testing.assert_allclose(
+        pooled[0, 0], rows[0][:, 0].astype(np.float32).mean(0), rtol=1e-2, atol=1e-3
+    )
+    print(f"50,000 residues, 3B: peak GPU memory {peak / 2**30:.1f} GiB")
+    assert peak < 60 * 2**30

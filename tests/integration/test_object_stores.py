@@ -128,6 +128,10 @@ def test_a_run_on_s3_equals_the_local_run(s3, client, inputs, local_run, tmp_pat
     assert secret.encode() not in (tmp_path / "emb.h5").read_bytes()
     with xr.open_zarr(f"{url}/out/emb.zarr", storage_options={"anon": False}) as store:
         assert_equal(store.sequence.values, store.embedding.values, local_run)
+    # Both outputs read in place through their URLs.
+    for output in ("emb.h5", "emb.zarr"):
+        with virnuc_dask.open_embeddings(f"{url}/out/{output}") as ds:
+            assert_equal(ds.sequence.values, ds.embedding.values, local_run)
     assert secret not in caplog.text
     # The work directory and the driver's local folder are gone; nothing else was written.
     assert sorted(s3.find("everything")) == [

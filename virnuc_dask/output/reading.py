@@ -13,18 +13,26 @@ from virnuc_dask.errors import VirnucError
 from virnuc_dask.output.zarr_store import MARKER_WARNING
 
 
-def open_embeddings(path: str | Path, chunks: dict | str | None = None):
+def open_embeddings(
+    path: str | Path,
+    chunks: dict | str | None = None,
+    storage_options: dict | None = None,
+):
     """Open an embedding file (HDF5 or Zarr) as an ``xarray.Dataset``.
 
     Parameters
     ----------
     path
-        An HDF5 file written by :func:`virnuc_dask.embed`, or its ``--zarr`` store.
+        An HDF5 file written by :func:`virnuc_dask.embed`, or its ``--zarr`` store; either
+        may be an fsspec URL (``s3://bucket/out.h5``), read in place.
     chunks
         Dask chunks for the variables (``{"sequence": 100_000}``, ``"auto"``): the values
         become dask arrays, read block by block when computed, for files larger than memory.
         Default: xarray's lazy arrays, read whole on first use (a Zarr store is always
         opened with dask, in its own blocks).
+    storage_options
+        fsspec options for a URL (endpoint, profile, ...), as ``embed`` takes them; the
+        standard places (``AWS_ENDPOINT_URL``, profiles) need none.
 
     Returns
     -------
@@ -39,22 +47,38 @@ def open_embeddings(path: str | Path, chunks: dict | str | None = None):
     """
     import xarray as xr
 
-    path = Path(path)
-    if not path.exists():
-        raise VirnucError(f"no embedding file at {path}")
-    if path.is_dir():
+    from virnuc_dask.storage import Remote, StorageOptions, is_url
+
+    options: dict = {}
+    if is_url(path):
+        remote = Remote(str(path), StorageOptions.of(storage_options))
+        if not remote.exists():
+            raise VirnucError(f"no embedding file at {path}")
+        store = remote.is_dir()
+        # A store is opened by URL (zarr makes its own fsspec store), a file through fsspec:
+        # HDF5 reads it by ranges, and the dataset keeps the file open while it is used.
+        source = str(path) if store else remote.fs.open(remote.path, "rb")
+        options = remote.storage.kwargs()
+    else:
+        source = Path(path)
+        if not source.exists():
+            raise VirnucError(f"no embedding file at {path}")
+        store = source.is_dir()
+    if store:
         with warnings.catch_warnings():
             # Stores of earlier versions, without consolidated metadata, are listed.
             warnings.filterwarnings("ignore", message=MARKER_WARNING)
             given = {} if chunks is None else {"chunks": chunks}
-            dataset = xr.open_zarr(path, drop_variables=list(_STRINGS), **given)
-        strings = _zarr_strings(path)
+            if options:
+                given["storage_options"] = options
+            dataset = xr.open_zarr(source, drop_variables=list(_STRINGS), **given)
+            strings = _zarr_strings(source, options)
     else:
         dataset = xr.open_dataset(
-            path, engine="h5netcdf", drop_variables=list(_STRINGS), chunks=chunks
+            source, engine="h5netcdf", drop_variables=list(_STRINGS), chunks=chunks
         )
-        strings = _hdf5_strings(path)
-    if chunks is not None or path.is_dir():
+        strings = _hdf5_strings(source)
+    if chunks is not None or store:
         # One value per sequence (lengths, flags, read provenance) is small: in memory, so it
         # can label groups (xarray cannot group by a dask array without being told the labels).
         small = [n for n, v in dataset.variables.items() if v.dims == ("sequence",)]
@@ -71,17 +95,15 @@ def open_embeddings(path: str | Path, chunks: dict | str | None = None):
 _STRINGS = ("sequence", "read")
 
 
-def _hdf5_strings(path: Path) -> dict[str, np.ndarray]:
-    with h5py.File(path, "r") as f:
+def _hdf5_strings(source) -> dict[str, np.ndarray]:
+    with h5py.File(source, "r") as f:
         return {name: f[name].asstr()[:] for name in _STRINGS if name in f}
 
 
-def _zarr_strings(path: Path) -> dict[str, np.ndarray]:
+def _zarr_strings(source, options: dict) -> dict[str, np.ndarray]:
     import zarr
 
+    given = {"storage_options": options} if options else {}
+    group = zarr.open_group(str(source), mode="r", **given)
     # zarr returns numpy's variable-width StringDType; xarray and pandas index objects.
-    return {
-        name: zarr.open_array(path, path=name, mode="r")[:].astype(object)
-        for name in _STRINGS
-        if (path / name).is_dir()
-    }
+    return {name: group[name][:].astype(object) for name in _STRINGS if name in group}
