@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers import TINY
+from tests.helpers import TINY, two_worker_cluster
 from virnuc_dask.models import load_model, resolve_weights
 
 
@@ -28,16 +28,5 @@ def tiny_model():
 @pytest.fixture(scope="module")
 def cluster_client():
     """A real ``LocalCluster`` of two worker processes (one thread each) and its client."""
-    from distributed import Client, LocalCluster
-
-    with (
-        LocalCluster(
-            n_workers=2,
-            threads_per_worker=1,
-            processes=True,
-            host="127.0.0.1",
-            dashboard_address=":0",
-        ) as cluster,
-        Client(cluster) as client,
-    ):
+    with two_worker_cluster() as client:
         yield client

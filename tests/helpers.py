@@ -79,13 +79,36 @@ def processes(*commands: list[str], cwd: Path | None = None):
             ))  # fmt: skip
         yield started
     finally:
-        for proc in reversed(started):
-            proc.terminate()
-        for proc in started:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop(started)
+
+
+def stop(started: list[subprocess.Popen]) -> None:
+    """Stop processes, last first: ``SIGTERM``, then a kill for any still running 30 s later."""
+    for proc in reversed(started):
+        proc.terminate()
+    for proc in started:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@contextlib.contextmanager
+def two_worker_cluster():
+    """A real ``LocalCluster`` of two worker processes (one thread each), and its client."""
+    from distributed import Client, LocalCluster
+
+    with (
+        LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=":0",
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        yield client
 
 
 def scheduler_address(scheduler_file: Path, timeout: float = 60) -> str:

@@ -21,10 +21,18 @@ import fsspec
 import numpy as np
 import pytest
 import xarray as xr
-from distributed import Client, LocalCluster
+from distributed import Client
 
 import virnuc_dask
-from tests.helpers import CLI, TINY, random_sequences, scheduler_address, write_fasta
+from tests.helpers import (
+    CLI,
+    TINY,
+    random_sequences,
+    scheduler_address,
+    stop,
+    two_worker_cluster,
+    write_fasta,
+)
 from tests.servers import http_server, s3_server
 from virnuc_dask.errors import VirnucError
 
@@ -41,16 +49,7 @@ def s3():
 @pytest.fixture(scope="module")
 def client(s3):
     """Two worker processes, started once the S3 endpoint is in the environment."""
-    with (
-        LocalCluster(
-            n_workers=2,
-            threads_per_worker=1,
-            processes=True,
-            host="127.0.0.1",
-            dashboard_address=":0",
-        ) as cluster,
-        Client(cluster) as client,
-    ):
+    with two_worker_cluster() as client:
         yield client
 
 
@@ -318,13 +317,7 @@ def _nodes(tmp_path, count: int):
             nodes.append(node)
         yield scheduler_file, nodes
     finally:
-        for proc in reversed(started):
-            proc.terminate()
-        for proc in started:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop(started)
 
 
 @pytest.mark.slow
