@@ -27,10 +27,8 @@ against the shards' values and ids after it is timed. Each figure is the median 
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -43,6 +41,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+from run_info import describe
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -194,23 +193,6 @@ def measure(folder: Path, rows: int, width: int, shards: int, repeats: int, asse
     return result
 
 
-def machine() -> dict:
-    """The machine and package versions, for the results file."""
-    versions = {
-        name: importlib.metadata.version(name)
-        for name in ("numpy", "h5py", "h5netcdf", "xarray", "dask", "zarr")
-    }
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "memory_gb": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9,
-        "python": platform.python_version(),
-        "hdf5": h5py.version.hdf5_version,
-        **versions,
-    }
-
-
 def print_table(rows: list[dict]) -> None:
     print(
         f"\n{'rows x width':>16} {'GB':>5} {'shards':>6} | {'create s':>8} {'all add s':>9} "
@@ -265,7 +247,10 @@ def main() -> None:
     result = {
         "benchmark": "assembly",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": machine(),
+        "machine": {
+            **describe(("numpy", "h5py", "h5netcdf", "xarray", "dask", "zarr")),
+            "hdf5": h5py.version.hdf5_version,
+        },
         "args": {"shards": args.shards, "repeats": repeats, "smoke": args.smoke},
         "staged_commit": STAGED_COMMIT if assemble else None,
         "rows": rows,

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import subprocess
 import sys
@@ -24,6 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+from run_info import describe
 
 RESULTS = Path(__file__).resolve().parent / "results"
 AMINO = np.frombuffer(b"ACDEFGHIKLMNPQRSTVWY", dtype=np.uint8)
@@ -126,17 +125,6 @@ def run_stage(name: str, fasta: Path, folder: Path, lanes: int) -> dict:
     return json.loads(result.stdout.splitlines()[-1])
 
 
-def machine() -> dict:
-    """The machine and versions, for the results file."""
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sequences", type=int, default=1_000_000)
@@ -180,7 +168,7 @@ def main() -> None:
     result = {
         "benchmark": "index_partition",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": machine(),
+        "machine": describe(("numpy",)),
         "args": {"sequences": args.sequences, "lanes": args.lanes, "seed": args.seed},
         "fasta_mb": size_mb,
         "write_seconds": write_seconds,

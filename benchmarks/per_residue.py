@@ -29,10 +29,8 @@ Peptides are random residues, lengths uniform in 50-170 (the ``viral`` workload 
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import os
-import platform
 import subprocess
 import sys
 import threading
@@ -41,6 +39,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+from run_info import describe
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -52,6 +51,8 @@ JOBS = {
     "per-residue+zarr": {"per_residue": True, "zarr": True},
 }
 CHILD = "--child"
+#: The versions recorded with the results.
+PACKAGES = ("virnuc-dask", "torch", "fair-esm", "dask", "distributed", "h5py", "zarr", "xarray")
 TARGET = 0.90
 
 
@@ -173,34 +174,6 @@ def run_child(spec: dict, env: dict) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def machine() -> dict:
-    info = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": sys.version}
-    try:
-        gpus = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        ).stdout.strip()
-        info["gpus"] = gpus.splitlines()
-    except OSError:
-        info["gpus"] = []
-    with open("/proc/meminfo") as f:
-        info["memory_total"] = f.readline().split(":")[1].strip()
-    return info
-
-
-def versions() -> dict:
-    names = ("virnuc-dask", "torch", "fair-esm", "dask", "distributed", "h5py", "zarr", "xarray")
-    found = {}
-    for name in names:
-        try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            found[name] = None  # importable from a source tree, not installed
-    return found
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True)
@@ -272,8 +245,7 @@ def main() -> None:
         json.dumps(
             {
                 "date": datetime.now(UTC).isoformat(timespec="seconds"),
-                "machine": machine(),
-                "versions": versions(),
+                "machine": describe(PACKAGES),
                 "model": model,
                 "sequences": args.sequences,
                 "tokens": tokens,

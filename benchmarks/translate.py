@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -39,6 +38,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+from run_info import describe
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BASES = np.frombuffer(b"ACGT", dtype=np.uint8)
@@ -176,21 +176,6 @@ def run_stage(name: str, path: Path, folder: Path, frames: str = "stop-free") ->
     return json.loads(result.stdout.splitlines()[-1])
 
 
-def machine() -> dict:
-    """The machine and versions, for the results file."""
-    from importlib import metadata
-
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "virnuc_dask": metadata.version("virnuc-dask"),
-        "load_average": list(os.getloadavg()),
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reads", type=int, default=10_000_000)
@@ -209,7 +194,7 @@ def main() -> None:
         print(json.dumps(stage(args.stage, args.path, args.folder, args.frames)))
         return
 
-    started_at = machine()
+    started_at = describe(("virnuc-dask", "numpy"))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         fastq, fasta = tmp / "reads.fastq", tmp / "reads.fasta"
