@@ -200,9 +200,10 @@ def test_gpu_many_batches_and_budgets_agree(gpu_models):
     residues = np.sort([len(s) for s in seqs])[::-1]
     assert len(token_budget_batches(residues + 2, small.tokens_per_batch, padded=False)) >= 50
     by_small = small.embed(seqs)
-    by_auto = PackedEngine(model, layers=[5, 6]).embed(seqs)
-    by_eager = PackedEngine(model, layers=[5, 6], compile=False).embed(seqs)
-    for actual in (by_small, by_auto, by_eager):
+    by_auto = PackedEngine(model, layers=[5, 6]).embed(seqs)  # fused kernels
+    by_compiled = PackedEngine(model, layers=[5, 6], compile=True).embed(seqs)
+    by_eager = PackedEngine(model, layers=[5, 6], compile=False, fused=False).embed(seqs)
+    for actual in (by_small, by_auto, by_compiled, by_eager):
         assert_faithful(actual, expected)
     assert_faithful(by_small, by_auto)
 

@@ -88,9 +88,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: Tokens per worker from which a GPU run compiles its engine (``compile=None``). Compiling
-#: ESM-2 3B costs about 10 s (a few with torch's cache warm) and makes the engine about 25%
-#: faster: it pays back from about 1-3 million tokens per worker; smaller jobs run eager.
+#: Tokens per worker from which a GPU run may compile its engine (``compile=None``), where the
+#: worker lacks Triton for the fused kernels (which match the compiled layer's speed and need
+#: no compile; see :mod:`virnuc_dask.engine.kernels`). Compiling ESM-2 3B costs about 10 s (a
+#: few with torch's cache warm) and makes a plain torch engine about 25% faster: it pays back
+#: from about 1-3 million tokens per worker; smaller jobs run eager.
 COMPILE_MIN_TOKENS = 2_000_000
 #: Seconds between the driver's checks on the scheduler and its workers while a run computes.
 POLL_SECONDS = 2.0
@@ -865,7 +867,10 @@ def prepare(
     if config.compile is None:
         done = {s.chunk for s in reused}
         todo = sum(c.tokens for c in parts.chunks if c.number not in done)
-        config = dataclasses.replace(config, compile=on_gpu and todo >= COMPILE_MIN_TOKENS * lanes)
+        if not (on_gpu and todo >= COMPILE_MIN_TOKENS * lanes):
+            # Small: never compile. Large: None, and each worker's engine decides (it compiles
+            # only without Triton; the driver does not import torch to know).
+            config = dataclasses.replace(config, compile=False)
     return EmbeddingJob(
         config,
         paths.output,

@@ -307,14 +307,17 @@ def setup_stats() -> dict:
 
 
 def _use_compile_cache() -> None:
-    """Keep torch's compile caches in the per-user cache folder, so a new process reuses them.
+    """Keep torch's and Triton's compile caches in the per-user cache folder.
 
-    torch's default is a folder under the system's temporary directory, which many machines
-    clear at boot; an explicit ``TORCHINDUCTOR_CACHE_DIR`` is left as it is.
+    So a new process reuses the kernels an earlier one compiled. torch's default is a folder
+    under the system's temporary directory, which many machines clear at boot; Triton's is in
+    the home folder. An explicit ``TORCHINDUCTOR_CACHE_DIR`` or ``TRITON_CACHE_DIR`` is left
+    as it is.
     """
     from virnuc_dask.models import digest_cache_dir
 
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(digest_cache_dir() / "torchinductor"))
+    os.environ.setdefault("TRITON_CACHE_DIR", str(digest_cache_dir() / "triton"))
     os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
     os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
 

@@ -51,6 +51,8 @@ from virnuc_dask.windows import Blender, Segments, plan_segments
 # torch >= 2.10 has varlen flash attention; without it the GPU path is unavailable and the
 # CPU fallback still works. Found, not imported: see _prepare_compiled_kernels.
 HAS_VARLEN = importlib.util.find_spec("torch.nn.attention.varlen") is not None
+#: Whether Triton is installed, for the fused eager layer (:mod:`virnuc_dask.engine.kernels`).
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 # torch's varlen_attn custom op, set when an engine first compiles (see below).
 _varlen_attn = None
 _compiled_kernels_ready = False
@@ -257,6 +259,35 @@ def packed_layer(
     return x + layer.fc2(F.gelu(layer.fc1(layer.final_layer_norm(x))))
 
 
+def fused_layer(
+    x: torch.Tensor,
+    layer: torch.nn.Module,
+    qkv_weight: torch.Tensor,
+    qkv_bias: torch.Tensor,
+    rotary: tuple[torch.Tensor, torch.Tensor],
+    cu_seqlens: torch.Tensor,
+    max_len: int,
+) -> torch.Tensor:
+    """:func:`packed_layer` with its memory-bound steps in two Triton kernels (CUDA only).
+
+    The rotation of q and k and the residual addition before the feed-forward's layer norm
+    run as :func:`~virnuc_dask.engine.kernels.rotary_qk` and
+    :func:`~virnuc_dask.engine.kernels.add_layer_norm`; the rest is the same torch code.
+    ``rotary`` is the engine's fp32 table and the tokens' positions, not a gathered table.
+    """
+    from virnuc_dask.engine.kernels import add_layer_norm, rotary_qk
+
+    tokens, dim = x.shape
+    heads = layer.attention_heads
+    qkv = F.linear(layer.self_attn_layer_norm(x), qkv_weight, qkv_bias)
+    table, positions = rotary
+    q, k = rotary_qk(qkv, table, positions, heads)
+    v = qkv.view(tokens, 3, heads, dim // heads)[:, 2]
+    attention = attend(q, k, v, cu_seqlens, max_len).reshape(tokens, dim)
+    x, normed = add_layer_norm(x, layer.self_attn.out_proj(attention), layer.final_layer_norm)
+    return x + layer.fc2(F.gelu(layer.fc1(normed)))
+
+
 def fuse_qkv(attention: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """Give a fair-esm attention module's q, k and v projections one storage; return it.
 
@@ -390,13 +421,18 @@ class PackedEngine:
         ``torch.float32`` runs too (attention then loops over sequences), for tests.
     compile
         Compile the layer function with ``torch.compile`` (dynamic token counts). ``None``: on
-        for CUDA, off for the CPU. Compiling and warming up happen in the constructor and take
-        :attr:`compile_seconds`.
+        for CUDA when the fused kernels are off (no Triton), off for the CPU. Compiling and
+        warming up happen in the constructor and take :attr:`compile_seconds`.
+    fused
+        When not compiled, run the layer's rotary and residual-plus-norm steps in Triton
+        kernels (:func:`fused_layer`). ``None``: on for CUDA when Triton is installed.
 
     Attributes
     ----------
     compiled
         Whether the layer function is compiled.
+    fused
+        Whether the layer runs :func:`fused_layer` (Triton kernels, not compiled).
     compile_seconds
         Seconds spent compiling and warming up in the constructor (0 when nothing was done).
     oom_splits
@@ -412,6 +448,7 @@ class PackedEngine:
         tokens_per_batch: int | None = None,
         dtype: torch.dtype = torch.bfloat16,
         compile: bool | None = None,
+        fused: bool | None = None,
     ) -> None:
         self.layers = list(layers)
         if not self.layers or not all(0 <= n <= model.num_layers for n in self.layers):
@@ -435,9 +472,18 @@ class PackedEngine:
             self._upload = torch.cuda.Stream(self.device)
             self._download = torch.cuda.Stream(self.device)
         self.compiled = False
-        self._layer = packed_layer
+        if fused is None:
+            fused = self._cuda and HAS_TRITON
+        if fused and not (self._cuda and HAS_TRITON):
+            raise RuntimeError("fused kernels need CUDA and Triton")
+        self.fused = bool(fused)
+        self._layer = fused_layer if self.fused else packed_layer
         self.compile_seconds = 0.0
-        if self._cuda if compile is None else compile:
+        if compile is None:
+            # The fused kernels run as fast as the compiled layer (benchmarks/layer_paths.py)
+            # and start in a second, not after importing torch's compiler stack.
+            compile = self._cuda and not self.fused
+        if compile:
             self.enable_compile()
         elif self._cuda:
             self.compile_seconds = self._warm_up(full=False)
@@ -455,6 +501,7 @@ class PackedEngine:
         _prepare_compiled_kernels()
         self._layer = torch.compile(packed_layer, dynamic=True, options=options)
         self.compiled = True
+        self.fused = False  # the compiler fuses the torch code itself
         seconds = self._warm_up()
         self.compile_seconds += seconds
         return seconds
@@ -618,7 +665,9 @@ class PackedEngine:
         x = model.embed_tokens(t["tokens"])
         if model.token_dropout:
             x = x * TOKEN_DROPOUT_SCALE
-        rotary = self._rotary[:, t["positions"]]
+        # The fused layer reads the table by position; the others take it gathered per token.
+        table = self._rotary
+        rotary = (table, t["positions"]) if self.fused else table[:, t["positions"]]
         pooled: dict[int, torch.Tensor] = {}
         rows: dict[int, torch.Tensor] = {}
 
