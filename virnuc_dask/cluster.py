@@ -137,13 +137,38 @@ def connect(
             yield client, ClusterInfo(count, 0, None, client.dashboard_link)
         return
     plan = local_plan(workers)
+    cluster = start_local_cluster(
+        plan,
+        host=host,
+        dashboard_port=dashboard_port,
+        local_directory=local_directory,
+        engine=engine,
+    )
+    with attach(cluster, plan) as started:
+        yield started
+
+
+def start_local_cluster(
+    plan,
+    *,
+    host: str = "127.0.0.1",
+    dashboard_port: int = 8787,
+    local_directory: str | os.PathLike | None = None,
+    engine: EngineSettings | None = None,
+):
+    """Start the local cluster of ``plan`` (a :class:`ClusterInfo` from :func:`local_plan`).
+
+    Returns the started ``LocalCUDACluster`` (GPUs) or ``LocalCluster``, its workers running
+    and loading ``engine``'s model; :func:`attach` connects to it. Safe to call from a thread
+    other than the one that attaches (nothing here is bound to the calling context).
+    """
     dashboard = f"{host}:{dashboard_port}"
     preload = _preload(engine)
     if plan.gpus:
         from dask_cuda import LocalCUDACluster
 
         devices = visible_devices(os.environ.get("CUDA_VISIBLE_DEVICES"), physical_gpus())
-        cluster = LocalCUDACluster(
+        return LocalCUDACluster(
             n_workers=plan.workers,
             CUDA_VISIBLE_DEVICES=devices[: plan.workers],
             host=host,
@@ -151,18 +176,24 @@ def connect(
             local_directory=local_directory,
             **preload,
         )
-    else:
-        cluster = LocalCluster(
-            n_workers=plan.workers,
-            threads_per_worker=1,
-            processes=True,
-            host=host,
-            dashboard_address=dashboard,
-            local_directory=local_directory,
-            **preload,
-        )
-    # The client closes before the cluster (inner context first), so it never tries to
-    # reconnect to a scheduler that is already gone.
+    return LocalCluster(
+        n_workers=plan.workers,
+        threads_per_worker=1,
+        processes=True,
+        host=host,
+        dashboard_address=dashboard,
+        local_directory=local_directory,
+        **preload,
+    )
+
+
+@contextlib.contextmanager
+def attach(cluster, plan) -> Iterator[tuple[Client, ClusterInfo]]:
+    """Yield a client of a started local cluster and its :class:`ClusterInfo`; close both.
+
+    The client closes before the cluster (inner context first), so it never tries to
+    reconnect to a scheduler that is already gone.
+    """
     with cluster, Client(cluster) as client:
         client.register_plugin(QuickExit())
         yield (

@@ -174,18 +174,7 @@ class EmbeddingJob:
     @property
     def engine_settings(self) -> EngineSettings:
         """What each worker's :class:`~virnuc_dask.worker.ModelPlugin` loads."""
-        from virnuc_dask.worker import EngineSettings
-
-        c = self.config
-        return EngineSettings(
-            weights=self.weights,
-            dtype=c.dtype,
-            layers=tuple(c.layer_list()),
-            max_residues=c.max_residues,
-            tokens_per_batch=c.tokens_per_batch,
-            compile=c.compile,
-            torch_threads=self.torch_threads,
-        )
+        return _engine_settings(self.config, self.weights, self.torch_threads)
 
     @property
     def todo(self) -> list[Chunk]:
@@ -472,6 +461,96 @@ class EmbeddingJob:
 
 #: The kind of the driver's own local folder, when the work directory is a URL.
 LOCAL_FOLDER = "driver folder"
+
+
+def _engine_settings(
+    config: EmbedConfig, weights: WeightsSource, torch_threads: int | None
+) -> EngineSettings:
+    from virnuc_dask.worker import EngineSettings
+
+    return EngineSettings(
+        weights=weights,
+        dtype=config.dtype,
+        layers=tuple(config.layer_list()),
+        max_residues=config.max_residues,
+        tokens_per_batch=config.tokens_per_batch,
+        compile=config.compile,
+        torch_threads=torch_threads,
+    )
+
+
+class EarlyCluster:
+    """A local cluster started in a thread while the driver indexes, for :func:`embed`.
+
+    :func:`prepare` calls :meth:`start` once the work directory is locked and the model's
+    weights are checked (so usage errors still answer before any worker starts), and
+    :meth:`close` if indexing fails, before it removes the work directory that holds the
+    workers' scratch space. The workers start loading the model as they start (their
+    preload), so a long index hides the cluster's start and the model's load. The thread
+    only starts the cluster; the client is made in the driver's thread (:meth:`result`),
+    whose context it becomes the current client of.
+
+    Parameters
+    ----------
+    plan
+        The local cluster's plan (:func:`~virnuc_dask.hardware.local_plan`).
+    """
+
+    def __init__(self, plan) -> None:
+        self.plan = plan
+        self.stack = contextlib.ExitStack()
+        self.thread = None
+        self.cluster = None
+        self.error: Exception | None = None
+        self.seconds = 0.0
+        self.waited = 0.0
+
+    def start(self, engine: EngineSettings, local: Path) -> None:
+        """Start the cluster (scratch space in ``local``) in a background thread."""
+        import threading
+
+        self.thread = threading.Thread(
+            target=self._start, args=(engine, local), name="virnuc-dask-cluster-start"
+        )
+        self.thread.start()
+
+    def _start(self, engine: EngineSettings, local: Path) -> None:
+        from virnuc_dask.cluster import start_local_cluster
+
+        clock = time.perf_counter()
+        scratch = local / "dask-scratch"
+        try:
+            self.stack.enter_context(dask.config.set({"temporary-directory": str(scratch)}))
+            self.cluster = start_local_cluster(self.plan, local_directory=scratch, engine=engine)
+            self.stack.callback(self.cluster.close)  # if never attached (closing is idempotent)
+        except Exception as error:  # raised again by result(), in the driver's thread
+            self.error = error
+        self.seconds = time.perf_counter() - clock
+
+    def result(self) -> tuple:
+        """Wait for the start; return ``(client, info)`` or raise why it failed."""
+        from virnuc_dask.cluster import attach
+
+        clock = time.perf_counter()
+        if self.thread is not None:
+            self.thread.join()
+        if self.error is not None:
+            raise _cluster_failed(self.error) from self.error
+        if self.cluster is None:
+            raise RuntimeError("the cluster was never started")
+        try:
+            started = self.stack.enter_context(attach(self.cluster, self.plan))
+        except Exception as error:
+            raise _cluster_failed(error) from error
+        self.waited = time.perf_counter() - clock
+        return started
+
+    def close(self) -> None:
+        """Wait for a start under way, then close what it started."""
+        if self.thread is not None:
+            self.thread.join()
+        self.stack.close()
+
 
 #: Packages whose versions every output file records.
 _VERSIONED = ("torch", "fair-esm", "dask", "distributed", "h5py", "xarray")
@@ -766,6 +845,7 @@ def prepare(
     torch_threads: int | None = None,
     on_gpu: bool | None = None,
     storage_options: dict | str | StorageOptions | None = None,
+    early: EarlyCluster | None = None,
     **settings,
 ) -> EmbeddingJob:
     """Validate, index and partition on the driver; return the job, nothing computed yet.
@@ -803,6 +883,9 @@ def prepare(
         fsspec options for the URLs (credentials, ``endpoint_url``, ...): a dict, a JSON
         text or ``@FILE``; they reach the workers with the run's settings and are never
         logged or written into the work directory or the output.
+    early
+        A local cluster to start once the checks have passed, while the inputs are indexed
+        (:func:`embed` passes one); closed here if indexing fails.
     **settings
         Any field of :class:`~virnuc_dask.config.EmbedConfig`.
     """
@@ -839,6 +922,11 @@ def prepare(
             local_dir = Path(tempfile.gettempdir()) / f"virnuc-dask-{token}"
             ownership.claim(local_dir, LOCAL_FOLDER)
         local = local_dir if local_dir is not None else work
+        if early is not None:
+            # Built eager: whether this run compiles is known after indexing (the plugin
+            # compiles it then, where the fused kernels are missing).
+            settings = _engine_settings(config, weights, torch_threads)
+            early.start(dataclasses.replace(settings, compile=config.compile or False), local)
         index, reads = index_inputs(inputs, local / "staging", config, storage)
         fingerprint = workdir.fingerprint(index, weights, config)
         parts = workdir.saved_or_new_partition(work, saved, fingerprint, index, lanes, config)
@@ -850,6 +938,8 @@ def prepare(
         reused = workdir.finished_shards(work, parts, fingerprint) if saved is not None else []
     except BaseException:
         try:
+            if early is not None:
+                early.close()  # its workers keep their scratch space in the work directory
             if saved is None:
                 workdir.remove(work)
         finally:
@@ -992,38 +1082,33 @@ def embed(
             job = prepare(inputs, output, client=client, **options, **settings)
             job.phases = {"cluster_start": connected, **job.phases}
             return job.run(client, progress=progress)
-    # A local cluster: index and validate first, so bad input fails before any worker starts.
+    # A local cluster: check settings, paths and weights first, so usage errors answer before
+    # any worker starts; then start the cluster while the inputs are indexed. The workers
+    # keep their scratch space in the work directory, so the run writes nothing outside it
+    # and the output; it goes once the cluster has closed.
     plan = local_plan(settings.get("workers") or dask.config.get("virnuc-dask.workers"))
+    cluster = EarlyCluster(plan)
+    # Small inputs are indexed first: a malformed record then answers at once, with no
+    # cluster to start and close.
+    early = _input_bytes(inputs) >= EARLY_START_BYTES
     job = prepare(
         inputs,
         output,
         lanes=plan.workers,
         torch_threads=plan.torch_threads,
         on_gpu=plan.gpus > 0,
+        early=cluster if early else None,
         **options,
         **settings,
     )
-    # The local workers keep their scratch space in the work directory, so the run writes
-    # nothing outside it and the output; it goes once the cluster has closed.
-    from virnuc_dask.cluster import connect
-
-    scratch = job.local / "dask-scratch"
     path = None
     try:
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(dask.config.set({"temporary-directory": str(scratch)}))
-            clock = time.perf_counter()
-            try:
-                client, info = stack.enter_context(
-                    connect(
-                        workers=plan.workers,
-                        local_directory=scratch,
-                        engine=job.engine_settings,
-                    )
-                )
-            except Exception as error:
-                raise _cluster_failed(error) from error
-            job.phases["cluster_start"] = time.perf_counter() - clock
+        if not early:
+            cluster.start(job.engine_settings, job.local)
+        with cluster.stack:
+            client, info = cluster.result()
+            # What the driver waited for after indexing (all of the start, for small inputs).
+            job.phases["cluster_start"] = cluster.waited
             path = job.run(client, progress=progress, cleanup=False)
             clock = time.perf_counter()
         _closed(job, time.perf_counter() - clock)
@@ -1034,6 +1119,21 @@ def embed(
     finally:
         job.finish(success=path is not None)
     return path
+
+
+#: Inputs of at least this many bytes are indexed while the local cluster starts.
+EARLY_START_BYTES = 4 * 2**20
+
+
+def _input_bytes(inputs: list) -> float:
+    """Bytes of the local input files; infinite when one is a URL or standard input."""
+    total = 0
+    for item in inputs:
+        if is_url(str(item)) or str(item) == "-":
+            return float("inf")
+        with contextlib.suppress(OSError):  # prepare() names a missing file
+            total += os.path.getsize(item)
+    return total
 
 
 def _log_load_detail(stats: dict[str, dict]) -> None:

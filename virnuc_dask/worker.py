@@ -174,7 +174,7 @@ class ModelPlugin(WorkerPlugin):
                     detail=engine.load_detail,
                     early=engine.built_early,
                 )
-            elif self.settings.compile and not getattr(engine, "compiled", True):
+            elif _should_compile(self.settings.compile, engine):
                 _SETUP.update(
                     load_seconds=0.0,
                     compile_seconds=engine.enable_compile(),
@@ -231,6 +231,17 @@ class ModelPlugin(WorkerPlugin):
         detail["engine"] = max(detail["engine"] - engine.compile_seconds, 0.0)
         engine.load_detail = detail
         return engine
+
+
+def _should_compile(wanted: bool | None, engine) -> bool:
+    """Whether a run asking ``wanted`` compiles the worker's built engine now.
+
+    ``None`` (a large run) leaves it to the engine's default: a GPU engine without the fused
+    kernels compiles. The reference engine never compiles.
+    """
+    if getattr(engine, "compiled", True):
+        return False
+    return engine.compiles_by_default if wanted is None else wanted
 
 
 def _read_ahead(weights) -> None:

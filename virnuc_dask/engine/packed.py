@@ -480,13 +480,20 @@ class PackedEngine:
         self._layer = fused_layer if self.fused else packed_layer
         self.compile_seconds = 0.0
         if compile is None:
-            # The fused kernels run as fast as the compiled layer (benchmarks/layer_paths.py)
-            # and start in a second, not after importing torch's compiler stack.
-            compile = self._cuda and not self.fused
+            compile = self.compiles_by_default
         if compile:
             self.enable_compile()
         elif self._cuda:
             self.compile_seconds = self._warm_up(full=False)
+
+    @property
+    def compiles_by_default(self) -> bool:
+        """Whether ``compile=None`` compiles this engine: on CUDA, only without fused kernels.
+
+        The fused kernels run as fast as the compiled layer (``benchmarks/layer_paths.py``)
+        and start in a second, where compiling first imports torch's compiler stack.
+        """
+        return self._cuda and not self.fused and not self.compiled
 
     def enable_compile(self) -> float:
         """Compile the layer function (if it is not yet) and warm it up; return the seconds.
