@@ -30,7 +30,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    @triton.jit
+    # Token counts change with every batch: not specialised on, so no batch compiles again.
+    @triton.jit(do_not_specialize=["rows"])
     def _rotary_kernel(
         qkv,
         table,
