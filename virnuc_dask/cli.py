@@ -163,7 +163,8 @@ def main() -> None:
 @click.option(
     "--compile/--no-compile",
     default=None,
-    help="torch.compile the GPU engine (default: on with CUDA).",
+    help="torch.compile the GPU engine's layer (default: only for large jobs on workers "
+    "without Triton; with Triton, fused kernels run as fast and need no compile).",
 )
 @click.option(
     "--quiet",

@@ -66,7 +66,9 @@ class EmbedConfig:
     duplicate_ids
         ``error`` or ``suffix`` (keep both, renaming later ones ``ID.2``, ...).
     compile
-        ``torch.compile`` the GPU engine's layer; default: on for CUDA.
+        ``torch.compile`` the GPU engine's layer. Default: not for small jobs; for large ones
+        each GPU worker decides, compiling only without Triton (with it, the fused kernels of
+        :mod:`virnuc_dask.engine.kernels` run as fast and start in a second).
     retries
         Times a failing chunk is retried before the run stops.
     chunk_time_limit
