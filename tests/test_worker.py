@@ -102,3 +102,25 @@ def test_shards_carry_layers_and_fingerprint(job):
     with h5py.File(info.path) as f:
         assert f.attrs["fingerprint"] == job.fingerprint
         assert list(np.asarray(f.attrs["layers"])) == [2]
+
+
+def test_which_runs_compile_a_built_engine():
+    # A large run leaves `compile` unset and the engine decides: a CPU engine never compiles
+    # (nor a GPU engine with the fused kernels); an explicit True compiles, False never.
+    import torch
+
+    from virnuc_dask.engine.packed import PackedEngine
+    from virnuc_dask.engine.reference import ReferenceEngine
+
+    # A private model: the engine fuses its q/k/v storage.
+    tiny_model = models.load_model(models.resolve_weights(TINY, random_weights=True, seed=0))
+    engine = PackedEngine(tiny_model, layers=[2], dtype=torch.float32)
+    assert not engine.fused and not engine.compiled and not engine.compiles_by_default
+    assert worker._should_compile(None, engine) is False
+    assert worker._should_compile(False, engine) is False
+    assert worker._should_compile(True, engine) is True
+    engine.compiled = True  # a compiled engine serves every run as it is
+    assert worker._should_compile(True, engine) is False
+    assert worker._should_compile(True, ReferenceEngine(tiny_model, layers=[2])) is False
+    with pytest.raises(RuntimeError, match="CUDA and Triton"):
+        PackedEngine(tiny_model, layers=[2], dtype=torch.float32, fused=True)
