@@ -35,11 +35,15 @@ def assert_same_roundings(ours: torch.Tensor, expected: torch.Tensor) -> None:
     assert (ours == expected).float().mean() > 0.99
 
 
-def test_rotary_qk_equals_the_eager_rotation():
+@pytest.mark.parametrize(
+    ("heads", "head_dim"),
+    [(40, 64), (20, 24), (4, 16)],  # 3B and 650M; 35M (24 features a head); the tiny model
+)
+def test_rotary_qk_equals_the_eager_rotation(heads, head_dim):
     from virnuc_dask.engine.kernels import rotary_qk
 
     torch.manual_seed(0)
-    tokens, heads, head_dim = 3001, 40, 64
+    tokens = 3001
     qkv = torch.randn(tokens, 3 * heads * head_dim, device="cuda").bfloat16()
     positions = torch.randint(0, 1024, (tokens,), device="cuda", dtype=torch.int32)
     table = rotary_tables(head_dim, 1024, torch.device("cuda"))
@@ -112,3 +116,21 @@ def test_fused_engine_matches_fp32_reference_and_the_torch_path():
     assert_faithful(by_fused, torch_path.embed(seqs))
     with pytest.raises(AssertionError):
         assert_faithful(by_fused[::-1], expected)
+
+
+def test_an_engine_whose_fused_kernels_fail_runs_plain_torch(monkeypatch, caplog):
+    # Triton needs a C compiler for its launcher: where building the kernels fails, the
+    # engine logs it and runs the plain torch layer, with the same results.
+    from virnuc_dask.engine import kernels
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Failed to find C compiler. Please specify via CC environment")
+
+    source = resolve_weights(GPU_MODEL, random_weights=True, seed=5)
+    seqs = lengths_sample(seed=13)
+    expected = ReferenceEngine(load_model(source).cuda(), layers=[6]).embed(seqs)
+    monkeypatch.setattr(kernels, "rotary_qk", broken)
+    engine = PackedEngine(load_model(source).cuda(), layers=[6], compile=False)
+    assert not engine.fused
+    assert "could not run here (RuntimeError: Failed to find C compiler" in caplog.text
+    assert_faithful(engine.embed(seqs), expected)

@@ -43,17 +43,19 @@ if HAS_TRITON:
         HEADS: tl.constexpr,
         HEAD_DIM: tl.constexpr,
         BLOCK_ROWS: tl.constexpr,
+        BLOCK_HALF: tl.constexpr,
     ):
         # One row is one (token, head) pair; columns are the first half of the head's
-        # features, each paired with the same column of the second half.
+        # features, each paired with the same column of the second half. BLOCK_HALF is the
+        # half rounded up to a power of two (ESM-2 35M's heads have 24 features).
         half: tl.constexpr = HEAD_DIM // 2
         dim: tl.constexpr = HEADS * HEAD_DIM
         row = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         inside = row < rows
         token = (row // HEADS).to(tl.int64)
         head = row % HEADS
-        col = tl.arange(0, half)
-        mask = inside[:, None]
+        col = tl.arange(0, BLOCK_HALF)
+        mask = inside[:, None] & (col < half)[None, :]
         position = tl.load(positions + token, mask=inside, other=0).to(tl.int64)
         angle = position[:, None] * HEAD_DIM + col[None, :]
         cos = tl.load(table + angle, mask=mask, other=0.0)
@@ -142,6 +144,7 @@ def rotary_qk(
             HEADS=heads,
             HEAD_DIM=head_dim,
             BLOCK_ROWS=ROTARY_ROWS,
+            BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
         )
     return q, k
 

@@ -484,7 +484,7 @@ class PackedEngine:
         if compile:
             self.enable_compile()
         elif self._cuda:
-            self.compile_seconds = self._warm_up(full=False)
+            self.compile_seconds = self._first_warm_up()
 
     @property
     def compiles_by_default(self) -> bool:
@@ -566,6 +566,28 @@ class PackedEngine:
             return CPU_TOKENS_PER_BATCH
         free, _ = torch.cuda.mem_get_info(self.device)
         return auto_token_budget(free, self.model.embed_dim, self.dtype.itemsize)
+
+    def _first_warm_up(self) -> float:
+        """Warm an eager engine up; if the fused kernels fail to build, use plain torch.
+
+        Triton compiles its kernels (and a small C launcher, which needs a C compiler) the
+        first time they run. Where that fails, the engine still works, about 25% slower:
+        the failure is logged, not raised.
+        """
+        try:
+            return self._warm_up(full=False)
+        except Exception as error:
+            if not self.fused:
+                raise
+            logger.warning(
+                "the fused GPU kernels could not run here (%s: %s); the layer runs in plain "
+                "torch instead, about 25%% slower",
+                type(error).__name__,
+                str(error).splitlines()[0] if str(error) else "",
+            )
+            self.fused = False
+            self._layer = packed_layer
+            return self._warm_up(full=False)
 
     def _warm_up(self, full: bool = True) -> float:
         """Compile on a full batch, then run a small one, so that no later batch compiles.
