@@ -34,7 +34,7 @@ def child(path: str, model: str, work: Path, viral: int, proteome: int) -> dict:
     started = time.perf_counter()
     import numpy as np
     import torch
-    from compile_start import random_model, workload
+    from compile_start import random_model, steady, workload
 
     from virnuc_dask.engine.packed import PackedEngine
 
@@ -60,13 +60,7 @@ def child(path: str, model: str, work: Path, viral: int, proteome: int) -> dict:
         "proteome": [letters[rng.integers(0, 20, n)].tobytes() for n in lengths],
     }
     for name, sequences in sets.items():
-        engine.embed(sequences[:500])
-        torch.cuda.synchronize()
-        clock = time.perf_counter()
-        engine.embed(sequences)
-        torch.cuda.synchronize()
-        tokens = sum(len(s) + 2 for s in sequences)
-        row[f"{name}_tok_s"] = tokens / (time.perf_counter() - clock)
+        row[f"{name}_tok_s"] = steady(engine, sequences, warm_up=500)
     np.save(work / f"{path}.npy", engine.embed(sets["viral"][:500]))
     row["process_s"] = time.perf_counter() - started
     return row
