@@ -131,6 +131,6 @@ def test_an_engine_whose_fused_kernels_fail_runs_plain_torch(monkeypatch, caplog
     expected = ReferenceEngine(load_model(source).cuda(), layers=[6]).embed(seqs)
     monkeypatch.setattr(kernels, "rotary_qk", broken)
     engine = PackedEngine(load_model(source).cuda(), layers=[6], compile=False)
-    assert not engine.fused
+    assert not engine.fused and not engine.compiles_by_default  # no compile either
     assert "could not run here (RuntimeError: Failed to find C compiler" in caplog.text
     assert_faithful(engine.embed(seqs), expected)

@@ -43,6 +43,7 @@ import os
 import re
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -487,8 +488,8 @@ class EarlyCluster:
     :meth:`close` if indexing fails, before it removes the work directory that holds the
     workers' scratch space. The workers start loading the model as they start (their
     preload), so a long index hides the cluster's start and the model's load. The thread
-    only starts the cluster; the client is made in the driver's thread (:meth:`result`),
-    whose context it becomes the current client of.
+    only starts the cluster; the client is made in the driver's thread (:meth:`result`), since
+    a Dask client belongs to the context that made it.
 
     Parameters
     ----------
@@ -507,8 +508,6 @@ class EarlyCluster:
 
     def start(self, engine: EngineSettings, local: Path) -> None:
         """Start the cluster (scratch space in ``local``) in a background thread."""
-        import threading
-
         self.thread = threading.Thread(
             target=self._start, args=(engine, local), name="virnuc-dask-cluster-start"
         )
@@ -543,6 +542,11 @@ class EarlyCluster:
         except Exception as error:
             raise _cluster_failed(error) from error
         self.waited = time.perf_counter() - clock
+        logger.debug(
+            "local cluster started in %.1f s, the driver waited %.1f s for it",
+            self.seconds,
+            self.waited,
+        )
         return started
 
     def close(self) -> None:

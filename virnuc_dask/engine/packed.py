@@ -477,6 +477,7 @@ class PackedEngine:
         if fused and not (self._cuda and HAS_TRITON):
             raise RuntimeError("fused kernels need CUDA and Triton")
         self.fused = bool(fused)
+        self._kernels_failed = False
         self._layer = fused_layer if self.fused else packed_layer
         self.compile_seconds = 0.0
         if compile is None:
@@ -493,7 +494,8 @@ class PackedEngine:
         The fused kernels run as fast as the compiled layer (``benchmarks/layer_paths.py``)
         and start in a second, where compiling first imports torch's compiler stack.
         """
-        return self._cuda and not self.fused and not self.compiled
+        # Where the fused kernels failed to build, compiling (Triton again) would fail too.
+        return self._cuda and not self.fused and not self.compiled and not self._kernels_failed
 
     def enable_compile(self) -> float:
         """Compile the layer function (if it is not yet) and warm it up; return the seconds.
@@ -586,6 +588,7 @@ class PackedEngine:
                 str(error).splitlines()[0] if str(error) else "",
             )
             self.fused = False
+            self._kernels_failed = True
             self._layer = packed_layer
             return self._warm_up(full=False)
 
