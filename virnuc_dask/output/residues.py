@@ -49,7 +49,6 @@ from pathlib import Path
 import h5py
 import hdf5plugin
 import numpy as np
-from numcodecs import Zstd
 
 #: Rows of one storage chunk of ``residue_embedding`` (HDF5 and Zarr), and the alignment of
 #: each chunk's region: 1,024 rows of ESM-2 3B in float16 are 5 MB.
@@ -303,6 +302,8 @@ def _compress(chunk: np.ndarray) -> bytes:
     The shuffle filter stores the first byte of every element, then every second byte, and so
     on; the Zstandard filter stores one frame with the content size in its header.
     """
+    from numcodecs import Zstd  # here, not at import: the command line's errors stay quick
+
     size = chunk.dtype.itemsize
     shuffled = np.ascontiguousarray(chunk.reshape(-1).view(np.uint8).reshape(-1, size).T)
     return bytes(Zstd(level=ZSTD_LEVEL).encode(shuffled))
