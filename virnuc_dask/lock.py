@@ -153,6 +153,27 @@ class RunLock:
             "remove the lock file if that run is gone"
         )
 
+    def renew(self) -> bool:
+        """Renew the lease once; say whether the lock is still this run's.
+
+        The background thread calls it every :data:`RENEW_SECONDS`; a run whose lock another
+        run took over logs it and renews no more.
+        """
+        holder = _read(self.path)
+        if holder is None or holder.get("run") != self.token:
+            self._lost(holder)
+            return False
+        self.path.write_text(json.dumps(self._owner()))
+        return True
+
+    def _lost(self, holder: dict | None) -> None:
+        logger.error(
+            "%s: the lock %s is no longer this run's (%s); its chunks write nothing more",
+            self.what,
+            self.path,
+            holder,
+        )
+
     def _renew_in_background(self) -> None:
         """Renew the lease every :data:`RENEW_SECONDS` until :meth:`release`."""
         stop = self._renewing = threading.Event()
@@ -160,17 +181,8 @@ class RunLock:
         def renew() -> None:
             while not stop.wait(RENEW_SECONDS):
                 try:
-                    holder = _read(self.path)
-                    if holder is None or holder.get("run") != self.token:
-                        logger.error(
-                            "%s: the lock %s is no longer this run's (%s); its chunks write "
-                            "nothing more",
-                            self.what,
-                            self.path,
-                            holder,
-                        )
+                    if not self.renew():
                         return
-                    self.path.write_text(json.dumps(self._owner()))
                 except Exception as error:  # noqa: BLE001 (a network hiccup: try again)
                     logger.warning("could not renew the lock %s: %s", self.path, error)
 
