@@ -38,9 +38,10 @@ def s3_server() -> Iterator[str]:
 
     The credentials and ``AWS_ENDPOINT_URL`` are set in this process's environment for the
     duration, so that the driver, and worker processes started meanwhile, find the server
-    where botocore looks.
+    where botocore looks; s3fs's cached filesystems are dropped at the start and the end.
     """
     from moto.server import ThreadedMotoServer
+    from s3fs import S3FileSystem
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
     port = free_port()
@@ -49,9 +50,13 @@ def s3_server() -> Iterator[str]:
     endpoint = f"http://127.0.0.1:{port}"
     saved = {name: os.environ.get(name) for name in [*CREDENTIALS, "AWS_ENDPOINT_URL"]}
     os.environ.update(CREDENTIALS, AWS_ENDPOINT_URL=endpoint)
+    # s3fs keeps one filesystem per set of options: one made for an earlier server (another
+    # test module's) would still talk to that server's port.
+    S3FileSystem.clear_instance_cache()
     try:
         yield endpoint
     finally:
+        S3FileSystem.clear_instance_cache()
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)

@@ -1,11 +1,14 @@
-"""The storage layer: what is a URL, and storage options that never show a credential."""
+"""The storage layer: what is a URL, storage options that never show a credential, and
+compare-and-swap on an object's version (against moto's S3 server on 127.0.0.1)."""
 
 from __future__ import annotations
 
+import fsspec
 import pytest
 
+from tests.servers import s3_server
 from virnuc_dask.errors import VirnucError
-from virnuc_dask.storage import StorageOptions, is_url, local_path
+from virnuc_dask.storage import Remote, StorageOptions, VersionChanged, is_url, local_path
 
 
 def test_what_is_a_url():
@@ -32,3 +35,44 @@ def test_storage_options_hide_their_values(tmp_path):
     assert "s3cr3t" not in str(error.value)
     with pytest.raises(VirnucError, match="must be a JSON object"):
         StorageOptions.parse("[1]")
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """moto's S3 server, its endpoint in the environment; yields an s3fs filesystem."""
+    with s3_server():
+        yield fsspec.filesystem("s3", use_listings_cache=False, skip_instance_cache=True)
+
+
+def test_writes_and_deletes_on_s3_hold_only_while_the_object_is_the_version_named(s3):
+    s3.mkdir("versions")
+    remote = Remote("s3://versions/lease")
+    assert remote.versioned and remote.create(b"first")
+    data, first = remote.read_versioned()
+    assert data == b"first" and first
+    second = remote.write_if(b"second", first)
+    assert second not in (None, first) and remote.read_versioned() == (b"second", second)
+    # Another writer's version came between: the write and the delete leave it as it is.
+    with pytest.raises(VersionChanged):
+        remote.write_if(b"late", first)
+    with pytest.raises(VersionChanged):
+        remote.unlink_if(first)
+    assert remote.read_bytes() == b"second"
+    remote.unlink_if(second)
+    assert not remote.exists()
+    with pytest.raises(VersionChanged, match="is gone"):
+        remote.write_if(b"again", second)
+    with pytest.raises(VersionChanged, match="is gone"):
+        remote.unlink_if(second)
+    assert not remote.exists()
+    with pytest.raises(FileNotFoundError):
+        remote.read_versioned()
+
+
+def test_a_store_without_versions_writes_and_deletes_plainly():
+    remote = Remote("memory://plain/lease")
+    remote.write_bytes(b"first")
+    assert not remote.versioned and remote.read_versioned() == (b"first", None)
+    assert remote.write_if(b"second", "any") is None and remote.read_bytes() == b"second"
+    remote.unlink_if("any")
+    assert not remote.exists()

@@ -26,6 +26,17 @@ Decisions:
   ``If-None-Match: *``, through fsspec's ``mode="create"``). Where the store or its fsspec
   driver has none, it checks, writes and reads back, and says so once in the log: the locks'
   lease (:mod:`~virnuc_dask.lock`) then bounds what the race can cost.
+- **Versions and compare-and-swap** (:meth:`Remote.read_versioned`, :meth:`Remote.write_if`,
+  :meth:`Remote.unlink_if`): on S3 an object's version is its ETag, returned with the bytes by
+  one GET and by every PUT, and a PUT or DELETE with ``If-Match`` succeeds only while the
+  object is still that version (else :class:`VersionChanged`). They go through s3fs's
+  ``call_s3`` (its ``pipe_file`` and ``rm_file`` take no ``If-Match``), so the storage
+  options' extra request arguments apply as to every other call. Other stores give no
+  version (``None``) and the writes are plain ones: GCS has the same condition
+  (``ifGenerationMatch``) but the test suite has no GCS server to prove it against, so it
+  keeps the plain writes until one is added. A store that takes the header but ignores it
+  (some S3-compatible servers) cannot be told from here: the locks read the owner first and
+  bound what that costs with their lease.
 - **Listings are not cached** on S3 and GCS (``use_listings_cache=False`` unless given): a lock,
   a marker or a shard must be seen the moment another process wrote it.
 - **Missing packages** name the extra that brings them (``pip install 'virnuc-dask[s3]'``).
@@ -64,6 +75,10 @@ EXTRAS = {
 }
 #: Protocols whose filesystems take ``use_listings_cache`` (turned off, see the decisions).
 _LISTING_CACHES = ("s3", "s3a", "gs", "gcs")
+#: Protocols whose objects have versions for compare-and-swap (see the decisions).
+_VERSIONED = ("s3", "s3a")
+#: S3's answers to a request whose condition does not hold (409: a concurrent conditional write).
+_CONDITION_FAILED = ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")
 #: Words in an option's name that mark a credential (refused inline on the command line).
 _SECRET = re.compile(r"secret|password|passwd|token|key|credential", re.IGNORECASE)
 #: Byte ranges closer than this are read in one request (workers reading their sequences).
@@ -202,6 +217,27 @@ def filesystem(url: str, storage: StorageOptions | None = None):
         raise VirnucError(f"{url}: fsspec cannot use this URL ({type(error).__name__})") from None
 
 
+class VersionChanged(Exception):
+    """The object is no longer the version a conditional write or delete named (or is gone)."""
+
+
+def _condition_failed(error: OSError) -> bool:
+    """Whether s3fs's ``error`` is S3 refusing a request whose condition does not hold."""
+    response = getattr(error.__cause__, "response", None) or {}
+    code = str(response.get("Error", {}).get("Code", ""))
+    status = str(response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+    return code in _CONDITION_FAILED or status in _CONDITION_FAILED
+
+
+async def _get_s3(fs, bucket: str, key: str) -> tuple[bytes, str]:
+    """The bytes of an S3 object and the ETag of those very bytes, in one GET."""
+    out = await fs._call_s3("get_object", Bucket=bucket, Key=key)
+    try:
+        return await out["Body"].read(), out["ETag"]
+    finally:
+        out["Body"].close()
+
+
 class Remote:
     """A file or folder at an fsspec URL, with the few ``pathlib`` methods the tool uses.
 
@@ -315,6 +351,80 @@ class Remote:
             return False
         self.fs.pipe_file(self.path, data)
         return self.read_bytes() == data
+
+    @property
+    def versioned(self) -> bool:
+        """Whether the store gives versions for compare-and-swap (see the module's decisions)."""
+        protocols = self.fs.protocol
+        protocols = (protocols,) if isinstance(protocols, str) else protocols
+        return any(protocol in _VERSIONED for protocol in protocols)
+
+    def read_versioned(self) -> tuple[bytes, str | None]:
+        """The object's bytes and their version (``None`` where the store gives none).
+
+        Raises
+        ------
+        FileNotFoundError
+            There is no object.
+        """
+        if not self.versioned:
+            return self.read_bytes(), None
+        from fsspec.asyn import sync
+
+        bucket, key, _ = self.fs.split_path(self.path)
+        return sync(self.fs.loop, _get_s3, self.fs, bucket, key)
+
+    def write_if(self, data: bytes, version: str | None) -> str | None:
+        """Write the object in one PUT only if it is still ``version``; return the new version.
+
+        With ``version`` ``None``, or on a store without versions, the write is a plain one
+        (and ``None`` is returned).
+
+        Raises
+        ------
+        VersionChanged
+            The object is another version now, or is gone; nothing was written.
+        """
+        if version is None or not self.versioned:
+            self.write_bytes(data)
+            return None
+        bucket, key, _ = self.fs.split_path(self.path)
+        try:
+            out = self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfMatch=version)
+        except FileNotFoundError:
+            raise VersionChanged(f"{self.url} is gone") from None
+        except OSError as error:
+            if _condition_failed(error):
+                raise VersionChanged(f"{self.url} is no longer version {version}") from None
+            raise
+        finally:
+            self.fs.invalidate_cache(self.path)
+        return out["ETag"]
+
+    def unlink_if(self, version: str | None) -> None:
+        """Remove the object only if it is still ``version``.
+
+        With ``version`` ``None``, or on a store without versions, the delete is a plain one.
+
+        Raises
+        ------
+        VersionChanged
+            The object is another version now, or is gone; nothing was removed.
+        """
+        if version is None or not self.versioned:
+            self.unlink(missing_ok=True)
+            return
+        bucket, key, _ = self.fs.split_path(self.path)
+        try:
+            self.fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=version)
+        except FileNotFoundError:
+            raise VersionChanged(f"{self.url} is gone") from None
+        except OSError as error:
+            if _condition_failed(error):
+                raise VersionChanged(f"{self.url} is no longer version {version}") from None
+            raise
+        finally:
+            self.fs.invalidate_cache(self.path)
 
     def put(self, local: str | os.PathLike, *, exclusive: bool = False) -> None:
         """Upload a local file in one call (one object, atomic on object stores).
