@@ -25,12 +25,31 @@ On an object store (a lock at a URL, :class:`~virnuc_dask.storage.Remote`) there
   stops renewing), as is one of this host whose process is gone (so a killed run resumes at
   once on the same machine). A lease tolerates clock differences between hosts well under
   its length;
-- the race that remains is documented: where a store ignores the condition (the check, write
-  and read-back of :meth:`~virnuc_dask.storage.Remote.create` stands in), or a run is frozen
-  past its expiry (a suspended laptop) and another takes over, two runs may both believe
-  they hold the lock for up to one renewal. The renewal reads the lock first: a run that
-  finds another's token stops renewing and logs it, and its tasks, which check the token
-  before they write a shard (:func:`holds`), write nothing more.
+- renewals, releases and takeovers are *compare-and-swap* on the object's version (its ETag
+  on S3: ``If-Match`` on the PUT and the DELETE, :meth:`~virnuc_dask.storage.Remote.write_if`).
+  A renewal writes, and a release deletes, only the version this run wrote last; a takeover
+  replaces only the version it judged stale. So a renewal or a release that reaches the
+  store just after another run's takeover changes nothing: the renewal logs that the lock
+  is no longer this run's and renews no more (its tasks, which check the token before they
+  write a shard, :func:`holds`, write nothing more), and the release leaves the taker's lock.
+  A takeover that crosses the owner's renewal is refused (the lease was not stale after all).
+  A renewal and the release of one run never cross (a lock between them), so the release
+  deletes the last version written;
+- the renewal still reads the lock first and stops on another's token: on a store that
+  takes ``If-Match`` but ignores it, that is all that guards the window;
+- the race that remains: where a store has no conditional write (the check, write and
+  read-back of :meth:`~virnuc_dask.storage.Remote.create` stands in) or no versions (every
+  store but S3 today, GCS included, whose ``ifGenerationMatch`` is not used yet: see
+  :mod:`~virnuc_dask.storage`), renewals, releases and takeovers are plain writes after a
+  read, as before: a renewal or release just after a takeover can undo it, and two runs may
+  both believe they hold the lock for up to one renewal. On any store, a run frozen past its
+  expiry (a suspended laptop) loses the lock to a taker, and learns it at its next renewal;
+  its tasks check the token before each shard, so only a shard already past that check may
+  still be written.
+
+A renewal whose PUT was retried after its answer was lost (botocore retries) finds the
+condition failed by its own first attempt: it reads the lock back, and bytes equal to what it
+wrote are still this run's lease, not a takeover.
 """
 
 from __future__ import annotations
@@ -44,7 +63,7 @@ import time
 from pathlib import Path
 
 from virnuc_dask.errors import VirnucError
-from virnuc_dask.storage import Remote, StorageOptions, is_url
+from virnuc_dask.storage import Remote, StorageOptions, VersionChanged, is_url
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +96,11 @@ class RunLock:
         self.held = False
         self.started = time.time()
         self._renewing: threading.Event | None = None
+        #: The version of the lease this run wrote last (its ETag), on a store with versions.
+        self._version: str | None = None
+        #: Keeps a renewal and the release from crossing (a release must delete the last
+        #: version written, and no renewal may write after it).
+        self._mutex = threading.Lock()
 
     @property
     def remote(self) -> bool:
@@ -97,8 +121,11 @@ class RunLock:
     def acquire(self) -> RunLock:
         """Take the lock, taking over a stale one; raise :class:`VirnucError` if it is held."""
         if self.remote:
+            data = json.dumps(self._owner()).encode()
             try:
-                created = self.path.create(json.dumps(self._owner()).encode())
+                created = self.path.create(data)
+                if created:
+                    self._version = self._version_of(data)
             except OSError as error:
                 raise VirnucError(f"cannot create the lock {self.path}: {error}") from None
             if not created:
@@ -118,8 +145,27 @@ class RunLock:
         self.held = True
         return self
 
+    def _version_of(self, data: bytes) -> str | None:
+        """The version of the lease this run has just written as ``data``."""
+        if not self.path.versioned:
+            return None
+        found, version = self.path.read_versioned()
+        if found != data:  # taken over already: only a run that judged it stale may
+            raise self._in_use(_parse(found) or {"pid": "?", "host": "?"})
+        return version
+
+    def _look(self) -> tuple[dict | None, str | None]:
+        """The lock's owner and, on a store with versions, the version read with it."""
+        if not (self.remote and self.path.versioned):
+            return _read(self.path), None
+        try:
+            data, version = self.path.read_versioned()
+        except OSError:
+            return None, None  # missing or unreadable; a takeover then only creates
+        return _parse(data), version
+
     def _take_over(self) -> None:
-        holder = _read(self.path)
+        holder, _ = self._look()
         if holder is None and _age(self.path) < 10:
             holder = {"pid": "?", "host": "? (a run that is starting)"}
         if holder is not None and not _is_stale(holder):
@@ -132,12 +178,12 @@ class RunLock:
         if not _create(guard):
             raise self._in_use({"pid": "?", "host": "? (a run taking over a stale lock)"})
         try:
-            now = _read(self.path)
+            now, version = self._look()
             if now != holder and now is not None and not _is_stale(now):
                 raise self._in_use(now)
             logger.warning("taking over the stale lock %s (%s)", self.path, holder)
             if self.remote:
-                self.path.write_text(json.dumps(self._owner()))  # one PUT replaces it whole
+                self._replace(version)
             else:
                 tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
                 tmp.write_text(json.dumps(self._owner()))
@@ -145,6 +191,28 @@ class RunLock:
             self.held = True
         finally:
             guard.unlink(missing_ok=True)
+
+    def _replace(self, version: str | None) -> None:
+        """Replace the stale lease, in one PUT, only if it is still the ``version`` judged stale.
+
+        A renewal by its owner, or another taker, that reached the store since wins: this run
+        is refused. A store without versions replaces it unconditionally (the guard alone
+        keeps takers apart there).
+        """
+        data = json.dumps(self._owner()).encode()
+        try:
+            if not self.path.versioned:
+                self.path.write_bytes(data)
+            elif version is None:  # gone since it was judged stale: only a create may replace it
+                if not self.path.create(data):
+                    raise VersionChanged(str(self.path))
+                self._version = self._version_of(data)
+            else:
+                self._version = self.path.write_if(data, version)
+        except VersionChanged:
+            raise self._in_use(
+                _read(self.path) or {"pid": "?", "host": "? (a run that renewed it meanwhile)"}
+            ) from None
 
     def _in_use(self, holder: dict) -> VirnucError:
         return VirnucError(
@@ -159,20 +227,34 @@ class RunLock:
         The background thread calls it every :data:`RENEW_SECONDS`; a run whose lock another
         run took over logs it and renews no more.
         """
-        holder = _read(self.path)
-        if holder is None or holder.get("run") != self.token:
-            self._lost(holder)
-            return False
-        self.path.write_text(json.dumps(self._owner()))
-        return True
+        with self._mutex:
+            if not self.held:
+                return False
+            # Read first: a run that finds another's token stops without a write, also on a
+            # store that ignores the condition of the write below.
+            holder = _read(self.path)
+            if holder is None or holder.get("run") != self.token:
+                return self._lost(holder)
+            data = json.dumps(self._owner()).encode()
+            try:
+                self._version = self.path.write_if(data, self._version)
+            except VersionChanged:
+                # A PUT retried after its answer was lost finds its own bytes: still ours.
+                found, version = self._look()
+                if found != json.loads(data):
+                    return self._lost(found)
+                self._version = version
+            return True
 
-    def _lost(self, holder: dict | None) -> None:
+    def _lost(self, holder: dict | None) -> bool:
+        self.held = False  # nothing of it is this run's to renew or remove
         logger.error(
             "%s: the lock %s is no longer this run's (%s); its chunks write nothing more",
             self.what,
             self.path,
             holder,
         )
+        return False
 
     def _renew_in_background(self) -> None:
         """Renew the lease every :data:`RENEW_SECONDS` until :meth:`release`."""
@@ -193,11 +275,22 @@ class RunLock:
         if self._renewing is not None:
             self._renewing.set()
             self._renewing = None
-        if self.held:
-            holder = _read(self.path)
-            if holder is None or holder.get("run", "") == self.token:
-                self.path.unlink(missing_ok=True)
+        with self._mutex:
+            if not self.held:
+                return
             self.held = False
+            holder = _read(self.path)
+            if holder is not None and holder.get("run", "") != self.token:
+                return
+            if not self.remote:
+                self.path.unlink(missing_ok=True)
+                return
+            try:
+                self.path.unlink_if(self._version)  # only the version this run wrote last
+            except VersionChanged:
+                logger.warning(
+                    "%s: the lock %s is no longer this run's; left as it is", self.what, self.path
+                )
 
     def __enter__(self) -> RunLock:
         return self.acquire()
@@ -217,10 +310,17 @@ def holds(path: str | Path, token: str, storage: StorageOptions | None = None) -
 
 def _read(path: Path | Remote) -> dict | None:
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None  # missing, unreadable or half-written: treated as stale
-    return data if isinstance(data, dict) else None
+        return _parse(path.read_text())
+    except OSError:
+        return None  # missing or unreadable: treated as stale
+
+
+def _parse(data: bytes | str) -> dict | None:
+    try:
+        owner = json.loads(data)
+    except ValueError:
+        return None  # half-written: treated as stale
+    return owner if isinstance(owner, dict) else None
 
 
 def _create(path: Path | Remote) -> bool:
