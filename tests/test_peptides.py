@@ -165,6 +165,20 @@ def test_reads_without_peptides_listed_first_ten(tmp_path):
     )
 
 
+def test_reads_without_peptides_are_listed_by_their_renamed_ids(tmp_path):
+    """With duplicate_ids="suffix" the list names the reads as the output names them."""
+    stop = "TCCGTTTAGGCTAGTGAACTAACA"  # a stop in every frame
+    one, two = tmp_path / "r1.fa", tmp_path / "r2.fa"
+    one.write_bytes(fasta([("x", stop), ("y", "ATGAAACCC")]))
+    two.write_bytes(fasta([("x", stop), ("y", "ATGAAACCC")]))
+    index, provenance = build_peptide_index(
+        [one, two], tmp_path / "staging", duplicate_ids="suffix"
+    )
+    assert "y.2F1" in index.ids()
+    assert provenance.first_without == ["x", "x.2"]
+    assert provenance.summary() == "4 reads, 2 with no kept frame (x, x.2)"
+
+
 def test_settings_and_their_errors():
     with pytest.raises(VirnucError, match="genetic code 27 is not offered"):
         EmbedConfig.from_settings(translate="six-frame", genetic_code=27)

@@ -23,8 +23,9 @@ Decisions (``docs/decisions.md``):
 - The peptides are in input order: by read, then piece, then frame ``F1`` .. ``R3``, then
   piece of the frame.
 - A read without any kept frame is not an error; the run counts them and lists the first
-  :data:`~virnuc_dask.inputs.provenance.LISTED_WITHOUT` ids. Inputs without a single peptide
-  are an error (there would be nothing to embed).
+  :data:`~virnuc_dask.inputs.provenance.LISTED_WITHOUT` ids, as the output names the reads
+  (renamed ``ID.2``, ... with ``duplicate_ids="suffix"``: the list is made once the ids are
+  checked). Inputs without a single peptide are an error (there would be nothing to embed).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import numpy as np
 
 from virnuc_dask.errors import VirnucError, option
 from virnuc_dask.inputs.duplicates import DUPLICATE_POLICIES, check_duplicates
+from virnuc_dask.inputs.duplicates import id_bytes as read_id
 from virnuc_dask.inputs.fasta import FastaIndex
 from virnuc_dask.inputs.provenance import LISTED_WITHOUT, ReadProvenance
 from virnuc_dask.inputs.reads import ReadBatch, bad_base_message, offsets, ragged, read_batches
@@ -248,7 +250,7 @@ class _Builder:
         self.hashes = array("q")
         self.reads = 0
         self.without = 0
-        self.first_without: list[str] = []
+        self.first_without: list[int] = []  # rows of the reads table, named once ids are final
 
     def file(self, path: str, number: int, target: Path, digest) -> None:
         """Translate one reads file, writing its peptides to ``target``."""
@@ -342,7 +344,7 @@ class _Builder:
         missing = np.flatnonzero(~has)
         self.without += len(missing)
         for row in missing[: max(0, LISTED_WITHOUT - len(self.first_without))].tolist():
-            self.first_without.append(batch.id(row))
+            self.first_without.append(self.reads + row)
         self.reads += n
 
     def finish(
@@ -404,7 +406,7 @@ class _Builder:
             orf=col.get("orf"),
             reads=self.reads,
             without_peptides=self.without,
-            first_without=self.first_without,
+            first_without=[read_id(reads, row).decode() for row in self.first_without],
             settings=self.translation.settings(),
         )
         return index, provenance
