@@ -30,6 +30,7 @@ Decisions (``docs/decisions.md``):
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import os
 import zlib
@@ -263,7 +264,10 @@ class _Builder:
                 # collected in their order; a few at most are in flight.
                 ahead: deque = deque()
                 for batch in read_batches(path, digest, self.storage):
-                    ahead.append((batch, pool.submit(self._translate, batch, number, path)))
+                    # In the caller's context: a message made in a thread spells options as
+                    # the caller does (--translate on the command line, translate= in Python).
+                    run = contextvars.copy_context().run
+                    ahead.append((batch, pool.submit(run, self._translate, batch, number, path)))
                     if len(ahead) > threads:
                         self._collect(*ahead.popleft(), number, out)
                 while ahead:
