@@ -53,6 +53,10 @@ class Case:
             flags.append("--invalid-to-x")
         if "duplicate_ids" in self.options:
             flags += ["--duplicate-ids", self.options["duplicate_ids"]]
+        if self.options.get("as_protein"):
+            flags.append("--as-protein")
+        if "translate" in self.options:
+            flags += ["--translate", self.options["translate"]]
         return flags
 
 
@@ -199,6 +203,15 @@ def _lines(sequence: bytes, width: int = 60) -> bytes:
 LONG = _protein(100_000)
 #: A type I antifreeze protein: alanine, threonine and asparagine, as DNA is A, T and N.
 AFP = b"DTASDAAAAAALTAANAKAAAELTAANAAAAAAATAR"
+#: Scaffolds: runs of N (85% of the letters) between stretches of bases.
+SCAFFOLD = (b"N" * 170 + b"ACGTTGCAAGGCTTAACGATCGATTACAGG") * 8
+#: A consensus with IUPAC ambiguity codes (R, Y, K, M, S, W: 15% of the letters).
+CONSENSUS = b"ACGTRACGGTYACTTGKACMGATSAGCWTTGACAGTAACG" * 8
+#: A metallothionein: a third cysteine, with serine, lysine, alanine, glycine and threonine.
+METALLOTHIONEIN = b"MDPNCSCAAGDSCTCAGSCKCKECKCTSCKKSCCSCCPVGCAKCSQGCICKEASDKCSCCA"
+#: Real proteins (UniRef50): the example file.
+PROTEINS = Path(__file__).resolve().parents[1] / "examples" / "data" / "some_proteins.fasta"
+PROTEINS = PROTEINS.read_bytes()
 MB_DESCRIPTION = b"x" * (1 << 20)
 MB_ID = b"P" * (1 << 20)
 ID_AT_LIMIT = b"P" * MAX_ID_BYTES
@@ -442,8 +455,9 @@ CASES: list[Case] = [
         "nucleotide_fasta",
         one(b">read_1 a read\nACGTTGCAAGGCTTAACGATCG\n>read_2\nacgtnngcaaggcttaacgu\n", "reads.fa"),
         "error",
-        "holds nucleotide sequences, not proteins (100% of its letters are A, C, G, T, U or N); "
-        "to embed the peptides of its reads, use --translate six-frame",
+        "holds nucleotide sequences, not proteins (100% of its letters other than N and X are "
+        "A, C, G, T, U or IUPAC codes); to embed the peptides of its reads, use --translate "
+        "six-frame, or --as-protein for proteins made only of these letters",
     ),
     Case(
         "fastq_without_translate",
@@ -452,6 +466,56 @@ CASES: list[Case] = [
         "this looks like a FASTQ file of reads, not FASTA of proteins; to embed the peptides of "
         "its reads, use --translate six-frame",
         "line 1",
+    ),
+    Case(
+        "nucleotide_scaffolds_of_n_runs",
+        one(b">scaffold_1\n" + _lines(SCAFFOLD) + b">scaffold_2\n" + _lines(SCAFFOLD[::-1])),
+        "error",
+        "holds nucleotide sequences, not proteins (100% of its letters other than N and X are "
+        "A, C, G, T, U or IUPAC codes); to embed the peptides of its reads, use --translate "
+        "six-frame, or --as-protein for proteins made only of these letters",
+    ),
+    Case(
+        "nucleotide_iupac_consensus",
+        one(b">consensus_1\n" + _lines(CONSENSUS) + b">consensus_2\n" + _lines(CONSENSUS[::-1])),
+        "error",
+        "holds nucleotide sequences, not proteins (100% of its letters other than N and X are "
+        "A, C, G, T, U or IUPAC codes); to embed the peptides of its reads, use --translate "
+        "six-frame, or --as-protein for proteins made only of these letters",
+    ),
+    Case(
+        "nucleotide_letters_as_protein",
+        one(b">scaffold_1\n" + _lines(SCAFFOLD) + b">consensus_1\n" + _lines(CONSENSUS)),
+        "accept",
+        records=(("scaffold_1", SCAFFOLD), ("consensus_1", CONSENSUS)),
+        options={"as_protein": True},
+    ),
+    Case(
+        "protein_rich_in_base_letters",
+        one(
+            b">metallothionein\n"
+            + METALLOTHIONEIN
+            + b"\n>threonines\n"
+            + METALLOTHIONEIN.replace(b"S", b"T")
+            + b"\n>asparagines\n"
+            + b"NNNNNNNNNNNNNNNNACGTSKACGTNNNNNNNNNNDSCGATKAS" * 5
+            + b"\n"
+        ),
+        "accept",
+        records=(
+            ("metallothionein", METALLOTHIONEIN),
+            ("threonines", METALLOTHIONEIN.replace(b"S", b"T")),
+            ("asparagines", b"NNNNNNNNNNNNNNNNACGTSKACGTNNNNNNNNNNDSCGATKAS" * 5),
+        ),
+    ),
+    Case(
+        "protein_with_translate",
+        one(PROTEINS, "proteins.fa"),
+        "error",
+        "holds proteins, not nucleotide reads (37% of its letters other than N and X are not "
+        "nucleotide codes, such as L, P and E); to embed its sequences as proteins, drop "
+        "--translate six-frame",
+        options={"translate": "six-frame"},
     ),
     Case(
         "protein_of_base_letters",

@@ -3,8 +3,8 @@
 Accepted inputs go through :func:`build_index` and :func:`read_sequences` (no cluster: what a
 worker reads is what the index says). Refused inputs go through ``virnuc-dask embed`` in a
 subprocess: exit status 2, one ``virnuc-dask: error:`` line naming the file and the line or id,
-no traceback, nothing left at the output path; and, in process with the cluster disabled, they
-must fail before any cluster starts.
+no traceback, nothing left at the output path; and, in process with every way of starting a
+cluster recorded (and stopped), they must fail before any cluster starts.
 """
 
 from __future__ import annotations
@@ -162,14 +162,36 @@ def test_refused_through_the_command_line(case: Case, cli_runs):
         assert not list(out.iterdir()), "files left behind"
 
 
-@pytest.mark.parametrize("case", [c for c in ERRORS if not c.unprivileged], ids=lambda c: c.name)
-def test_refused_before_any_cluster_starts(case: Case, tmp_path, monkeypatch):
+@pytest.fixture
+def cluster_starts(monkeypatch) -> list[str]:
+    """Every way a run gets a cluster, recorded by name when called, and stopped there.
+
+    A local run starts its cluster through ``start_local_cluster`` in a thread while it
+    indexes large inputs, and that thread keeps any error for later: the record, not an
+    exception, is what a test checks. ``LocalCluster.__init__`` (``LocalCUDACluster`` is one)
+    catches any other path to a local cluster; ``connect``, a scheduler's.
+    """
+    import distributed
+
     import virnuc_dask.cluster
 
-    def no_cluster(*args, **kwargs):
-        raise AssertionError("a cluster was started for an input that must be refused")
+    starts: list[str] = []
 
-    monkeypatch.setattr(virnuc_dask.cluster, "connect", no_cluster)
+    def stopped(name):
+        def start(*args, **kwargs):
+            starts.append(name)
+            raise RuntimeError(f"{name} was called for an input that must be refused")
+
+        return start
+
+    monkeypatch.setattr(virnuc_dask.cluster, "start_local_cluster", stopped("start_local_cluster"))
+    monkeypatch.setattr(virnuc_dask.cluster, "connect", stopped("connect"))
+    monkeypatch.setattr(distributed.LocalCluster, "__init__", stopped("LocalCluster"))
+    return starts
+
+
+@pytest.mark.parametrize("case", [c for c in ERRORS if not c.unprivileged], ids=lambda c: c.name)
+def test_refused_before_any_cluster_starts(case: Case, tmp_path, cluster_starts):
     (tmp_path / "out").mkdir()
     built = case.build(tmp_path)
     output = built.output or str(tmp_path / "out" / "out.h5")
@@ -178,6 +200,7 @@ def test_refused_before_any_cluster_starts(case: Case, tmp_path, monkeypatch):
     assert result.exit_code == 2, (result.output, result.exception)
     assert "virnuc-dask: error: " in result.stderr
     assert case.message in result.stderr
+    assert cluster_starts == [], "a cluster was started for an input that must be refused"
 
 
 def test_unreadable_input_in_process(tmp_path):

@@ -165,6 +165,20 @@ def test_reads_without_peptides_listed_first_ten(tmp_path):
     )
 
 
+def test_reads_without_peptides_are_listed_by_their_renamed_ids(tmp_path):
+    """With duplicate_ids="suffix" the list names the reads as the output names them."""
+    stop = "TCCGTTTAGGCTAGTGAACTAACA"  # a stop in every frame
+    one, two = tmp_path / "r1.fa", tmp_path / "r2.fa"
+    one.write_bytes(fasta([("x", stop), ("y", "ATGAAACCC")]))
+    two.write_bytes(fasta([("x", stop), ("y", "ATGAAACCC")]))
+    index, provenance = build_peptide_index(
+        [one, two], tmp_path / "staging", duplicate_ids="suffix"
+    )
+    assert "y.2F1" in index.ids()
+    assert provenance.first_without == ["x", "x.2"]
+    assert provenance.summary() == "4 reads, 2 with no kept frame (x, x.2)"
+
+
 def test_settings_and_their_errors():
     with pytest.raises(VirnucError, match="genetic code 27 is not offered"):
         EmbedConfig.from_settings(translate="six-frame", genetic_code=27)
@@ -217,20 +231,27 @@ def test_fingerprint_covers_the_translation(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Telling nucleotides from proteins (without --translate)
 
+METALLOTHIONEIN = "MDPNCSCAAGDSCTCAGSCKCKECKCTSCKKSCCSCCPVGCAKCSQGCICKEASDKCSCCA"
 PROTEINS = {
     "poly-alanine": "A" * 200,
     "poly-glycine linker": "GGGGS" * 40,
     "antifreeze type I": "DTASDAAAAAALTAANAKAAAELTAANAAAAAAATAR" * 4,
-    "metallothionein": "MDPNCSCAAGDSCTCAGSCKCKECKCTSCKKSCCSCCPVGCAKCSQGCICKEASDKCSCCA",
+    "metallothionein": METALLOTHIONEIN,
     "collagen": "GPPGPAGPPGAPGPPGAAGTPGPQGIAG" * 6,
     "peptide of bases": "GATTACA",
     "short all-base peptide": "ACGTACGTACGTACGTACG",  # under 20 letters
     "silk": "GAGAGSGAAGAGAGAGSAGAGAGAGTGAGAGS" * 4,
+    # Rich in A, C, G, T, N and S: all but a tenth of its letters are nucleotide codes.
+    "metallothionein, serines as threonines": METALLOTHIONEIN.replace("S", "T"),
+    "asparagine-rich with A, C, G, T, S": "NNNNNNNNNNNNNNNNACGTSKACGTNNNNNNNNNNDSCGATKAS" * 5,
 }
 NUCLEOTIDES = {
     "random DNA": "ACGT" * 10 + "GATTACAGGCCTTAAGC" * 20,
     "AT-rich DNA with N": "ATTATAATTTACGATTATNNNATAAATTGCATATAT" * 10,
     "RNA lower case": "acguuagcuaggcuaacgguuagcauuagc" * 8,
+    # Issue 20: scaffolds of long N runs (85% N), and a consensus with 15% IUPAC codes.
+    "scaffold of N runs": ("N" * 170 + "ACGTTGCAAGGCTTAACGATCGATTACAGG") * 10,
+    "IUPAC consensus": "ACGTRACGGTYACTTGKACMGATSAGCWTTGACAGTAACG" * 10,
 }
 
 
@@ -243,7 +264,8 @@ def test_a_protein_is_never_taken_for_nucleotides(name):
 @pytest.mark.parametrize("name", NUCLEOTIDES)
 def test_nucleotides_are_recognised(name):
     counts = letter_counts(NUCLEOTIDES[name].encode())
-    assert looks_like_nucleotides(counts) >= 0.9
+    share = looks_like_nucleotides(counts)
+    assert share is not None and share >= 0.9
 
 
 def test_random_proteins_rich_in_acgtn_are_proteins():
@@ -261,6 +283,47 @@ def test_nucleotide_fasta_is_refused_without_translate(tmp_path):
     with pytest.raises(VirnucError) as error:
         build_index([path])
     assert str(error.value) == (
-        f"{path} holds nucleotide sequences, not proteins (100% of its letters are A, C, G, T, "
-        "U or N); to embed the peptides of its reads, use translate=six-frame"
+        f"{path} holds nucleotide sequences, not proteins (100% of its letters other than N and "
+        "X are A, C, G, T, U or IUPAC codes); to embed the peptides of its reads, use "
+        "translate=six-frame, or as_protein=True for proteins made only of these letters"
     )
+
+
+@pytest.mark.parametrize("name", ["scaffold of N runs", "IUPAC consensus"])
+def test_n_rich_and_iupac_files_are_refused_and_as_protein_reads_them(tmp_path, name):
+    path = tmp_path / "reads.fa"
+    path.write_bytes(fasta([("r1", NUCLEOTIDES[name]), ("r2", NUCLEOTIDES[name][::-1])], 60))
+    with pytest.raises(VirnucError) as error:
+        build_index([path])
+    assert str(error.value).startswith(f"{path} holds nucleotide sequences, not proteins")
+    assert "as_protein=True" in str(error.value)
+    index = build_index([path], as_protein=True)
+    assert read_sequences(index, [0, 1]) == [
+        NUCLEOTIDES[name].encode(),
+        NUCLEOTIDES[name][::-1].encode(),
+    ]
+
+
+def test_a_long_leading_gap_does_not_hide_the_bases(tmp_path):
+    """N is left out of the sample: a first megabase of N still leaves the bases to judge."""
+    from virnuc_dask.inputs.nucleotide import SAMPLE_LETTERS
+
+    path = tmp_path / "scaffold.fa"
+    path.write_bytes(fasta([("s1", "N" * (SAMPLE_LETTERS + 1) + NUCLEOTIDES["random DNA"])], 80))
+    with pytest.raises(VirnucError, match="holds nucleotide sequences"):
+        build_index([path])
+
+
+def test_as_protein_is_a_setting_of_a_run(tmp_path):
+    path = tmp_path / "scaffolds.fa"
+    path.write_bytes(fasta([("s1", NUCLEOTIDES["scaffold of N runs"])], 60))
+    config = EmbedConfig.from_settings(model="esm2_t6_8M_UR50D")
+    assert config.as_protein is False
+    with pytest.raises(VirnucError, match="holds nucleotide sequences"):
+        index_inputs([path], tmp_path / "staging", config)
+    config = EmbedConfig.from_settings(model="esm2_t6_8M_UR50D", as_protein=True)
+    index, reads = index_inputs([path], tmp_path / "staging", config)
+    assert index.ids() == ["s1"] and reads is None
+    with pytest.raises(VirnucError) as error:
+        EmbedConfig.from_settings(model="esm2_t6_8M_UR50D", as_protein=True, translate="six-frame")
+    assert str(error.value) == "as_protein=True applies to proteins: drop translate=six-frame"

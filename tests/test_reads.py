@@ -30,9 +30,10 @@ def reads(path: str) -> list[tuple[str, bytes, int]]:
     return out
 
 
-def error_of(path: str, **options) -> str:
+def error_of(path: str, tmp_path=None, **options) -> str:
+    folder = tmp_path or os.path.dirname(path)
     with pytest.raises(VirnucError) as error:
-        build_peptide_index([path], os.path.join(os.path.dirname(path), "staging"), **options)
+        build_peptide_index([path], os.path.join(folder, "staging"), **options)
     return str(error.value)
 
 
@@ -156,6 +157,23 @@ def test_malformed_fastq_is_refused_with_file_and_line(tmp_path, data, message):
 def test_malformed_fasta_of_reads_is_refused_with_file_and_line(tmp_path, data, message):
     path = write(tmp_path / "a.fa", data)
     assert message in error_of(path)
+
+
+def test_a_protein_file_given_as_reads_is_told_to_drop_translate(tmp_path):
+    """The nucleotide rule in reverse: one line for the file, not its first letter."""
+    from tests.helpers import EXAMPLE
+
+    assert error_of(str(EXAMPLE), tmp_path=tmp_path) == (
+        f"{EXAMPLE} holds proteins, not nucleotide reads (37% of its letters other than N and X "
+        "are not nucleotide codes, such as L, P and E); to embed its sequences as proteins, "
+        "drop translate=six-frame"
+    )
+    # Reads with a stray letter still fail at that letter, where it is.
+    stray = write(tmp_path / "stray.fa", b">r1\n" + b"ACGTTGCAAG" * 9 + b"ACGTEGCAAG\n")
+    assert error_of(stray) == (
+        f"{stray}, line 2: read r1: letter 'E' at position 95 is not a nucleotide (A, C, G, T, "
+        "U or an IUPAC code such as N)"
+    )
 
 
 def test_truncated_gzip_is_refused_with_file_and_line(tmp_path):

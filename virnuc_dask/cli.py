@@ -109,6 +109,12 @@ def main() -> None:
     help="Read letters outside ESM-2's alphabet as X instead of stopping.",
 )
 @click.option(
+    "--as-protein",
+    is_flag=True,
+    default=None,
+    help="Embed a protein file whose letters are those of DNA or RNA, instead of refusing it.",
+)
+@click.option(
     "--duplicate-ids",
     type=click.Choice(DUPLICATE_POLICIES),
     help="Refuse repeated ids, or keep them as ID.2, ID.3, ... [default: error]",

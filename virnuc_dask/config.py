@@ -63,6 +63,9 @@ class EmbedConfig:
         Workers of a local cluster; default: one per GPU, or a share of the CPU cores.
     invalid_to_x
         Read letters outside the alphabet as ``X`` instead of refusing the input.
+    as_protein
+        Read a protein file whose letters are those of nucleotides (the rule of
+        :mod:`~virnuc_dask.inputs.nucleotide`) as proteins, instead of refusing it.
     duplicate_ids
         ``error`` or ``suffix`` (keep both, renaming later ones ``ID.2``, ...).
     compile
@@ -111,6 +114,7 @@ class EmbedConfig:
     chunk_tokens: int | None = None
     workers: int | None = None
     invalid_to_x: bool = False
+    as_protein: bool = False
     duplicate_ids: str = "error"
     compile: bool | None = None
     retries: int = 2
@@ -154,6 +158,11 @@ class EmbedConfig:
             raise VirnucError(
                 f"{option(given[0], settings[given[0]])} applies to nucleotide reads: add "
                 f"{option('translate', 'six-frame')}"
+            )
+        if settings.get("as_protein") and config.translate is not None:
+            raise VirnucError(
+                f"{option('as_protein')} applies to proteins: drop "
+                f"{option('translate', config.translate)}"
             )
         return config
 

@@ -1050,7 +1050,7 @@ def embed(
         Fields of :class:`~virnuc_dask.config.EmbedConfig`: ``model``, ``checkpoint``,
         ``random_weights``, ``seed``, ``layers``, ``dtype``, ``output_dtype``,
         ``max_residues``, ``tokens_per_batch``, ``chunk_tokens``, ``workers``,
-        ``invalid_to_x``, ``duplicate_ids``, ``compile``, ``retries``,
+        ``invalid_to_x``, ``as_protein``, ``duplicate_ids``, ``compile``, ``retries``,
         ``chunk_time_limit``, ``wait_limit``, ``per_residue``, ``residue_dtype``, ``long``;
         for nucleotide reads ``translate="six-frame"``
         with ``genetic_code``, ``frames``, ``min_peptide`` and ``split_bp``.

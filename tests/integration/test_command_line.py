@@ -186,3 +186,30 @@ def test_bad_per_residue_and_long_settings_exit_2(tmp_path):
         assert result.returncode == 2, result.stderr
         assert message in result.stderr
         assert not (tmp_path / "x.h5").exists()
+
+
+def test_nucleotide_letters_are_refused_and_as_protein_embeds_them(tmp_path):
+    """Issue 20 through the command: scaffolds of N runs are refused (exit 2, one line naming
+    the file and both ways on); with --as-protein the same file is embedded as proteins."""
+    scaffold = "N" * 170 + "ACGTTGCAAGGCTTAACGATCGATTACAGG"
+    path, out = tmp_path / "scaffolds.fa", tmp_path / "scaffolds.h5"
+    path.write_text(f">s1\n{scaffold * 3}\n>s2\n{scaffold[::-1] * 2}\n")
+    flags = ["--model", TINY, "--random-weights", "--workers", "1", "--quiet"]
+    refused = subprocess.run(
+        [*CLI, "embed", str(path), "-o", str(out), *flags],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert refused.stderr == (
+        f"virnuc-dask: error: {path} holds nucleotide sequences, not proteins (100% of its "
+        "letters other than N and X are A, C, G, T, U or IUPAC codes); to embed the peptides "
+        "of its reads, use --translate six-frame, or --as-protein for proteins made only of "
+        "these letters\n"
+    )
+    assert not out.exists() and not os.path.exists(f"{out}.work")
+    _embed(path, "-o", out, *flags, "--as-protein")
+    ds = virnuc_dask.open_embeddings(out).load()
+    assert list(ds.sequence.values) == ["s1", "s2"]
+    assert ds.length.values.tolist() == [len(scaffold) * 3, len(scaffold) * 2]

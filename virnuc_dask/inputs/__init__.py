@@ -66,5 +66,6 @@ def index_inputs(
         invalid_to_x=config.invalid_to_x,
         duplicate_ids=config.duplicate_ids,
         storage=storage,
+        as_protein=config.as_protein,
     )
     return index, None

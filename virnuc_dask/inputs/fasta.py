@@ -22,9 +22,10 @@ Decisions (``docs/input.md`` lists every accepted and refused input with its mes
 - A file without any record, an empty record, an id seen twice (unless ``duplicate_ids`` is
   ``"suffix"``) and the same file given twice are errors.
 - A file of nucleotides (DNA or RNA: the rule is in :mod:`~virnuc_dask.inputs.nucleotide`) is
-  refused with the option that translates it; so is a FASTQ file (its first line starts with
-  ``@``). All their letters are in ESM-2's alphabet: embedded as they are, they would give
-  embeddings of meaningless "proteins" without any warning.
+  refused with the option that translates it, and the one that reads it as proteins all the
+  same (``as_protein``, for a protein made only of nucleotide letters); so is a FASTQ file
+  (its first line starts with ``@``). All their letters are in ESM-2's alphabet: embedded as
+  they are, they would give embeddings of meaningless "proteins" without any warning.
 - gzip inputs (recognised by their magic bytes, not their name) are decompressed once into the
   staging directory during the scan, so that workers can seek in them; so are inputs that
   cannot seek (pipes such as ``<(zcat a.fa.gz)``). Other compressions are refused by name
@@ -54,7 +55,12 @@ import numpy as np
 from virnuc_dask.errors import VirnucError, option
 from virnuc_dask.inputs.duplicates import DUPLICATE_POLICIES, check_duplicates
 from virnuc_dask.inputs.duplicates import shown_id as _shown_id
-from virnuc_dask.inputs.nucleotide import SAMPLE_LETTERS, letter_counts, looks_like_nucleotides
+from virnuc_dask.inputs.nucleotide import (
+    SAMPLE_LETTERS,
+    letter_counts,
+    looks_like_nucleotides,
+    sample_letters,
+)
 from virnuc_dask.inputs.staging import check_inputs, file_digest, plain_copy, unreadable
 from virnuc_dask.inputs.staging import shown as _shown
 from virnuc_dask.storage import StorageOptions, is_url, open_url, read_ranges
@@ -188,6 +194,7 @@ def build_index(
     invalid_to_x: bool = False,
     duplicate_ids: str = "error",
     storage: StorageOptions | None = None,
+    as_protein: bool = False,
 ) -> FastaIndex:
     """Scan FASTA files (plain or gzip) into a :class:`FastaIndex`, validating every record.
 
@@ -204,6 +211,11 @@ def build_index(
     duplicate_ids
         ``"error"`` refuses an id seen twice; ``"suffix"`` keeps both, renaming later
         occurrences ``ID.2``, ``ID.3``, ... (skipping names already in use).
+    storage
+        fsspec options for inputs that are URLs.
+    as_protein
+        Read the inputs as proteins even when their letters are those of nucleotides (a
+        protein made only of nucleotide letters); else such a file is refused.
 
     Raises
     ------
@@ -214,7 +226,7 @@ def build_index(
         raise VirnucError(f"duplicate_ids must be one of {DUPLICATE_POLICIES}")
     # Check that every input exists before the first long scan.
     paths, infos = check_inputs(inputs, storage)
-    scan = _Scan(invalid_to_x)
+    scan = _Scan(invalid_to_x, as_protein)
     files, digest = [], hashlib.blake2b(digest_size=16)
     for number, (path, info) in enumerate(zip(paths, infos, strict=True)):
         plain = plain_copy(path, info, number, staging, storage)
@@ -249,13 +261,14 @@ def build_index(
 class _Scan:
     """The state of one pass over the inputs: growing compact arrays, never Python objects."""
 
-    def __init__(self, invalid_to_x: bool) -> None:
+    def __init__(self, invalid_to_x: bool, as_protein: bool = False) -> None:
         self.invalid_to_x = invalid_to_x
+        self.as_protein = as_protein
         self.file_no, self.offset, self.span = array("i"), array("q"), array("q")
         self.length, self.line, self.hashes = array("q"), array("q"), array("q")
         self.checksum = array("I")
         self.ids, self.id_offsets = bytearray(), array("q", [0])
-        self.sample = bytearray()  # the first letters of the file being scanned
+        self.sample = bytearray()  # the first letters of the file, N and X left out
 
     def file(
         self,
@@ -316,7 +329,7 @@ class _Scan:
             raise VirnucError(
                 f"{shown}: no '>' header in its {line_no} blank line(s); is this a FASTA file?"
             )
-        if len(self.sample) < SAMPLE_LETTERS:
+        if len(self.sample) < SAMPLE_LETTERS and not self.as_protein:
             self._refuse_nucleotides(shown)
 
     def _header(self, raw: bytes, shown: str, line_no: int, number: int) -> None:
@@ -358,8 +371,8 @@ class _Scan:
 
     def _residues(self, body: bytes, record: list, shown: str, line_no: int) -> None:
         letters = body.translate(None, _WHITESPACE)
-        if len(self.sample) < SAMPLE_LETTERS:
-            self.sample += letters
+        if len(self.sample) < SAMPLE_LETTERS and not self.as_protein:
+            self.sample += sample_letters(letters)
             if len(self.sample) >= SAMPLE_LETTERS:  # decide now, not after a long file
                 self._refuse_nucleotides(shown)
         if record[4]:
@@ -399,8 +412,9 @@ class _Scan:
         if share is not None:
             raise VirnucError(
                 f"{shown} holds nucleotide sequences, not proteins ({share:.0%} of its letters "
-                "are A, C, G, T, U or N); to embed the peptides of its reads, use "
-                f"{option('translate', 'six-frame')}"
+                "other than N and X are A, C, G, T, U or IUPAC codes); to embed the peptides of "
+                f"its reads, use {option('translate', 'six-frame')}, or "
+                f"{option('as_protein')} for proteins made only of these letters"
             )
 
     def _close(self, record: list | None, shown: str, checksum: int) -> None:

@@ -23,12 +23,14 @@ Decisions (``docs/decisions.md``):
 - The peptides are in input order: by read, then piece, then frame ``F1`` .. ``R3``, then
   piece of the frame.
 - A read without any kept frame is not an error; the run counts them and lists the first
-  :data:`~virnuc_dask.inputs.provenance.LISTED_WITHOUT` ids. Inputs without a single peptide
-  are an error (there would be nothing to embed).
+  :data:`~virnuc_dask.inputs.provenance.LISTED_WITHOUT` ids, as the output names the reads
+  (renamed ``ID.2``, ... with ``duplicate_ids="suffix"``: the list is made once the ids are
+  checked). Inputs without a single peptide are an error (there would be nothing to embed).
 """
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import os
 import zlib
@@ -42,6 +44,7 @@ import numpy as np
 
 from virnuc_dask.errors import VirnucError, option
 from virnuc_dask.inputs.duplicates import DUPLICATE_POLICIES, check_duplicates
+from virnuc_dask.inputs.duplicates import id_bytes as read_id
 from virnuc_dask.inputs.fasta import FastaIndex
 from virnuc_dask.inputs.provenance import LISTED_WITHOUT, ReadProvenance
 from virnuc_dask.inputs.reads import ReadBatch, bad_base_message, offsets, ragged, read_batches
@@ -248,7 +251,7 @@ class _Builder:
         self.hashes = array("q")
         self.reads = 0
         self.without = 0
-        self.first_without: list[str] = []
+        self.first_without: list[int] = []  # rows of the reads table, named once ids are final
 
     def file(self, path: str, number: int, target: Path, digest) -> None:
         """Translate one reads file, writing its peptides to ``target``."""
@@ -261,7 +264,10 @@ class _Builder:
                 # collected in their order; a few at most are in flight.
                 ahead: deque = deque()
                 for batch in read_batches(path, digest, self.storage):
-                    ahead.append((batch, pool.submit(self._translate, batch, number, path)))
+                    # In the caller's context: a message made in a thread spells options as
+                    # the caller does (--translate on the command line, translate= in Python).
+                    run = contextvars.copy_context().run
+                    ahead.append((batch, pool.submit(run, self._translate, batch, number, path)))
                     if len(ahead) > threads:
                         self._collect(*ahead.popleft(), number, out)
                 while ahead:
@@ -342,7 +348,7 @@ class _Builder:
         missing = np.flatnonzero(~has)
         self.without += len(missing)
         for row in missing[: max(0, LISTED_WITHOUT - len(self.first_without))].tolist():
-            self.first_without.append(batch.id(row))
+            self.first_without.append(self.reads + row)
         self.reads += n
 
     def finish(
@@ -404,7 +410,7 @@ class _Builder:
             orf=col.get("orf"),
             reads=self.reads,
             without_peptides=self.without,
-            first_without=self.first_without,
+            first_without=[read_id(reads, row).decode() for row in self.first_without],
             settings=self.translation.settings(),
         )
         return index, provenance

@@ -8,6 +8,13 @@ batch says where each read is.
 
 Ids follow the rules of the protein FASTA (``docs/input.md``): the first word of the header,
 UTF-8 without control characters, at most ``MAX_ID_BYTES`` bytes.
+
+A letter that is not a base stops the file (:func:`bad_base_message`). When the reads of its
+batch are those of proteins (the nucleotide rule in reverse,
+:func:`~virnuc_dask.inputs.nucleotide.looks_like_protein`), the message says so for the whole
+file and to drop ``--translate``: a protein file given as reads is the likely mistake, and its
+first letter that is not a base tells the user nothing. Otherwise (reads with a stray letter)
+it names the letter, its read, line and position.
 """
 
 from __future__ import annotations
@@ -18,9 +25,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from virnuc_dask.errors import VirnucError
+from virnuc_dask.errors import VirnucError, option
 from virnuc_dask.inputs.duplicates import shown_id
 from virnuc_dask.inputs.fasta import MAX_ID_BYTES
+from virnuc_dask.inputs.nucleotide import SAMPLE_LETTERS, letter_counts, looks_like_protein
 from virnuc_dask.inputs.staging import open_blocks, shown
 
 _UTF8_BOM = b"\xef\xbb\xbf"
@@ -260,7 +268,22 @@ def _refuse_empty(text: str, pending: bytes) -> None:
 
 
 def bad_base_message(batch: ReadBatch, read: int, position: int, byte: int, text: str) -> str:
-    """The message for a letter that is not a base, naming file, line, read and position."""
+    """The message for a letter that is not a base, naming file, line, read and position.
+
+    When the batch's reads are proteins (the nucleotide rule in reverse), the message names
+    the file and says to drop ``--translate`` instead.
+    """
+    bases = ragged(batch.seq, batch.start, batch.length)[:SAMPLE_LETTERS]
+    protein = looks_like_protein(letter_counts(bases))
+    if protein is not None:
+        share, letters = protein
+        names = list(letters.decode())
+        such = " and ".join([", ".join(names[:-1]), names[-1]]) if len(names) > 1 else names[0]
+        return (
+            f"{text} holds proteins, not nucleotide reads ({share:.0%} of its letters other "
+            f"than N and X are not nucleotide codes, such as {such}); to embed its sequences "
+            f"as proteins, drop {option('translate', 'six-frame')}"
+        )
     what = f"letter {chr(byte)!r}" if 0x21 <= byte < 0x7F else f"byte {byte:#04x}"
     return (
         f"{text}, line {batch.base_line(read, position)}: read {shown_id(batch.id(read))}: "
