@@ -385,7 +385,6 @@ class EmbeddingJob:
                 self.published = True
                 output = str(self.output)
             phases["assembly"] = time.perf_counter() - clock
-            watch.finish()
             done = True
         except KeyboardInterrupt:
             if not self._output_complete():
@@ -408,8 +407,10 @@ class EmbeddingJob:
         if failure is not None:
             # Raised outside the handler: no remote traceback stays attached as the context.
             raise failure
+        seconds = time.perf_counter() - started
+        watch.finish(seconds)  # the summary's seconds: the bar ends on the summary's rate
         self.report = RunReport.from_shards(
-            output, shards, time.perf_counter() - started, phases=_rounded(phases), reads=self.reads
+            output, shards, seconds, phases=_rounded(phases), reads=self.reads
         )
         logger.info(self.report.summary())
         logger.debug("phases: %s", self.report.phase_line())
@@ -667,10 +668,10 @@ class _Watch:
             self.last_warning = now
             logger.warning("%s (for %.0f s); waiting up to %.0f s", trouble, waited, limit)
 
-    def finish(self) -> None:
-        """Draw the final state of the progress line."""
+    def finish(self, seconds: float) -> None:
+        """Draw the final state of the progress line, with the run's ``seconds``."""
         if self.bar:
-            self.bar.update(self.chunks, self.tokens, final=True)
+            self.bar.update(self.chunks, self.tokens, final=True, seconds=seconds)
 
 
 def _count_workers(client, timeout: float) -> int:
@@ -741,12 +742,15 @@ class RunReport:
 
     def summary(self) -> str:
         """One line for a person: sequences, tokens, time and throughput."""
-        rate = self.tokens / self.seconds if self.seconds else 0.0
+        from virnuc_dask.progress import rate
+
+        embedded = sum(t for w, t in self.worker_tokens.items() if w != "resumed")
+        speed = rate(embedded, self.seconds)
         workers = len(set(self.worker_tokens) - {"resumed", "existing"})
         line = (
             f"{self.sequences:,} sequences, {self.tokens:,} tokens in {self.chunks} chunks "
             f"({self.reused} reused) on {workers} worker{'s' if workers != 1 else ''}: "
-            f"{self.seconds:.1f} s, {rate:,.0f} tokens/s"
+            f"{self.seconds:.1f} s, {speed:,.0f} tokens/s"
         )
         if self.reads is not None:
             first = self.reads_without_peptides_first

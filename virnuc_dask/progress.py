@@ -16,6 +16,14 @@ Decisions:
   A client has one handler per topic, so :func:`listen` keeps one subscription per client and
   hands each message to the run it names (two runs may share a client).
 - A worker sends at most one message per chunk every :data:`REPORT_SECONDS`.
+- One rate for a run (:func:`rate`), on the progress line and in the run's summary: the
+  tokens this run embedded (chunks reused from an earlier run not counted) over the seconds
+  since the run started, the model's load included. The final progress line is drawn with
+  the summary's seconds, so the two state the same number.
+- The first state is always shown (the clock of the last line starts unset, not at 0:
+  ``time.monotonic()`` counts from boot, so on a machine booted minutes ago a 0 would look
+  recent); the counts shown never exceed the totals (overlapping windows, or a chunk
+  computed again after a lost worker, can report more tokens than the chunk's).
 """
 
 from __future__ import annotations
@@ -32,6 +40,12 @@ from typing import TextIO
 TOPIC = "virnuc-dask-progress"
 #: Seconds between two progress messages of one chunk.
 REPORT_SECONDS = 0.5
+
+
+def rate(tokens: int, seconds: float) -> float:
+    """Tokens per second of a run: ``tokens`` it embedded (reuse excluded) in ``seconds``."""
+    return tokens / seconds if seconds > 0 else 0.0
+
 
 _LISTENERS: dict[int, dict[str, Callable[[dict], None]]] = {}
 _LISTENERS_LOCK = threading.Lock()
@@ -117,25 +131,39 @@ class _Progress:
         self.chunks, self.tokens = chunks, tokens
         self.interval = interval
         self.started = time.monotonic()
-        self.last = 0.0
+        self.last: float | None = None  # no line shown yet
         self.first_tokens: int | None = None
 
-    def update(self, chunks_done: int, tokens_done: int, *, final: bool = False) -> None:
-        """Show the state, at most every ``interval`` seconds (always when ``final``)."""
+    def update(
+        self,
+        chunks_done: int,
+        tokens_done: int,
+        *,
+        final: bool = False,
+        seconds: float | None = None,
+    ) -> None:
+        """Show the state, at most every ``interval`` seconds (always when ``final``).
+
+        ``seconds`` is the run's time so far when the caller measured it (the final line
+        takes the summary's); by default, the time since this display started.
+        """
         now = time.monotonic()
+        tokens_done = min(tokens_done, self.tokens)
+        chunks_done = min(chunks_done, self.chunks)
         if self.first_tokens is None:
             self.first_tokens = tokens_done  # reused chunks do not count towards the rate
-        if not final and now - self.last < self.interval:
+        if not final and self.last is not None and now - self.last < self.interval:
             return
         self.last = now
-        elapsed = now - self.started
-        rate = (tokens_done - self.first_tokens) / elapsed if elapsed > 0 else 0.0
-        left = (self.tokens - tokens_done) / rate if rate > 0 else float("nan")
+        speed = rate(
+            tokens_done - self.first_tokens, now - self.started if seconds is None else seconds
+        )
+        left = (self.tokens - tokens_done) / speed if speed > 0 else float("nan")
         eta = f"{left:,.0f} s left" if left == left else "time left unknown"
         line = (
             f"{tokens_done:,}/{self.tokens:,} tokens "
             f"({100 * tokens_done / max(self.tokens, 1):.0f}%), {chunks_done}/{self.chunks} "
-            f"chunks, {rate:,.0f} tokens/s, {eta}"
+            f"chunks, {speed:,.0f} tokens/s, {eta}"
         )
         self._show(line, tokens_done, final)
 

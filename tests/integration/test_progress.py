@@ -67,3 +67,39 @@ def test_text_progress_shows_tokens_rate_and_time_left_in_a_log():
     assert lines[1].startswith("0/1,000 tokens (0%), 0/4 chunks")
     assert lines[2].startswith("1,000/1,000 tokens (100%), 4/4 chunks") and "tokens/s" in lines[2]
     assert len(lines) == 3
+
+
+def test_the_first_line_is_shown_on_a_machine_booted_a_minute_ago(monkeypatch):
+    # time.monotonic() counts from boot on Linux: a freshly booted machine reads small values.
+    import virnuc_dask.progress as progress
+
+    monkeypatch.setattr(progress.time, "monotonic", lambda: 60.0)
+    out = io.StringIO()
+    bar = TextProgress(2, 100, stream=out, every=3600)
+    bar.update(0, 0)
+    assert out.getvalue().startswith("0/100 tokens (0%), 0/2 chunks")
+
+
+def test_progress_never_shows_more_than_the_total():
+    out = io.StringIO()
+    bar = TextProgress(2, 1000, stream=out, every=0)
+    bar.update(1, 1200)  # windows overlap: batches may report more tokens than the chunk's
+    assert out.getvalue().startswith("1,000/1,000 tokens (100%), 1/2 chunks")
+
+
+def test_the_bar_and_the_summary_state_one_rate():
+    from virnuc_dask.output import ShardInfo
+    from virnuc_dask.pipeline import RunReport
+
+    # Half of the tokens come from reused chunks of an earlier run: neither line counts them.
+    shards = [
+        ShardInfo(0, "a.h5", 10, 500, "resumed", 0.0),
+        ShardInfo(1, "b.h5", 10, 500, "tcp://127.0.0.1:1", 4.0),
+    ]
+    report = RunReport.from_shards("out.h5", shards, 10.0)
+    assert report.summary().endswith("10.0 s, 50 tokens/s")
+    out = io.StringIO()
+    bar = TextProgress(2, 1000, stream=out, every=0)
+    bar.update(1, 500)  # the reused chunk, counted before anything computed
+    bar.update(2, 1000, final=True, seconds=10.0)
+    assert ", 50 tokens/s" in out.getvalue().splitlines()[-1]
