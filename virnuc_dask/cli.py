@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+import warnings
 
 import click
 
@@ -32,6 +33,37 @@ def _layers(ctx, param, values: tuple[str, ...]) -> tuple[int, ...] | None:
             "layers are whole numbers, e.g. --layers 33 or --layers 30,33"
         ) from None
     return layers or None
+
+
+class _Messages(logging.Formatter):
+    """The tool's own news plain (the summary, resume counts); warnings and Dask's lines named."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.levelno == logging.INFO and record.name.startswith("virnuc_dask"):
+            return record.getMessage()
+        return f"{record.levelname} {record.name}: {record.getMessage()}"
+
+
+def _configure_logging(verbose: bool) -> None:
+    """Default and ``--quiet``: the tool's messages and everyone's warnings; Dask's INFO lines
+    (scheduler, nanny and client of a local cluster, all in this process) only with
+    ``--verbose``.
+
+    ``distributed`` gives its loggers handlers and levels of their own when it is imported, so
+    a level on the root logger does not reach them: it is set on theirs, after the import.
+    """
+    handler = logging.StreamHandler()
+    handler.setFormatter(_Messages())
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    logging.getLogger("virnuc_dask").setLevel(logging.DEBUG if verbose else logging.INFO)
+    import distributed  # noqa: F401 (sets up its loggers now, not later over ours)
+
+    if not verbose:
+        logging.getLogger("distributed").setLevel(logging.WARNING)
+        # The dashboard link printed at the start names the port the dashboard really took.
+        warnings.filterwarnings("ignore", r"Port \d+ is already in use", UserWarning)
 
 
 def _interrupt(signum, frame):
@@ -206,12 +238,7 @@ def embed(
     """
     from virnuc_dask.pipeline import embed as run
 
-    logging.basicConfig(
-        level=logging.WARNING if quiet else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
-    # The tool's own messages (the run's summary, resume counts) stay with --quiet.
-    logging.getLogger("virnuc_dask").setLevel(logging.DEBUG if verbose else logging.INFO)
+    _configure_logging(verbose)
     # SIGTERM (a scheduler's preemption, `kill`) ends the run like Ctrl-C: the local cluster
     # is closed, locks are released and finished shards stay for --resume.
     signal.signal(signal.SIGTERM, _interrupt)

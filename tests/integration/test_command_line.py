@@ -16,6 +16,8 @@ from tests.helpers import (
     assert_rows_close,
     dask_processes,
     fair_esm_embeddings,
+    random_sequences,
+    write_fasta,
 )
 from tests.test_models import write_fair_esm_checkpoint
 from virnuc_dask.models import hub_checkpoint, load_model, resolve_weights
@@ -213,3 +215,30 @@ def test_nucleotide_letters_are_refused_and_as_protein_embeds_them(tmp_path):
     ds = virnuc_dask.open_embeddings(out).load()
     assert list(ds.sequence.values) == ["s1", "s2"]
     assert ds.length.values.tolist() == [len(scaffold) * 3, len(scaffold) * 2]
+
+
+def test_default_and_quiet_output_hold_no_dask_messages_and_verbose_has_them(tmp_path):
+    """Default: the dashboard link, the progress line and the summary; Dask's INFO only with
+    --verbose (distributed's loggers have handlers and levels of their own)."""
+    fasta = tmp_path / "in.fasta"
+    write_fasta(fasta, random_sequences(12, 20, 60, seed=5))
+
+    def stderr(*flags: str) -> list[str]:
+        out = tmp_path / f"out{len(list(tmp_path.glob('*.h5')))}.h5"
+        result = subprocess.run(
+            [*CLI, "embed", str(fasta), "-o", str(out), "--model", TINY, "--random-weights",
+             "--workers", "1", *flags],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stderr.splitlines()
+
+    default = stderr()
+    assert default[0].startswith("Dask dashboard: http://127.0.0.1:")
+    assert all(" tokens (" in line for line in default[1:-1]), default
+    assert default[-1].startswith("12 sequences, ") and default[-1].endswith(" tokens/s")
+    quiet = stderr("--quiet")
+    assert len(quiet) == 1 and quiet[0].startswith("12 sequences, "), quiet
+    verbose = stderr("--verbose")
+    assert any("distributed.scheduler" in line for line in verbose)
+    assert any("distributed.nanny" in line for line in verbose)
