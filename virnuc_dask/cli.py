@@ -16,7 +16,7 @@ import warnings
 import click
 
 from virnuc_dask.config import DTYPES, OUTPUT_DTYPES
-from virnuc_dask.errors import VirnucError, command_line_spelling
+from virnuc_dask.errors import Interrupted, VirnucError, command_line_spelling
 from virnuc_dask.index import DUPLICATE_POLICIES
 from virnuc_dask.inputs.peptides import TRANSLATIONS
 from virnuc_dask.inputs.translate import DEFAULT_MIN_ORF, FRAME_MODES
@@ -128,7 +128,16 @@ def main() -> None:
     help="fsspec options for URLs (endpoint, region, profile), as JSON or @FILE; credentials "
     "only in a file, a profile or the environment.",
 )
-@click.option("--resume", is_flag=True, help="Reuse finished chunks of an interrupted run.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Reuse finished chunks of an interrupted run (same inputs and settings).",
+)
+@click.option(
+    "--restart",
+    is_flag=True,
+    help="Discard the finished chunks an earlier run left in the work directory.",
+)
 @click.option(
     "--overwrite",
     is_flag=True,
@@ -220,6 +229,7 @@ def embed(
     zarr,
     work_dir,
     resume,
+    restart,
     overwrite,
     storage_options,
     quiet,
@@ -253,6 +263,7 @@ def embed(
                 zarr=zarr,
                 work_dir=work_dir,
                 resume=resume,
+                restart=restart,
                 overwrite=overwrite,
                 progress=not quiet,
                 storage_options=storage,
@@ -261,10 +272,11 @@ def embed(
     except VirnucError as error:
         click.echo(f"virnuc-dask: error: {error}", err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        click.echo(
-            "virnuc-dask: interrupted; rerun with --resume to reuse finished chunks", err=True
-        )
+    except KeyboardInterrupt as error:
+        # An interrupted run says what it kept (Interrupted); one stopped earlier kept nothing.
+        with command_line_spelling():
+            said = str(error) if isinstance(error, Interrupted) else "interrupted"
+        click.echo(f"virnuc-dask: {said}", err=True)
         sys.exit(130)
     click.echo(f"wrote {path}")
 

@@ -20,6 +20,30 @@ class VirnucError(Exception):
     """
 
 
+class Interrupted(KeyboardInterrupt):
+    """A run ended by Ctrl-C (or SIGTERM), saying what it kept for ``resume``.
+
+    Attributes
+    ----------
+    kept
+        The work directory whose finished chunks remain, or None when nothing was kept.
+    chunks
+        How many finished chunks it holds.
+    """
+
+    def __init__(self, kept=None, chunks: int = 0) -> None:
+        super().__init__()
+        self.kept, self.chunks = kept, chunks
+
+    def __str__(self) -> str:
+        if self.kept is None:
+            return "interrupted; nothing was finished, so nothing is kept"
+        return (
+            f"interrupted; {self.chunks} finished chunk{'s' if self.chunks != 1 else ''} "
+            f"kept in {self.kept}: rerun with {option('resume')} to reuse them"
+        )
+
+
 #: ``"python"`` (default) or ``"cli"``: how :func:`option` spells an option in messages.
 SPELLING: contextvars.ContextVar[str] = contextvars.ContextVar("spelling", default="python")
 

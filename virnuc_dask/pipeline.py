@@ -57,7 +57,7 @@ from dask.delayed import Delayed
 
 from virnuc_dask import ownership, workdir
 from virnuc_dask.config import EmbedConfig
-from virnuc_dask.errors import VirnucError, option
+from virnuc_dask.errors import Interrupted, VirnucError, option
 from virnuc_dask.index import FastaIndex
 from virnuc_dask.inputs import index_inputs
 from virnuc_dask.inputs.provenance import ReadProvenance, reads_summary
@@ -160,6 +160,8 @@ class EmbeddingJob:
     token: str = ""
     overwrite: bool = False
     report: RunReport | None = None
+    #: What :meth:`finish` kept for resume: the work directory and its finished chunks.
+    kept: tuple = (None, 0)
     phases: dict[str, float] = dataclasses.field(default_factory=dict)
     locks: list[RunLock] = dataclasses.field(default_factory=list, repr=False)
     reads: ReadProvenance | None = None
@@ -331,7 +333,7 @@ class EmbeddingJob:
         started = time.perf_counter()
         phases = dict(self.phases)
         futures, pending, writer, keys = [], set(), None, {}
-        done, failure = False, None
+        done, failure, interrupted = False, None, False
         # Progress (and the dashboard's link) from the start: the model load is worth watching.
         watch = _Watch(self, client, progress)
         try:
@@ -389,9 +391,10 @@ class EmbeddingJob:
         except KeyboardInterrupt:
             if not self._output_complete():
                 client.cancel(futures, force=True)
-                raise  # finish() says what is kept for resume
-            # The interrupt came after the output was renamed into place: the run is done.
-            output, shards, done = str(self.output), [], True
+                interrupted = True  # raised once finish() knows what is kept
+            else:
+                # The interrupt came after the output was renamed into place: the run is done.
+                output, shards, done = str(self.output), [], True
         except Exception as error:
             client.cancel(futures, force=True)
             failure = _local_error(error, keys, self)
@@ -403,7 +406,9 @@ class EmbeddingJob:
                 future.release()
             futures = pending = []
             if cleanup:
-                self.finish(success=done)
+                self.finish(success=done, interrupted=interrupted)
+        if interrupted:
+            raise Interrupted(*self.kept) if cleanup else KeyboardInterrupt
         if failure is not None:
             # Raised outside the handler: no remote traceback stays attached as the context.
             raise failure
@@ -429,20 +434,25 @@ class EmbeddingJob:
             return False
         return ours and (self.zarr is None or self.zarr.exists())
 
-    def finish(self, *, success: bool) -> None:
+    def finish(self, *, success: bool, interrupted: bool = False) -> None:
         """Remove the work directory (after success, or when it holds no shard), then unlock.
 
         Called by :meth:`run`; call it yourself for a job never run or run with
         ``cleanup=False``. The work directory goes before the locks, so that no other run can
-        take it while it is being removed.
+        take it while it is being removed. What is kept is recorded in :attr:`kept`, and said
+        in a warning unless the run was ``interrupted`` (the raised
+        :class:`~virnuc_dask.errors.Interrupted` says it then).
         """
         try:
+            self.kept = (None, 0)
             if success:
                 workdir.remove(self.work_dir)
             elif workdir.remove_if_unused(self.work_dir):
                 logger.info("nothing finished yet: removed the work directory %s", self.work_dir)
             else:
-                logger.warning(
+                self.kept = (self.work_dir, workdir.finished_count(self.work_dir))
+                # After an interrupt the raised Interrupted says it, once.
+                (logger.debug if interrupted else logger.warning)(
                     "finished chunks are kept in %s: rerun with %s to reuse them",
                     self.work_dir,
                     option("resume"),
@@ -849,6 +859,7 @@ def prepare(
     zarr: str | Path | None = None,
     work_dir: str | Path | None = None,
     resume: bool = False,
+    restart: bool = False,
     overwrite: bool = False,
     torch_threads: int | None = None,
     on_gpu: bool | None = None,
@@ -878,7 +889,11 @@ def prepare(
     work_dir
         Work directory (must not exist yet, unless resuming); default ``OUTPUT.work``.
     resume
-        Reuse the shards of an earlier, interrupted run with the same fingerprint.
+        Reuse the shards of an earlier, interrupted run with the same fingerprint. Shards of
+        other settings are never discarded: that is refused, naming what differs.
+    restart
+        Discard the finished chunks an earlier run left in the work directory, and start
+        over.
     overwrite
         Replace an existing output file (and Zarr store written by this tool); the old one
         stays intact until the new one is complete.
@@ -919,7 +934,9 @@ def prepare(
     token = uuid.uuid4().hex[:12]
     work = paths.work_dir
     clock = time.perf_counter()
-    locks, saved = workdir.lock_and_open(paths.output, work, resume, token)
+    if resume and restart:
+        raise VirnucError(f"{option('resume')} and {option('restart')} exclude each other")
+    locks, saved = workdir.lock_and_open(paths.output, work, resume, token, restart=restart)
     local_dir = None
     try:
         for target in (paths.output, paths.zarr):
@@ -936,15 +953,18 @@ def prepare(
             settings = _engine_settings(config, weights, torch_threads)
             early.start(dataclasses.replace(settings, compile=config.compile or False), local)
         index, reads = index_inputs(inputs, local / "staging", config, storage)
-        fingerprint = workdir.fingerprint(index, weights, config)
-        parts = workdir.saved_or_new_partition(work, saved, fingerprint, index, lanes, config)
+        identity = workdir.identity(index, weights, config)
+        fingerprint = workdir.fingerprint_of(identity)
+        parts = workdir.saved_or_new_partition(
+            work, saved, identity, index, lanes, config, restart=restart
+        )
         index.save(local / "index")
         if reads is not None:
             reads.save(local / "index")
         if isinstance(work, Remote):
             _upload_index(index, local, work)
         reused = workdir.finished_shards(work, parts, fingerprint) if saved is not None else []
-    except BaseException:
+    except BaseException as error:
         try:
             if early is not None:
                 early.close()  # its workers keep their scratch space in the work directory
@@ -957,6 +977,9 @@ def prepare(
             finally:
                 for lock in reversed(locks):
                     lock.release()
+        if isinstance(error, KeyboardInterrupt):
+            kept = (None, 0) if saved is None else (work, workdir.finished_count(work))
+            raise Interrupted(*kept) from None
         raise
     if saved is not None:
         logger.info(
@@ -1017,6 +1040,7 @@ def embed(
     zarr: str | Path | None = None,
     work_dir: str | Path | None = None,
     resume: bool = False,
+    restart: bool = False,
     overwrite: bool = False,
     progress: bool = True,
     storage_options: dict | str | StorageOptions | None = None,
@@ -1041,7 +1065,9 @@ def embed(
     work_dir
         Work directory for shards; default ``OUTPUT.work``.
     resume
-        Reuse the finished shards of an interrupted run.
+        Reuse the finished shards of an interrupted run (of the same inputs and settings).
+    restart
+        Discard the finished shards an earlier run left in the work directory.
     overwrite
         Replace an existing output (only once the new one is complete).
     progress
@@ -1075,6 +1101,7 @@ def embed(
         zarr=zarr,
         work_dir=work_dir,
         resume=resume,
+        restart=restart,
         overwrite=overwrite,
         storage_options=storage_options,
     )
@@ -1109,23 +1136,26 @@ def embed(
         **options,
         **settings,
     )
-    path = None
+    path, interrupted = None, False
     try:
-        if not early:
-            cluster.start(job.engine_settings, job.local)
-        with cluster.stack:
+        try:
+            if not early:
+                cluster.start(job.engine_settings, job.local)
             client, info = cluster.result()
             # What the driver waited for after indexing (all of the start, for small inputs).
             job.phases["cluster_start"] = cluster.waited
             path = job.run(client, progress=progress, cleanup=False)
+        finally:
             clock = time.perf_counter()
+            cluster.close()  # waits for a start under way: nothing outlives the run
         _closed(job, time.perf_counter() - clock)
     except KeyboardInterrupt:
-        if path is None:
-            raise
-        # Interrupted while the cluster closed: the output is complete, the run succeeded.
+        # Interrupted while the cluster closed, the output complete: the run succeeded.
+        interrupted = path is None
     finally:
-        job.finish(success=path is not None)
+        job.finish(success=path is not None, interrupted=interrupted)
+    if interrupted:
+        raise Interrupted(*job.kept)
     return path
 
 

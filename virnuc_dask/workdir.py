@@ -15,6 +15,10 @@ Decisions:
   engine's version (:data:`~virnuc_dask.engine.ENGINE_VERSION`) and every setting that changes
   the stored numbers, the translation of reads included (genetic code, frames, shortest
   peptide, piece size). A shard is reused only under the same fingerprint, for the same rows.
+- A run never throws finished work away unasked: resuming a work directory whose finished
+  chunks have another fingerprint is refused, naming each setting that differs (the
+  manifest keeps what the fingerprint hashes) with the two ways out: the earlier settings,
+  or ``restart`` to discard them. A work directory without finished chunks is simply reused.
 - The work directory may be an fsspec URL (:class:`~virnuc_dask.storage.Remote`), so that
   nodes share nothing but the object store: the same layout under a prefix, every file
   written in one PUT (so never seen half-written), the locks as leases
@@ -51,15 +55,20 @@ KIND = "work directory"
 
 
 def lock_and_open(
-    output: Path | Remote, work: Path | Remote, resume: bool, token: str = ""
+    output: Path | Remote,
+    work: Path | Remote,
+    resume: bool,
+    token: str = "",
+    restart: bool = False,
 ) -> tuple[list[RunLock], dict | None]:
     """Lock the output, open the work directory (see :func:`open_work_dir`) and lock it.
 
-    Returns the locks (output first) and the earlier run's manifest when resuming (else None).
+    Returns the locks (output first) and the earlier run's manifest when resuming or
+    restarting (else None).
     """
     locks = [RunLock(output.with_name(output.name + ".lock"), f"output {output}", token).acquire()]
     try:
-        saved = open_work_dir(work, resume)
+        saved = open_work_dir(work, resume or restart)
         locks.append(RunLock(work / "lock", f"work directory {work}", token).acquire())
     except BaseException:
         locks[0].release()
@@ -68,7 +77,8 @@ def lock_and_open(
 
 
 def open_work_dir(work: Path | Remote, resume: bool) -> dict | None:
-    """Create and mark the work directory, or return an earlier run's manifest when resuming.
+    """Create and mark the work directory, or return an earlier run's manifest when resuming
+    (or restarting: ``resume`` is then set too; its shards go once the directory is locked).
 
     Raises
     ------
@@ -89,7 +99,7 @@ def open_work_dir(work: Path | Remote, resume: bool) -> dict | None:
     if not resume:
         raise VirnucError(
             f"work directory {work} exists from an earlier run; pass {option('resume')} to "
-            "reuse its finished chunks, or remove it"
+            f"reuse its finished chunks, or {option('restart')} to discard them"
         )
     manifest = work / "manifest.json"
     if not manifest.exists():
@@ -111,14 +121,19 @@ def remove(work: Path | Remote) -> None:
     ownership.remove(work, KIND)
 
 
+def finished_count(work: Path | Remote) -> int:
+    """How many finished chunks (shards) the work directory holds."""
+    shards = work / "shards"
+    return len(list(shards.glob("shard-*.h5"))) if shards.is_dir() else 0
+
+
 def remove_if_unused(work: Path | Remote) -> bool:
     """Remove the work directory when no chunk has been finished in it yet; say whether it was.
 
     After a failure before the first shard there is nothing to resume: leaving the folder
     behind would only make the corrected rerun ask for ``resume``.
     """
-    shards = work / "shards"
-    if shards.is_dir() and any(shards.glob("shard-*.h5")):
+    if finished_count(work):
         return False
     ownership.remove(work, KIND)
     return True
@@ -126,6 +141,19 @@ def remove_if_unused(work: Path | Remote) -> bool:
 
 def fingerprint(index: FastaIndex, weights: WeightsSource, config: EmbedConfig) -> str:
     """Hash of the inputs' bytes, the model and weights, versions and numeric settings."""
+    return fingerprint_of(identity(index, weights, config))
+
+
+def fingerprint_of(settings: dict) -> str:
+    """The fingerprint of an :func:`identity`."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def identity(index: FastaIndex, weights: WeightsSource, config: EmbedConfig) -> dict:
+    """What the fingerprint hashes: everything that changes the stored numbers.
+
+    Saved in the manifest, so that a resumed run with other settings can say which differ.
+    """
     identity = {
         "inputs": index.digest,
         "model": config.model,
@@ -149,19 +177,89 @@ def fingerprint(index: FastaIndex, weights: WeightsSource, config: EmbedConfig) 
     translation = config.translation()
     if translation is not None:  # absent for proteins, so their fingerprints stay as they were
         identity["translation"] = translation.settings()
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
+    return identity
+
+
+#: Values of the identity's optional keys when they are absent (their defaults).
+_ABSENT = {"per_residue": "off", "long": "truncate", "translate": "none (proteins)"}
+#: Identity keys that are not options, as a message names them.
+_NAMES = {
+    "inputs": "the inputs' contents",
+    "weights": "weights",
+    "torch": "torch",
+    "fair-esm": "fair-esm",
+    "engine": "engine version",
+}
+
+
+def differences(old: dict, new: dict) -> list[str]:
+    """The settings that differ between two identities, ``NAME OLD then, NAME NEW now``."""
+
+    def flat(settings: dict) -> dict:
+        out = {}
+        for key, value in settings.items():
+            out.update(value if isinstance(value, dict) else {key: value})
+        return out
+
+    old, new = flat(old), flat(new)
+    said = []
+    for key in sorted(set(old) | set(new)):
+        before, after = old.get(key, _ABSENT.get(key)), new.get(key, _ABSENT.get(key))
+        if before == after:
+            continue
+        if isinstance(before, list | tuple):
+            before = ",".join(map(str, before))
+        if isinstance(after, list | tuple):
+            after = ",".join(map(str, after))
+        if key == "inputs":
+            said.append(_NAMES[key] + " differ")
+        elif key in _NAMES:
+            said.append(f"{_NAMES[key]} {before} then, {after} now")
+        else:
+            said.append(f"{option(key, before)} then, {option(key, after)} now")
+    return said
+
+
+def _refuse_other_settings(work: Path | Remote, saved: dict, settings: dict, count: int):
+    changed = (
+        "; ".join(differences(saved["settings"], settings))
+        if isinstance(saved.get("settings"), dict)
+        else "its manifest does not record which"
+    )
+    return VirnucError(
+        f"work directory {work} holds {count} finished chunk{'s' if count != 1 else ''} of a "
+        f"run with other inputs or settings ({changed}); rerun with that run's settings to "
+        f"reuse them, or pass {option('restart')} to discard them and start over"
+    )
 
 
 def saved_or_new_partition(
     work: Path | Remote,
     saved: dict | None,
-    fingerprint: str,
+    settings: dict,
     index: FastaIndex,
     lanes: int,
     config: EmbedConfig,
+    restart: bool = False,
 ) -> Partition:
-    """The saved partition of an earlier run of the same fingerprint, else a new one."""
-    if saved and saved.get("fingerprint") == fingerprint:
+    """The saved partition of an earlier run of the same fingerprint, else a new one.
+
+    ``settings`` is this run's :func:`identity`. Finished chunks of an earlier run with
+    another fingerprint are never discarded unasked: that raises :class:`VirnucError` naming
+    what differs, unless ``restart`` asks to discard them.
+    """
+    fingerprint = fingerprint_of(settings)
+    finished = list((work / "shards").glob("shard-*.h5")) if saved else []
+    if saved and finished and (restart or saved.get("fingerprint") != fingerprint):
+        if not restart:
+            raise _refuse_other_settings(work, saved, settings, len(finished))
+        logger.warning(
+            "discarding %d finished chunks of an earlier run in %s, as %s asks",
+            len(finished),
+            work,
+            option("restart"),
+        )
+    elif saved and saved.get("fingerprint") == fingerprint:
         try:
             return Partition(
                 order=load_npy(work / "order.npy"),
@@ -174,11 +272,6 @@ def saved_or_new_partition(
                 f"remove it and run again without {option('resume')}"
             ) from None
     if saved:
-        logger.warning(
-            "work directory %s holds shards of a run with other inputs or settings: "
-            "recomputing every chunk",
-            work,
-        )
         for stale in (work / "shards").glob("*shard-*"):
             stale.unlink()
     parts = partition(index.length, lanes, config.chunk_tokens, config.max_residues, config.long)
@@ -186,6 +279,7 @@ def saved_or_new_partition(
     (work / "shards").mkdir(exist_ok=True)
     manifest = {
         "fingerprint": fingerprint,
+        "settings": settings,
         "lanes": parts.lanes,
         "chunks": [asdict(c) for c in parts.chunks],
     }

@@ -27,6 +27,7 @@ Decisions:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -143,7 +144,12 @@ class ModelPlugin(WorkerPlugin):
 
     async def setup(self, worker) -> None:
         """Build the engine in a thread, so the worker keeps answering the scheduler."""
-        await asyncio.get_running_loop().run_in_executor(None, self._load)
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self._load)
+        except asyncio.CancelledError:
+            # The worker is closing (the run was interrupted while the model loaded): not an
+            # error of the setup, and Dask would print its traceback as one.
+            logger.debug("model load cancelled: the worker is closing")
 
     def _load(self, report: bool = True) -> object:
         clock = time.perf_counter()
@@ -292,9 +298,27 @@ def early_load_preload(settings: EngineSettings) -> str:
     ``--create-cuda-context`` argument.
     """
     return (
-        "from virnuc_dask.worker import EngineSettings, start_loading\n\n\n"
+        "from virnuc_dask.worker import EngineSettings, ignore_interrupts, start_loading\n\n\n"
         "def dask_setup(worker):\n"
+        "    ignore_interrupts()\n"
         f"    start_loading(EngineSettings.from_json({settings.to_json()!r}))\n"
+    )
+
+
+def ignore_interrupts() -> None:
+    """Let a local cluster's worker process ignore Ctrl-C: the driver that started it ends it.
+
+    A terminal sends Ctrl-C's SIGINT to every process of its foreground group, the worker
+    processes included; a worker that took it would die in the middle of the driver's orderly
+    shutdown, printing tracebacks over the one line that says what was kept. (A worker still
+    importing Python's modules, before its preload, can still take it: a second or so.)
+    The warning Dask logs for each task cancelled while it ran is dropped too.
+    """
+    with contextlib.suppress(ValueError):  # not the main thread: nothing to change
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The warning for a task cancelled while it ran: what an interrupted run does to them.
+    logging.getLogger("distributed.worker.state_machine").addFilter(
+        lambda record: "<Task cancelled" not in record.getMessage()
     )
 
 

@@ -359,3 +359,33 @@ def test_a_stale_lock_is_taken_over(workload, tmp_path, caplog):
     assert "stale lock" in caplog.text
     job.release()
     assert not out.with_name("out.h5.lock").exists()
+
+
+def test_an_early_ctrl_c_says_one_true_line(tmp_path):
+    """Ctrl-C while the local cluster starts and the input is still being read: nothing was
+    finished, so nothing is kept and the message does not offer --resume; no traceback."""
+    out = tmp_path / "out.h5"
+    proc = subprocess.Popen(
+        [*CLI, "embed", "-", "-o", str(out), "--model", TINY, "--random-weights"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        proc.stdin.write(">a\nMKTAYIAKQR\n")
+        proc.stdin.flush()
+        # Standard input starts the cluster at once, while the driver still reads the input;
+        # wait until its workers are loading the model, then press Ctrl-C.
+        deadline = time.time() + 60
+        while time.time() < deadline and not list(tmp_path.glob("out.h5.work/dask-scratch/*")):
+            time.sleep(0.05)
+        time.sleep(1.0)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        _kill_group(proc)
+    assert proc.returncode == 130
+    lines = stderr.strip().splitlines()
+    assert lines[-1] == "virnuc-dask: interrupted; nothing was finished, so nothing is kept", lines
+    assert "Traceback" not in stderr and "CancelledError" not in stderr, stderr
+    assert "--resume" not in stderr
+    assert not (tmp_path / "out.h5.work").exists() and not out.exists()

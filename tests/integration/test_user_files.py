@@ -234,17 +234,24 @@ def test_layers_given_twice_are_stored_once(fasta, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "other",
-    [{"model": "esm2_t6_8M_UR50D", "layers": [2]}, {"layers": [1]}, {"seed": 1}],
+    "other, said",
+    [
+        ({"model": "esm2_t6_8M_UR50D", "layers": [2]}, "model=esm2_t2_tiny then, model=esm2_t6"),
+        ({"layers": [1]}, "layers=2 then, layers=1 now"),
+        ({"seed": 1}, "seed=0 then, seed=1 now"),
+    ],
     ids=["another model", "other layers", "other weights"],
 )
-def test_resume_with_other_settings_reuses_nothing(fasta, tmp_path, other, caplog):
+def test_resume_with_other_settings_is_refused_and_restart_reuses_nothing(
+    fasta, tmp_path, other, said
+):
     out = tmp_path / "o.h5"
     first = virnuc_dask.prepare([fasta], out, model=TINY, random_weights=True)
     chunk = first.partition.chunks[0]
     rows = first.partition.order[chunk.start : chunk.stop]
+    shard = first.work_dir / "shards" / "shard-000000.h5"
     write_shard(
-        first.work_dir / "shards" / "shard-000000.h5",
+        shard,
         rows=rows,
         ids=first.index.ids(rows),
         embedding=np.zeros((len(rows), 1, 64), dtype=np.float32),
@@ -252,14 +259,14 @@ def test_resume_with_other_settings_reuses_nothing(fasta, tmp_path, other, caplo
         layers=[2],
     )
     first.release()
-    with caplog.at_level("WARNING", logger="virnuc_dask"):
-        second = virnuc_dask.prepare(
-            [fasta], out, resume=True, **{"model": TINY, "random_weights": True, **other}
-        )
+    settings = {"model": TINY, "random_weights": True, **other}
+    with pytest.raises(VirnucError, match="1 finished chunk of a run with other") as refused:
+        virnuc_dask.prepare([fasta], out, resume=True, **settings)
+    assert said in str(refused.value) and shard.exists()
+    second = virnuc_dask.prepare([fasta], out, restart=True, **settings)
     try:
         assert second.reused == [] and second.fingerprint != first.fingerprint
-        assert "other inputs or settings" in caplog.text
-        assert not (second.work_dir / "shards" / "shard-000000.h5").exists()
+        assert not shard.exists()
     finally:
         second.release()
 
