@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -63,9 +64,55 @@ def test_a_chunk_with_its_shard_on_disk_is_not_computed_again(job, monkeypatch):
 def test_time_limits():
     assert time_limit(1000, 5, None) == 5
     assert time_limit(1000, 0, 10.0) is None
-    assert time_limit(1000, None, None) == worker.FIRST_CHUNK_SECONDS
     assert time_limit(1000, None, 1000.0) == worker.MIN_CHUNK_SECONDS
     assert time_limit(10**6, None, 1000.0) == pytest.approx(worker.SLACK * 1000)
+
+
+#: What the brief measured: ESM-2 150M on a 2-core CPU worker embeds 68 tokens/s, and chunks
+#: go to 2 M tokens; ESM-2 3B runs at about 100,000 tokens/s on an H200.
+CPU_150M, GPU_3B = (148_000_000, "cpu", 2, 68.0), (2_840_000_000, "cuda", 1, 100_000.0)
+
+
+@pytest.mark.parametrize("params, device, threads, real", [CPU_150M, GPU_3B])
+def test_a_fresh_worker_gives_the_largest_healthy_chunk_the_time_it_needs(
+    params, device, threads, real
+):
+    # Before any measurement: a speed assumed of the device, well below the real one, so the
+    # automatic limit of a healthy 2 M-token chunk is longer than the chunk takes.
+    assumed = worker.assumed_rate(params, device, threads)
+    assert assumed < real / 5
+    limit = time_limit(2_000_000, None, assumed)
+    assert limit > 2_000_000 / real * worker.SLACK
+
+
+def test_the_first_batch_sets_a_limit_the_chunk_can_meet_and_a_hang_still_ends(monkeypatch):
+    monkeypatch.setattr(worker, "MIN_CHUNK_SECONDS", 0.2)
+    monkeypatch.setattr(worker, "SLACK", 2.0)
+    expired = []
+    # A speed assumed far above the real one (limit 0.5 s): the first batch, 100 of 1,000
+    # tokens after 0.3 s, says the chunk needs 3 s, so the limit becomes 2 x 3 s = 6 s.
+    dog = worker._Watchdog(7, tokens=1000, seconds=0.5, measured=False, on_expire=expired.append)
+    with dog:
+        time.sleep(0.3)
+        dog.batch(100)
+        assert dog.seconds == pytest.approx(6.0, rel=0.2)
+        time.sleep(0.5)
+        assert expired == []  # past the first limit, within the one the first batch shows
+    # No batch ever comes (a hung device): the limit holds.
+    dog = worker._Watchdog(8, tokens=1000, seconds=0.3, measured=False, on_expire=expired.append)
+    with dog:
+        time.sleep(1.0)
+    assert expired == [8]
+
+
+def test_a_measured_speed_is_remembered_per_engine(job, monkeypatch):
+    monkeypatch.setattr(worker, "_SLOWEST_RATES", {})  # a fresh worker process
+    settings = job.engine_settings
+    other = dataclasses.replace(settings, layers=(1,))
+    assert worker.remembered_rate(settings) is None
+    embed_chunk(job.partition.chunks[0], job.chunk_job())
+    assert worker.remembered_rate(settings) > 0
+    assert worker.remembered_rate(other) is None  # another model or layers: not measured
 
 
 def test_the_engine_is_built_once_when_threads_ask_at_once(job, monkeypatch):

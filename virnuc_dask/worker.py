@@ -13,7 +13,12 @@ Decisions:
   the task returns the shard at once, so a lost worker costs only its chunk in flight.
 - A task writes its shard only while its run still holds the work directory's lock (the
   lock carries the run's token): a task that outlives an interrupted run writes nothing.
-- Each chunk has a time limit (:func:`time_limit`). A chunk past it ends its worker process
+- Each chunk has a time limit (:func:`time_limit`): :data:`SLACK` times its expected time at
+  the slowest speed this worker has measured for the same engine, or, before any, at a speed
+  assumed of the device (:func:`assumed_rate`, far below the real one); the chunk's first
+  batch then sets the limit its own speed asks for, and later batches only lengthen it
+  (:class:`_Watchdog`). A restarted worker starts from the assumed speed again, which never
+  ends a healthy chunk. A chunk past its limit ends its worker process
   (a hung GPU call or a deadlock cannot be interrupted from Python): the nanny starts a new
   worker and the scheduler gives the chunk to a worker again, up to Dask's
   ``distributed.scheduler.allowed-failures`` times; then the run stops naming the chunk.
@@ -59,13 +64,15 @@ from virnuc_dask.workdir import shard_path
 logger = logging.getLogger(__name__)
 
 PLUGIN_NAME = "virnuc-dask-model"
-#: Time limit of a chunk before this worker has measured its speed: generous, since the
-#: first chunk of a worker may include compiling and warming up the engine.
-FIRST_CHUNK_SECONDS = 1800.0
-#: The time limit is this many times the chunk's expected time at the slowest speed seen.
+#: The time limit is this many times the chunk's expected time.
 SLACK = 10.0
 #: No chunk is given less than this.
 MIN_CHUNK_SECONDS = 120.0
+#: Floating-point operations per second assumed of a device before this worker has measured
+#: its engine: far below what they do (a 2-core CPU runs ESM-2 150M in fp32 at about 10
+#: GFLOP/s a thread, an H200 runs 3B in bf16 at about 600 TFLOP/s), so that the limit of a
+#: healthy first chunk is never too short. A CPU's figure is per torch thread.
+ASSUMED_FLOPS = {"cpu": 1e9, "cuda": 20e12}
 
 
 class ChunkError(VirnucError):
@@ -93,8 +100,9 @@ _SETUP: dict[str, object] = {
     "detail": {},
     "early": False,
 }
-# The slowest tokens per second a chunk of this worker process has run at (time limits).
-_SLOWEST_RATE: dict[str, float] = {}
+# The slowest tokens per second a chunk of each engine has run at in this worker process,
+# keyed by engine_key() (time limits): a speed of the 8M model says nothing of the 3B.
+_SLOWEST_RATES: dict[EngineSettings, float] = {}
 
 
 @dataclass(frozen=True)
@@ -442,18 +450,30 @@ def _local_copy(job: ChunkJob) -> tuple[str, str]:
     return str(folder / "index"), str(folder / "order.npy")
 
 
-def time_limit(tokens: int, given: float | None, slowest_rate: float | None) -> float | None:
+def time_limit(tokens: int, given: float | None, rate: float | None) -> float | None:
     """Seconds a chunk of ``tokens`` may take before its worker is ended; None for no limit.
 
     ``given`` wins when set (0 means no limit). Otherwise the limit is :data:`SLACK` times the
-    chunk's time at the slowest speed this worker has shown, at least
-    :data:`MIN_CHUNK_SECONDS`; before the worker's first chunk, :data:`FIRST_CHUNK_SECONDS`.
+    chunk's time at ``rate`` tokens per second, at least :data:`MIN_CHUNK_SECONDS`.
     """
     if given is not None:
         return float(given) if given > 0 else None
-    if not slowest_rate:
-        return FIRST_CHUNK_SECONDS
-    return max(MIN_CHUNK_SECONDS, SLACK * tokens / slowest_rate)
+    return max(MIN_CHUNK_SECONDS, SLACK * tokens / rate)
+
+
+def assumed_rate(parameters: int, device: str, threads: int = 1) -> float:
+    """Tokens per second assumed of a model before this worker has measured it.
+
+    A forward pass costs about two operations per parameter and token; the device's speed is
+    the low :data:`ASSUMED_FLOPS` (per thread on a CPU).
+    """
+    flops = ASSUMED_FLOPS.get(device, ASSUMED_FLOPS["cpu"])
+    return flops * (max(1, threads) if device == "cpu" else 1) / (2 * max(1, parameters))
+
+
+def remembered_rate(settings: EngineSettings) -> float | None:
+    """The slowest speed (tokens/s) a chunk of this engine has run at in this worker process."""
+    return _SLOWEST_RATES.get(engine_key(settings))
 
 
 class _Watchdog:
@@ -461,31 +481,92 @@ class _Watchdog:
 
     A hung CUDA call or a deadlock cannot be interrupted from Python; ending the process is the
     one remedy that always works, and Dask's nanny starts a fresh worker in its place.
+
+    The automatic limit follows the chunk (:meth:`batch`): the first batch's speed sets a
+    limit of :func:`time_limit` at that speed (it replaces a limit from an assumed speed,
+    and only lengthens one from a measured speed), and a later batch lengthens the limit
+    when the chunk's speed so far asks for more. A chunk that makes progress is never ended
+    for being slower than expected; one whose batches stop coming is.
+
+    Parameters
+    ----------
+    number
+        The chunk's number, for the message.
+    tokens
+        The chunk's tokens.
+    seconds
+        The starting limit; None: no limit.
+    measured
+        Whether ``seconds`` comes from a speed this worker measured (else an assumed one).
+    adjust
+        Whether batches adjust the limit (False for a limit the user gave).
+    on_expire
+        Called with ``number`` when the limit passes; default: end this process.
     """
 
-    def __init__(self, chunk: Chunk, seconds: float | None) -> None:
-        self.timer = None
-        if seconds is not None:
-            self.timer = threading.Timer(seconds, self._expire, args=(chunk.number, seconds))
-            self.timer.daemon = True
+    def __init__(
+        self,
+        number: int,
+        tokens: int,
+        seconds: float | None,
+        *,
+        measured: bool,
+        adjust: bool = True,
+        on_expire=None,
+    ) -> None:
+        self.number, self.tokens, self.seconds = number, tokens, seconds
+        self.measured, self.adjust = measured, adjust and seconds is not None
+        self.on_expire = on_expire or self._end_process
+        self.started = time.monotonic()
+        self.batches = 0
+        self.done_tokens = 0
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._watch, name="virnuc-dask-watchdog")
+        self._thread.daemon = True
 
-    def _expire(self, number: int, seconds: float) -> None:
+    def batch(self, tokens: int) -> None:
+        """A batch of ``tokens`` finished: adjust the limit to the chunk's speed so far."""
+        with self._lock:
+            self.batches += 1
+            self.done_tokens += tokens
+            if not self.adjust:
+                return
+            elapsed = max(time.monotonic() - self.started, 1e-3)
+            needed = time_limit(self.tokens, None, self.done_tokens / elapsed)
+            if self.batches == 1 and not self.measured:
+                self.seconds = needed
+            else:
+                self.seconds = max(self.seconds, needed)
+
+    def _watch(self) -> None:
+        while True:
+            with self._lock:
+                left = self.started + self.seconds - time.monotonic()
+            if left <= 0:
+                break
+            if self._stop.wait(min(left, 5.0)):
+                return
         logger.error(
             "chunk %d has run past its time limit of %.0f s: ending this worker so that the "
             "chunk is given to a fresh one",
-            number,
-            seconds,
+            self.number,
+            self.seconds,
         )
+        self.on_expire(self.number)
+
+    @staticmethod
+    def _end_process(number: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
     def __enter__(self) -> _Watchdog:
-        if self.timer is not None:
-            self.timer.start()
+        self.started = time.monotonic()
+        if self.seconds is not None:
+            self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
+        self._stop.set()
 
 
 def embed_chunk(chunk: Chunk, job: ChunkJob) -> ShardInfo:
@@ -527,7 +608,19 @@ def embed_chunk(chunk: Chunk, job: ChunkJob) -> ShardInfo:
     engine = worker_engine(job.engine)
     index = FastaIndex.load(index_dir)
     sequences = read_sequences(index, rows, job.storage)
-    limit = time_limit(chunk.tokens, job.chunk_seconds, _SLOWEST_RATE.get("rate"))
+    measured = remembered_rate(job.engine)
+    rate = measured or assumed_rate(
+        sum(p.numel() for p in engine.model.parameters()),
+        next(engine.model.parameters()).device.type,
+        torch.get_num_threads(),
+    )
+    watchdog = _Watchdog(
+        chunk.number,
+        chunk.tokens,
+        time_limit(chunk.tokens, job.chunk_seconds, rate),
+        measured=measured is not None,
+        adjust=job.chunk_seconds is None,
+    )
     # A shard at a URL is written on this worker's disk, then put whole.
     local = Path(index_dir).parent / os.path.basename(path) if remote else Path(path)
     residues = None
@@ -545,11 +638,11 @@ def embed_chunk(chunk: Chunk, job: ChunkJob) -> ShardInfo:
     try:
         try:
             # Grad mode is thread-local and Dask runs tasks in its own threads: set it here.
-            with _Watchdog(chunk, limit), torch.inference_mode():
+            with watchdog, torch.inference_mode():
                 computing = time.perf_counter()
                 embedding = engine.embed(
                     sequences,
-                    on_batch=_batch_reporter(job.token, chunk),
+                    on_batch=_on_batch(watchdog, _batch_reporter(job.token, chunk)),
                     long=job.long,
                     on_residues=residues.write if residues is not None else None,
                     residue_dtype=job.residue_dtype,
@@ -562,7 +655,8 @@ def embed_chunk(chunk: Chunk, job: ChunkJob) -> ShardInfo:
                 f"{type(error).__name__}: {error}"
             ) from error
         rate = chunk.tokens / max(time.perf_counter() - computing, 1e-3)
-        _SLOWEST_RATE["rate"] = min(rate, _SLOWEST_RATE.get("rate", rate))
+        key = engine_key(job.engine)
+        _SLOWEST_RATES[key] = min(rate, _SLOWEST_RATES.get(key, rate))
         if job.lock_path and not holds(job.lock_path, job.token, job.storage):
             raise RunAbandoned(
                 f"chunk {chunk.number}: the run that asked for it no longer holds "
@@ -591,6 +685,17 @@ def embed_chunk(chunk: Chunk, job: ChunkJob) -> ShardInfo:
     return ShardInfo(
         chunk.number, path, chunk.size, chunk.tokens, worker, time.perf_counter() - started
     )
+
+
+def _on_batch(watchdog: _Watchdog, reporter: BatchReporter | None):
+    """The engine's ``on_batch``: the watchdog follows the chunk, the driver hears of it."""
+
+    def on_batch(tokens: int) -> None:
+        watchdog.batch(tokens)
+        if reporter is not None:
+            reporter(tokens)
+
+    return on_batch
 
 
 def _batch_reporter(token: str, chunk: Chunk) -> BatchReporter | None:
