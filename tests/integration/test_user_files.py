@@ -179,7 +179,10 @@ def test_a_script_without_a_main_guard_is_told_what_to_do(fasta, tmp_path):
         [sys.executable, str(script)], capture_output=True, text=True, timeout=180
     )
     assert result.returncode != 0
-    assert 'if __name__ == "__main__":' in result.stderr
+    # One line, the first and only one: nothing started, so nothing else speaks.
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"virnuc-dask: error: {script}, line 2: embed() is called at the top")
+    assert 'if __name__ == "__main__":' in line
     assert not (tmp_path / "out.h5.lock").exists() and not (tmp_path / "out.h5.work").exists()
     guarded = textwrap.indent(call, "    ")
     script.write_text(f"import virnuc_dask\n\nif __name__ == '__main__':\n{guarded}\n")
@@ -296,7 +299,7 @@ def test_an_interrupt_after_the_output_is_in_place_is_a_success(fasta, tmp_path,
     job = virnuc_dask.prepare([fasta], out, model=TINY, random_weights=True, lanes=2)
 
     class Late(pipeline._Watch):
-        def finish(self):
+        def finish(self, seconds):
             raise KeyboardInterrupt  # as SIGTERM would, right after the assembly's rename
 
     original, pipeline._Watch = pipeline._Watch, Late
