@@ -38,7 +38,6 @@ import dataclasses
 import inspect
 import json
 import logging
-import multiprocessing
 import os
 import re
 import sys
@@ -387,6 +386,8 @@ class EmbeddingJob:
                 self.published = True
                 output = str(self.output)
             phases["assembly"] = time.perf_counter() - clock
+            seconds = time.perf_counter() - started  # command to file: the summary's seconds
+            watch.finish(seconds)  # the bar ends on the summary's rate
             done = True
         except KeyboardInterrupt:
             if not self._output_complete():
@@ -395,6 +396,7 @@ class EmbeddingJob:
             else:
                 # The interrupt came after the output was renamed into place: the run is done.
                 output, shards, done = str(self.output), [], True
+                seconds = time.perf_counter() - started
         except Exception as error:
             client.cancel(futures, force=True)
             failure = _local_error(error, keys, self)
@@ -412,8 +414,6 @@ class EmbeddingJob:
         if failure is not None:
             # Raised outside the handler: no remote traceback stays attached as the context.
             raise failure
-        seconds = time.perf_counter() - started
-        watch.finish(seconds)  # the summary's seconds: the bar ends on the summary's rate
         self.report = RunReport.from_shards(
             output, shards, seconds, phases=_rounded(phases), reads=self.reads
         )
@@ -1121,6 +1121,7 @@ def embed(
     # any worker starts; then start the cluster while the inputs are indexed. The workers
     # keep their scratch space in the work directory, so the run writes nothing outside it
     # and the output; it goes once the cluster has closed.
+    _refuse_an_unguarded_script()
     plan = local_plan(settings.get("workers") or dask.config.get("virnuc-dask.workers"))
     cluster = EarlyCluster(plan)
     # Small inputs are indexed first: a malformed record then answers at once, with no
@@ -1197,8 +1198,10 @@ def _refuse_inside_a_starting_worker() -> None:
     again (as ``__mp_main__``). A script that calls ``embed()`` at top level, without
     ``if __name__ == "__main__":``, would start a run inside every starting worker.
     """
+    # Under spawn the script is imported as __mp_main__ before the process knows its parent
+    # (multiprocessing.parent_process() is still None then): the name alone tells.
     main = sys.modules.get("__main__")
-    if getattr(main, "__name__", "") == "__mp_main__" and multiprocessing.parent_process():
+    if getattr(main, "__name__", "") == "__mp_main__":
         raise VirnucError(_GUARD_HINT)
 
 
@@ -1207,6 +1210,65 @@ _GUARD_HINT = (
     'has no `if __name__ == "__main__":` guard. Worker processes import the script again; put '
     'the call under `if __name__ == "__main__":`'
 )
+
+
+def _refuse_an_unguarded_script() -> None:
+    """Stop a script that calls ``embed()`` at top level without a main guard, in one line.
+
+    Such a script would start a local cluster whose worker processes import it again (Dask
+    starts them with ``spawn``) and call ``embed()`` in turn. The call's line is looked up in
+    the script's syntax tree before anything starts; the refusal is a ``SystemExit`` whose
+    message is all the user sees (an exception would bury it under Dask's tracebacks).
+    """
+    found = _unguarded_call()
+    if found is not None:
+        script, line = found
+        raise SystemExit(
+            f"virnuc-dask: error: {script}, line {line}: embed() is called at the top level of "
+            'the script without `if __name__ == "__main__":`; Dask\'s worker processes import '
+            'the script again, so put the call under `if __name__ == "__main__":`'
+        )
+
+
+def _unguarded_call() -> tuple[str, int] | None:
+    """The main script and the line of its top-level code that leads here, when that line is
+    not under ``if __name__ == "__main__":`` (else None)."""
+    import ast
+
+    main = sys.modules.get("__main__")
+    script = getattr(main, "__file__", None)
+    frame = next(
+        (
+            f
+            for f in inspect.stack(context=0)
+            if f.frame.f_globals is getattr(main, "__dict__", None) and f.function == "<module>"
+        ),
+        None,
+    )
+    if not script or frame is None:
+        return None  # a notebook, an interactive session or python -c: nothing re-imported
+    try:
+        tree = ast.parse(Path(script).read_text())
+    except (OSError, SyntaxError, ValueError):
+        return None
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and _is_main_guard(node.test):
+            last = max(getattr(n, "end_lineno", 0) or 0 for n in node.body)
+            if node.body[0].lineno <= frame.lineno <= last:
+                return None
+    return script, frame.lineno
+
+
+def _is_main_guard(test: object) -> bool:
+    """Whether an ``if`` test reads ``__name__ == "__main__"`` (either way round)."""
+    import ast
+
+    if not (isinstance(test, ast.Compare) and len(test.ops) == 1):
+        return False
+    sides = [test.left, *test.comparators]
+    names = [s.id for s in sides if isinstance(s, ast.Name)]
+    texts = [s.value for s in sides if isinstance(s, ast.Constant)]
+    return isinstance(test.ops[0], ast.Eq) and names == ["__name__"] and texts == ["__main__"]
 
 
 def _cluster_failed(error: Exception) -> Exception:
