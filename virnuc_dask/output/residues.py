@@ -30,10 +30,11 @@ Decisions:
   (``blosc``), so the store needs no extension codec: a byte shuffle and Zstandard as two
   steps is ``numcodecs.shuffle`` in Zarr v3, which zarr-python warns about on every open and
   other implementations cannot read. One Blosc block per chunk gives the ratio of the
-  two-step encoding (0.824 of the raw bytes on ESM-2 8M rows; Blosc's default blocks of
-  64 kB gave 0.918), and compresses faster (834 against 542 MB/s on one core of the 2-core
-  machine, 1,024 x 2,560 float16). The bytes are exactly what zarr-python's own codec
-  writes for the chunk. The filter is registered by ``hdf5plugin`` (a dependency, imported
+  two-step encoding (0.846 of the raw bytes for both in ``benchmarks/residue_compression.py``;
+  0.824 for both on ESM-2 8M rows, where Blosc's default blocks of 64 kB gave 0.918) and
+  compresses a little faster (1,388 against 1,180 MB/s on one core of the 2-core machine,
+  1,024 x 2,560 float16, the shuffle included). The bytes are exactly what zarr-python's own
+  codec writes for the chunk. The filter is registered by ``hdf5plugin`` (a dependency, imported
   by this package and by :func:`~virnuc_dask.open_embeddings`); other readers load it the
   same way (``import hdf5plugin`` before h5py or xarray opens the file, or
   ``HDF5_PLUGIN_PATH`` for netCDF-C).
