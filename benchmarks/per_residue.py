@@ -11,7 +11,10 @@ written from it at the end) and of each worker process. Jobs on the same peptide
 
 The steady rate of a job is its tokens (residues + 2) over the run's ``compute`` phase, as the
 tool records it in the output's ``phases`` attribute (first chunk submitted to last chunk
-written into the file); the target is per-residue >= 90% of pooled on the GPU. Bytes written
+written into the file); the target is per-residue >= 90% of pooled on the GPU. The *tail* is
+the time from the last chunk's end (written into the file) to the finished outputs: the
+writer's ``close()`` (row check, attributes, the Zarr store's remaining writes, renames), from
+its debug line ``output closed: check 0.00 s, ...``, with its steps. Bytes written
 per token are the stored size of ``residue_embedding`` (HDF5) and of the Zarr store's
 ``residue_embedding`` folder over the tokens.
 
@@ -30,7 +33,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -111,6 +116,20 @@ class MemorySampler:
         return max(s[1] for s in chosen), max(s[2] for s in chosen)
 
 
+class TailSteps(logging.Handler):
+    """The steps of the writer's ``close()``, from its debug line, in seconds."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.steps: dict[str, float] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith("output closed: "):
+            found = re.findall(r"(\w+) ([\d.]+) s", message)
+            self.steps = {name: float(seconds) for name, seconds in found}
+
+
 def child(spec: dict) -> dict:
     """One job in this (fresh) process: embed, sample memory, measure the output."""
     import h5py
@@ -125,10 +144,15 @@ def child(spec: dict) -> dict:
         settings["random_weights"] = True
     if spec.get("per_residue"):
         settings["per_residue"] = True
+    tail = TailSteps()
+    writer_log = logging.getLogger("virnuc_dask.output.writer")
+    writer_log.setLevel(logging.DEBUG)
+    writer_log.addHandler(tail)
     with MemorySampler() as sampler:
         started = time.perf_counter()
         virnuc_dask.embed(spec["fasta"], out, zarr=store, **settings)
         wall = time.perf_counter() - started
+    writer_log.removeHandler(tail)
     with h5py.File(out, "r") as f:
         phases = json.loads(f.attrs["phases"])
         stored = f["residue_embedding"].id.get_storage_size() if "residue_embedding" in f else 0
@@ -149,6 +173,8 @@ def child(spec: dict) -> dict:
         "wall_seconds": round(wall, 2),
         "phases": phases,
         "steady_tokens_per_second": round(tokens / phases["compute"], 1),
+        "tail_seconds": round(sum(tail.steps.values()), 2),
+        "tail_steps": tail.steps,
         "peak_driver_bytes": driver,
         "peak_driver_tail_bytes": tail_driver,
         "peak_worker_bytes": workers,
@@ -182,6 +208,9 @@ def main() -> None:
     parser.add_argument("--sequences", type=int, default=120_000)
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--jobs", nargs="+", default=list(JOBS), choices=list(JOBS))
+    parser.add_argument(
+        "--label", default="", help="Added to the results' name and recorded (e.g. before)."
+    )
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     model = args.model or ("esm2_t6_8M_UR50D" if args.cpu else "esm2_t36_3B_UR50D")
@@ -220,16 +249,17 @@ def main() -> None:
     pooled = next((r for r in rows if r["job"] == "pooled"), None)
     mb = 1 / 2**20
     print(
-        "\n| job | steady tok/s | vs pooled | wall s | driver peak MiB | tail peak MiB | "
+        "\n| job | steady tok/s | vs pooled | wall s | tail s | driver peak MiB | tail peak MiB | "
         "worker peak MiB | residue bytes/token (HDF5, Zarr) |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = r["steady_tokens_per_second"] / pooled["steady_tokens_per_second"] if pooled else 0
         r["ratio_to_pooled"] = round(ratio, 3)
         print(
             f"| {r['job']} | {r['steady_tokens_per_second']:,.0f} | {ratio:.1%} | "
-            f"{r['wall_seconds']:.1f} | {r['peak_driver_bytes'] * mb:,.0f} | "
+            f"{r['wall_seconds']:.1f} | {r['tail_seconds']:.2f} | "
+            f"{r['peak_driver_bytes'] * mb:,.0f} | "
             f"{r['peak_driver_tail_bytes'] * mb:,.0f} | {r['peak_worker_bytes'] * mb:,.0f} | "
             f"{r['residue_stored_bytes_per_token']}, {r['zarr_residue_bytes_per_token']} |"
         )
@@ -240,13 +270,15 @@ def main() -> None:
         print(f"\nper-residue >= {TARGET:.0%} of pooled: {'met' if verdict else 'missed'}")
     RESULTS.mkdir(exist_ok=True)
     kind = "cpu" if args.cpu else "gpu"
-    name = f"per_residue-{datetime.now(UTC):%Y%m%d}-{kind}-{model}.json"
+    label = f"-{args.label}" if args.label else ""
+    name = f"per_residue-{datetime.now(UTC):%Y%m%d}-{kind}-{model}{label}.json"
     (RESULTS / name).write_text(
         json.dumps(
             {
                 "date": datetime.now(UTC).isoformat(timespec="seconds"),
                 "machine": describe(PACKAGES),
                 "model": model,
+                "label": args.label,
                 "sequences": args.sequences,
                 "tokens": tokens,
                 "target_ratio": TARGET,

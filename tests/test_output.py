@@ -706,7 +706,8 @@ def _residue_shards(tmp_path, counts, bounds, order, values, dtype="float16"):
         rows = order[a:b]
         path = tmp_path / f"res-{number}.h5"
         partial = tmp_path / f".res-{number}.partial"
-        sink = ShardResidues(partial, counts[rows], layers=1, width=4, dtype=dtype)
+        layers, width = values[0].shape[1:]
+        sink = ShardResidues(partial, counts[rows], layers=layers, width=width, dtype=dtype)
         # Handed over out of order and in two calls, as batches come back.
         half = len(rows) // 2
         for part in (np.arange(half, len(rows)), np.arange(half)):
@@ -768,7 +769,8 @@ def test_residues_stream_into_hdf5_and_zarr_and_read_back_by_id(tmp_path, residu
     with h5py.File(tmp_path / "out.h5", "r") as f:
         data = f["residue_embedding"]
         assert data.dtype == np.float16 and data.chunks == (1024, 4)
-        assert data._filters.get("32015") is not None and data.shuffle  # Zstandard
+        # Blosc (32001) with Zstandard level 1 after a byte shuffle inside.
+        assert data._filters["32001"][4:] == (1, 1, 5)
     for path in (tmp_path / "out.h5", tmp_path / "out.zarr"):
         ds = open_embeddings(path)
         assert ds.residue_embedding.dims == ("residue", "feature")
@@ -780,6 +782,73 @@ def test_residues_stream_into_hdf5_and_zarr_and_read_back_by_id(tmp_path, residu
     # A shuffled id mapping would read another sequence's rows.
     ds = open_embeddings(tmp_path / "out.h5")
     assert not np.array_equal(residues_of(ds, IDS[1]).values[:1], values[0][:1, 0])
+
+
+def _zarr_chunk(store, first_row, ndim):
+    """The stored bytes of the Zarr chunk of ``residue_embedding`` that starts at ``first_row``."""
+    key = "/".join(["c", str(first_row // 1024), *["0"] * (ndim - 1)])
+    return (store / "residue_embedding" / key).read_bytes()
+
+
+@pytest.mark.parametrize("layers", [(2,), (0, 1, 2)])
+def test_zarr_residue_chunks_are_the_shards_bytes_stored_as_each_shard_arrives(
+    tmp_path, residue_case, layers
+):
+    counts, order, bounds, _, layout = residue_case
+    rng = np.random.default_rng(4)
+    values = [rng.standard_normal((n, len(layers), 4)).astype(np.float16) for n in counts]
+    shards = _residue_shards(tmp_path, counts, bounds, order, values)
+    ndim = 2 if len(layers) == 1 else 3
+    store = tmp_path / "out.zarr"
+    with _writer(
+        tmp_path, layers=layers, residues=layout, lengths=counts, zarr_path=store
+    ) as writer:
+        for shard in reversed(shards):
+            writer.add(shard)
+        # Before the end: the partial store already holds every chunk of every region, as
+        # the shards compressed it (no decoding, no second compression).
+        (partial,) = tmp_path.glob(".out.zarr.*.partial")
+        for shard, (a, b) in zip(shards, bounds, strict=True):
+            region = layout.region(order[a:b])
+            with h5py.File(shard.path, "r") as f:
+                stored = f["residues"]
+                for first in range(0, stored.shape[0], 1024):
+                    _, data = stored.id.read_direct_chunk((first, 0, 0))
+                    assert _zarr_chunk(partial, region + first, ndim) == data
+        writer.close()
+    # The finished store: the file's chunks, byte for byte, and the same dataset.
+    with h5py.File(tmp_path / "out.h5", "r") as f:
+        data = f["residue_embedding"]
+        for first in range(0, data.shape[0], 1024):
+            _, chunk = data.id.read_direct_chunk((first, *[0] * (ndim - 1)))
+            assert _zarr_chunk(store, first, ndim) == chunk
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the store's codecs are Zarr v3's own
+        plain = xr.open_zarr(store)
+        assert plain.residue_embedding.dims == (
+            "residue",
+            *(("layer",) if ndim == 3 else ()),
+            "feature",
+        )
+    hdf5 = open_embeddings(tmp_path / "out.h5").load()
+    xr.testing.assert_identical(open_embeddings(store).load(), hdf5)
+    # One row changed in one chunk of the store (rewritten by zarr-python) is seen.
+    array = zarr.open_array(store, path="residue_embedding", mode="r+")
+    row = int(layout.start[17]) + 3
+    array[row] = array[row] + np.float16(0.5)
+    with pytest.raises(AssertionError):
+        xr.testing.assert_identical(open_embeddings(store).load(), hdf5)
+
+
+def test_a_writer_aborted_after_residue_shards_leaves_no_store(tmp_path, residue_case):
+    counts, order, bounds, values, layout = residue_case
+    shards = _residue_shards(tmp_path, counts, bounds, order, values)
+    store = tmp_path / "out.zarr"
+    with _writer(tmp_path, residues=layout, lengths=counts, zarr_path=store) as writer:
+        for shard in shards[:2]:
+            writer.add(shard)
+    assert not store.exists() and not list(tmp_path.glob(".out.*"))
+    assert all(Path(s.path).exists() for s in shards)  # kept for a resumed run
 
 
 def test_a_shard_without_residues_or_of_another_dtype_is_refused(tmp_path, residue_case):

@@ -44,6 +44,7 @@ from virnuc_dask.index import FastaIndex
 from virnuc_dask.lock import RunLock
 from virnuc_dask.models import WeightsSource
 from virnuc_dask.output import ShardInfo, shard_matches
+from virnuc_dask.output.residues import ENCODING as RESIDUE_ENCODING
 from virnuc_dask.partition import Chunk, Partition, partition
 from virnuc_dask.storage import Remote, load_npy, save_npy, write_atomic
 
@@ -172,6 +173,8 @@ def identity(index: FastaIndex, weights: WeightsSource, config: EmbedConfig) -> 
     # a resumed run never mixes pooled-only and per-residue shards, or the two long modes.
     if config.per_residue:
         identity["per_residue"] = config.residue_dtype
+        # Shards of an earlier encoding of the residues' chunks are recomputed, not refused.
+        identity["residue_encoding"] = RESIDUE_ENCODING
     if config.long != "truncate":
         identity["long"] = config.long
     translation = config.translation()

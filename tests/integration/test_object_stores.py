@@ -142,6 +142,44 @@ def test_a_run_on_s3_equals_the_local_run(s3, client, inputs, local_run, tmp_pat
     assert not local_dir.exists()
 
 
+def test_per_residue_outputs_on_s3_hold_the_same_rows(s3, client, inputs, local_run, tmp_path):
+    url = bucket(s3, "residues")
+    job = virnuc_dask.prepare(
+        [inputs / "a.fa"],
+        f"{url}/out/emb.h5",
+        client=client,
+        zarr=f"{url}/out/emb.zarr",
+        work_dir=f"{url}/work",
+        model=TINY,
+        random_weights=True,
+        chunk_tokens=CHUNK_TOKENS,
+        per_residue=True,
+    )
+    local_dir = job.local_dir
+    job.run(client, progress=False)
+    with (
+        virnuc_dask.open_embeddings(f"{url}/out/emb.h5") as hdf5,
+        virnuc_dask.open_embeddings(f"{url}/out/emb.zarr") as store,
+    ):
+        hdf5, store = hdf5.load(), store.load()
+    # Every residue row alike in both (the store's chunks are the file's); attributes differ
+    # only in form (HDF5 reads a one-element ``layers`` back as a number).
+    xr.testing.assert_equal(store, hdf5)
+    assert store.residue_embedding.attrs == hdf5.residue_embedding.attrs
+    assert hdf5.residue_embedding.notnull().all("feature").sum() == hdf5.length.sum()
+    expected = local_run.sel(sequence=list(hdf5.sequence.values))
+    assert_equal(hdf5.sequence.values, hdf5.embedding.values, expected)
+    # Each sequence's rows: the pooled vector is their mean (float16 rows, float32 mean).
+    first = virnuc_dask.residues_of(store, "a0").values.astype(np.float32)
+    np.testing.assert_allclose(first.mean(0), hdf5.embedding.values[0], atol=2e-3)
+    # Only the outputs are left: no partial store, no shards, no local stand-ins.
+    assert sorted(s3.find("residues")) == [
+        "residues/out/emb.h5",
+        *s3.find("residues/out/emb.zarr"),
+    ]
+    assert not local_dir.exists()
+
+
 def s3_endpoint() -> str:
     return os.environ["AWS_ENDPOINT_URL"]
 

@@ -6,7 +6,7 @@ import warnings
 from pathlib import Path
 
 import h5py
-import hdf5plugin  # noqa: F401  (registers the Zstandard filter of residue_embedding)
+import hdf5plugin  # noqa: F401  (registers the Blosc filter of residue_embedding)
 import numpy as np
 
 from virnuc_dask.errors import VirnucError

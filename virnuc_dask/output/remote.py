@@ -11,14 +11,16 @@ no partial writes into an object:
   else a temporary folder, ``TMPDIR``), then uploaded in one put, so a partial file is never
   visible at the URL. Without ``overwrite`` the put is conditional (``If-None-Match: *``): an
   object that appeared at the URL meanwhile is never replaced.
-- **Zarr store**: written locally from the finished file, as a local store is, then uploaded
-  object by object: its ownership marker first, its arrays' chunks and metadata next, and
-  its root ``zarr.json`` (which holds the consolidated metadata every reader opens first)
-  last, so that readers find a store only once it is complete. With ``overwrite`` the old
-  store (checked to be one this tool made) is removed just before: an object store cannot
-  swap two prefixes, so for that moment there is no store at the URL.
-- Workers do not write Zarr regions themselves: a Zarr chunk holds rows of many chunks (the
-  partition deals rows by length), so it is complete only at the end, as for local stores.
+- **Zarr store**: written locally as a local store is (residue chunks as shards arrive, the
+  rest from the finished file), then uploaded object by object: its ownership marker first,
+  its arrays' chunks and metadata next, and its root ``zarr.json`` (which holds the
+  consolidated metadata every reader opens first) last, so that readers find a store only
+  once it is complete. With ``overwrite`` the old store (checked to be one this tool made)
+  is removed just before: an object store cannot swap two prefixes, so for that moment
+  there is no store at the URL.
+- Workers do not write Zarr regions themselves: a chunk of the pooled ``embedding`` holds
+  rows of many chunks (the partition deals rows by length), so it is complete only at the
+  end; the residue chunks, whole per shard, are the shards' bytes, stored by the driver.
 - Both outputs at URLs: the store's objects go first, then the HDF5 file, then the store's
   root ``zarr.json``: they appear within moments of each other, or neither does.
 """

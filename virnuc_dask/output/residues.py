@@ -16,22 +16,35 @@ Decisions:
   touch the same chunk. The price is a gap of fewer than 1,024 rows after each region, which
   is never written (no disk used; it reads as NaN, and xarray's reductions skip NaN).
   ``residue_start`` is an index: rows are not in sequence order.
-- **Compressed by the workers, copied by the writer.** A shard stores its residues with the
-  final variable's chunk shape, dtype and filters (byte shuffle, then Zstandard level 1). The
-  single writer copies each chunk's compressed bytes into the file (HDF5's direct chunk
-  write) without decoding them: its work is I/O only, one chunk in memory at a time, and the
-  compression runs in parallel on the workers.
+- **Compressed once, by the workers; copied by the writer, into both outputs.** A shard
+  stores its residues with the final variable's chunk shape, dtype and encoding. The single
+  writer copies each chunk's compressed bytes into the file (HDF5's direct chunk write) and,
+  with a Zarr store, the same bytes under the chunk's key in the store, as the shard arrives
+  and without decoding them: its work is I/O only, one chunk in memory at a time, the
+  compression runs in parallel on the workers, and nothing of the residues is left to do
+  after the last chunk. (Copying the store from the finished file, decoding and compressing
+  again on one core, took 6.0 s per 0.5 GB of rows on a 2-core machine: minutes for a 3B
+  run's 69 GB, while the GPUs idle.)
+- **One encoding that both formats name: Blosc (Zstandard level 1 inside, byte shuffle, one
+  block per chunk).** It is HDF5 filter 32001 and a codec of the Zarr v3 core specification
+  (``blosc``), so the store needs no extension codec: a byte shuffle and Zstandard as two
+  steps is ``numcodecs.shuffle`` in Zarr v3, which zarr-python warns about on every open and
+  other implementations cannot read. One Blosc block per chunk gives the ratio of the
+  two-step encoding (0.846 of the raw bytes for both in ``benchmarks/residue_compression.py``;
+  0.824 for both on ESM-2 8M rows, where Blosc's default blocks of 64 kB gave 0.918) and
+  compresses a little faster (1,388 against 1,180 MB/s on one core of the 2-core machine,
+  1,024 x 2,560 float16, the shuffle included). The bytes are exactly what zarr-python's own
+  codec writes for the chunk. The filter is registered by ``hdf5plugin`` (a dependency, imported
+  by this package and by :func:`~virnuc_dask.open_embeddings`); other readers load it the
+  same way (``import hdf5plugin`` before h5py or xarray opens the file, or
+  ``HDF5_PLUGIN_PATH`` for netCDF-C).
 - **Zstandard, not deflate.** ESM-2 3B on one H200 produces about 500 MB of float16 rows a
   second; deflate (level 1, after the shuffle) compressed them at 34 MB/s per core on the GPU
   machine, 369 MB/s with 16 threads, and the run with it embedded at 38% of the pooled-only
-  rate. Zstandard level 1 runs at hundreds of MB/s per core for about the same ratio. It is
-  HDF5 filter 32015, registered by ``hdf5plugin`` (a dependency, imported by this package and
-  by :func:`~virnuc_dask.open_embeddings`); other readers load it the same way (``import
-  hdf5plugin`` before h5py or xarray opens the file, or ``HDF5_PLUGIN_PATH`` for netCDF-C).
+  rate. Zstandard level 1 runs at hundreds of MB/s per core for about the same ratio.
 - **Nothing holds the array.** The engines hand over rows batch by batch; the worker writes
   them into its shard as they come (an HDF5 chunk cache of a few chunks absorbs the batches'
-  edges); the writer streams chunk by chunk; the Zarr store is written from the file in
-  blocks of :data:`RESIDUES_PER_CHUNK` rows.
+  edges); the writer streams chunk by chunk into the file and the store.
 - **float16 by default** (``residue_dtype``): half the bytes of float32 for values that are
   compared at float16's precision anyway (bf16 compute has fewer mantissa bits); float32 on
   request.
@@ -42,6 +55,7 @@ from __future__ import annotations
 import math
 import os
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,9 +69,12 @@ import numpy as np
 RESIDUES_PER_CHUNK = 1024
 #: Zstandard level of ``residue_embedding`` (1: the fastest; floats gain little from more).
 ZSTD_LEVEL = 1
-#: HDF5 filters of ``residue_embedding`` in shards and in the output (identical: the writer
-#: copies compressed chunks): a byte shuffle, then Zstandard (``hdf5plugin``'s filter 32015).
-FILTERS = {"shuffle": True, **hdf5plugin.Zstd(clevel=ZSTD_LEVEL)}
+#: HDF5 filter of ``residue_embedding`` in shards and in the output (identical: the writer
+#: copies compressed chunks): Blosc (``hdf5plugin``'s filter 32001) with Zstandard inside,
+#: after a byte shuffle. The chunks are compressed by :func:`_compress`, not by the filter.
+FILTERS = dict(hdf5plugin.Blosc(cname="zstd", clevel=ZSTD_LEVEL, shuffle=hdf5plugin.Blosc.SHUFFLE))
+#: The chunks' encoding, in the run's fingerprint: shards of another encoding are recomputed.
+ENCODING = f"blosc zstd {ZSTD_LEVEL} shuffle, one block a chunk"
 #: The shard dataset of a chunk's residues.
 SHARD_DATASET = "residues"
 
@@ -297,29 +314,60 @@ class ShardResidues:
 
 
 def _compress(chunk: np.ndarray) -> bytes:
-    """A chunk's bytes through HDF5's shuffle and Zstandard filters (:data:`FILTERS`), in order.
+    """A chunk's bytes as :data:`FILTERS` and :func:`zarr_codec` decode them: one Blosc buffer.
 
-    The shuffle filter stores the first byte of every element, then every second byte, and so
-    on; the Zstandard filter stores one frame with the content size in its header.
+    One block of the whole chunk (Blosc's default splits it into blocks of 64 kB, which
+    Zstandard compresses each on its own, worse); the byte shuffle of the element size.
     """
-    from numcodecs import Zstd  # here, not at import: the command line's errors stay quick
+    from numcodecs import Blosc  # here, not at import: the command line's errors stay quick
 
-    size = chunk.dtype.itemsize
-    shuffled = np.ascontiguousarray(chunk.reshape(-1).view(np.uint8).reshape(-1, size).T)
-    return bytes(Zstd(level=ZSTD_LEVEL).encode(shuffled))
+    codec = Blosc(cname="zstd", clevel=ZSTD_LEVEL, shuffle=Blosc.SHUFFLE, blocksize=chunk.nbytes)
+    return bytes(codec.encode(np.ascontiguousarray(chunk)))
 
 
-def copy_chunks(shard: h5py.File, target: h5py.Dataset, region: int, chunk_rows: int) -> int:
+def zarr_codec(dtype: np.dtype, chunk_shape: tuple[int, ...]):
+    """The Zarr v3 codec whose encoding of a chunk is :func:`_compress`'s, byte for byte."""
+    from zarr.codecs import BloscCodec
+
+    dtype = np.dtype(dtype)
+    return BloscCodec(
+        cname="zstd",
+        clevel=ZSTD_LEVEL,
+        shuffle="shuffle",
+        typesize=dtype.itemsize,
+        blocksize=math.prod(chunk_shape) * dtype.itemsize,
+    )
+
+
+def copy_chunks(
+    shard: h5py.File,
+    target: h5py.Dataset,
+    region: int,
+    chunk_rows: int,
+    also: Callable[[int, bytes], None] | None = None,
+) -> int:
     """Copy a shard's compressed residue chunks into ``target`` from row ``region``; bytes.
 
     The chunks are copied as stored (HDF5's direct chunk read and write): never decoded.
+    ``also(first_row, data)``, when given, receives each chunk's bytes too (the Zarr store's
+    copy, :class:`~virnuc_dask.output.zarr_store.ResidueChunks`).
+
+    Raises
+    ------
+    RuntimeError
+        A chunk was stored with a filter skipped (its bytes are not the encoding ``also``
+        expects): shards never store one so.
     """
     source = shard[SHARD_DATASET]
     tail = (0,) * (target.ndim - 1)
     copied = 0
     for first in range(0, source.shape[0], chunk_rows):
         mask, data = source.id.read_direct_chunk((first, 0, 0))
+        if mask and also is not None:
+            raise RuntimeError(f"residue chunk at row {first} was stored without its filter")
         target.id.write_direct_chunk((region + first, *tail), data, mask)
+        if also is not None:
+            also(region + first, data)
         copied += len(data)
     return copied
 

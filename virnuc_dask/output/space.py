@@ -87,6 +87,8 @@ def reporting_disk_full(path: Path, what: str, needed: int) -> Iterator[None]:
     """Turn a lack of space while writing ``what`` at ``path`` into :class:`DiskFull`."""
     try:
         yield
+    except DiskFull:
+        raise  # named already, by an inner block for another path
     except Exception as error:
         if not _out_of_space(error):
             raise

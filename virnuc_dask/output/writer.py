@@ -15,6 +15,9 @@ Decisions:
   every reader of the file sees; writing them to the disk is left to the kernel, as for any
   write (the earlier writer did not sync the file either). Syncing 1.2 GB of dirty pages took
   2 s, the whole budget of the tail.
+- With a Zarr store, its partial is created with the file, and each shard's residue chunks
+  go into both as the shard arrives, the same compressed bytes (:mod:`.zarr_store`): at the
+  end only the pooled values and the variables along ``sequence`` are written to the store.
 - A failure anywhere removes the partial files and keeps the shards, so a run resumes.
 """
 
@@ -43,7 +46,7 @@ from virnuc_dask.output.targets import (
     fresh_partial,
     partial_name,
 )
-from virnuc_dask.output.zarr_store import hdf5_to_zarr
+from virnuc_dask.output.zarr_store import ResidueChunks, hdf5_to_zarr
 from virnuc_dask.windows import window_counts
 
 logger = logging.getLogger(__name__)
@@ -56,9 +59,11 @@ class OutputWriter:
     beside the output (ids, lengths, ``truncated``, the ``layer`` coordinate, attributes), with
     the ``embedding`` variable allocated, contiguous, at a fixed place in the file. Its blocks
     are reserved and memory-mapped, and :meth:`add` copies each shard's rows straight there: no
-    staging array, no second copy of the values. :meth:`close` checks that every row arrived
-    exactly once, writes the Zarr store if asked, and renames into place. So the work left after
-    the last chunk is that check and the renames, whatever the size of the output.
+    staging array, no second copy of the values. A Zarr store's partial is created at the same
+    time, and :meth:`add` stores each shard's compressed residue chunks in it too. :meth:`close`
+    checks that every row arrived exactly once, writes the rest of the Zarr store if asked, and
+    renames into place. So the work left after the last chunk is that check, the store's
+    variables along ``sequence`` and the renames, whatever the size of the residues.
 
     Used as a context manager, leaving the block without :meth:`close` (an exception, or no
     call) aborts: the partial files are removed, the shards are kept.
@@ -86,7 +91,8 @@ class OutputWriter:
     fingerprint
         The run's fingerprint; shards with another are refused. None: not checked.
     zarr_path
-        Also write the same content as a Zarr v3 store here, at :meth:`close`.
+        Also write the same content as a Zarr v3 store here: residue chunks as shards arrive,
+        the rest at :meth:`close`.
     overwrite
         Replace an existing output file or Zarr store (one this tool made), once the new one is
         complete. Checked here, before any work, and again just before the rename.
@@ -159,6 +165,10 @@ class OutputWriter:
         self._residues = residues
         self._h5: h5py.File | None = None
         self._partial = partial_name(self._output)
+        # The partial store (removed on abort, renamed at close) and its residues' writer.
+        self._partials = contextlib.ExitStack()
+        self._store: Path | None = None
+        self._residue_chunks: ResidueChunks | None = None
         self._state = "open"
         shape = (len(ids), len(self._layers), self._width)
         # The values, the ids, and HDF5's metadata and per-row variables.
@@ -184,6 +194,14 @@ class OutputWriter:
                     residues=residues,
                 )
                 self._values = map_reserved(self._partial, offset, shape, self._dtype)
+            if self._zarr is not None:
+                with reporting_disk_full(self._zarr, "the Zarr store", self._needed):
+                    self._store = self._partials.enter_context(
+                        fresh_partial(self._zarr, ZARR_STORE, self._attrs)
+                    )
+                    if residues is not None:
+                        self._residue_chunks = ResidueChunks(self._partial, self._store)
+            with reporting_disk_full(self._output, "the output file", self._needed):
                 if residues is not None:
                     # The residues' chunks are written through HDF5 (the embedding's bytes,
                     # at their fixed place, through the map: HDF5 never writes those).
@@ -253,8 +271,9 @@ class OutputWriter:
     def close(self, extra_attrs: dict | None = None) -> str:
         """Check that every row arrived exactly once, finish the outputs and rename them.
 
-        The Zarr store, when asked, is written here from the finished HDF5 file. Whatever
-        fails, the partial files are removed (the writer is aborted) and no output appears.
+        The Zarr store, when asked, gets here what its residue chunks lack, from the finished
+        HDF5 file. Whatever fails, the partial files are removed (the writer is aborted) and
+        no output appears.
 
         Parameters
         ----------
@@ -297,15 +316,14 @@ class OutputWriter:
                     add_attributes(self._partial, extra_attrs)
                 step("attributes")
             written = [(self._partial, self._output, OUTPUT)]
-            with contextlib.ExitStack() as partials:
-                if self._zarr is not None:
-                    with reporting_disk_full(self._zarr, "the Zarr store", self._needed):
-                        store = partials.enter_context(fresh_partial(self._zarr, ZARR_STORE, attrs))
-                        hdf5_to_zarr(self._partial, store, self._ids, attrs, self._variables)
-                    written.append((store, self._zarr, ZARR_STORE))
-                    step("zarr")
-                commit(written, overwrite=self._overwrite)
-                step("rename")
+            if self._store is not None:
+                with reporting_disk_full(self._zarr, "the Zarr store", self._needed):
+                    hdf5_to_zarr(self._partial, self._store, self._ids, attrs, self._variables)
+                written.append((self._store, self._zarr, ZARR_STORE))
+                step("zarr")
+            commit(written, overwrite=self._overwrite)
+            step("rename")
+            self._partials.close()  # the store was renamed away: nothing left to remove
         except BaseException:
             self.abort()
             raise
@@ -323,6 +341,7 @@ class OutputWriter:
             return
         self._state = "aborted"
         discard(self._partial)
+        self._partials.close()
 
     def _require_open(self) -> None:
         if self._state != "open":
@@ -367,8 +386,15 @@ class OutputWriter:
             )
         region = self._residues.region(rows)
         needed = f[SHARD_DATASET].id.get_storage_size()
+        also = None
+        if self._residue_chunks is not None:
+
+            def also(first_row: int, data: bytes) -> None:
+                with reporting_disk_full(self._zarr, "the Zarr store", needed):
+                    self._residue_chunks.put(first_row, data)
+
         with reporting_disk_full(self._output, "the output file", needed):
-            copy_chunks(f, target, region, self._residues.chunk_rows)
+            copy_chunks(f, target, region, self._residues.chunk_rows, also)
 
     def _require_every_row_once(self) -> None:
         missing = np.flatnonzero(self._seen == 0)
