@@ -265,3 +265,26 @@ def test_local_workers_start_loading_the_model_as_they_start(tmp_path):
         client.register_plugin(ModelPlugin(other), name=ModelPlugin.name)
         [stats] = client.run(setup_stats).values()
         assert not stats["early"] and not stats["reused"]
+
+
+def test_usable_cpus_honour_a_cgroup_quota_and_slurm(tmp_path, monkeypatch):
+    from virnuc_dask import hardware
+
+    quota = tmp_path / "cpu.max"
+    quota.write_text("150000 100000\n")  # 1.5 CPUs: two cores' worth of threads at most
+    assert hardware._cgroup_quota(str(quota)) == 2
+    quota.write_text("max 100000\n")
+    assert hardware._cgroup_quota(str(quota)) is None
+    monkeypatch.setattr(hardware, "_cgroup_quota", lambda: 1)
+    assert hardware.usable_cpus() == 1
+    assert local_plan().torch_threads == 1 or gpu_count()
+    monkeypatch.setattr(hardware, "_cgroup_quota", lambda: None)
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
+    assert hardware.usable_cpus() == 1
+
+
+def test_usable_cpus_without_an_affinity_call(monkeypatch):
+    from virnuc_dask import hardware
+
+    monkeypatch.delattr(os, "sched_getaffinity")  # as on macOS
+    assert hardware.usable_cpus() >= 1

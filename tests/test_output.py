@@ -865,3 +865,17 @@ def test_a_shard_without_residues_or_of_another_dtype_is_refused(tmp_path, resid
         pytest.raises(ShardMismatch, match="residue dtype"),
     ):
         writer.add(wide[0])
+
+
+def test_values_are_mapped_where_the_system_has_no_posix_fallocate(tmp_path, monkeypatch):
+    import os
+
+    from virnuc_dask.output.layout import map_reserved
+
+    monkeypatch.delattr(os, "posix_fallocate")  # as on macOS
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"\0" * 64)
+    mapped = map_reserved(path, 16, (3, 4), np.dtype("float32"))
+    mapped[:] = 1.5
+    mapped.flush()
+    assert np.frombuffer(path.read_bytes()[16:64], dtype=np.float32).tolist() == [1.5] * 12

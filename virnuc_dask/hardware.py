@@ -114,6 +114,39 @@ def local_plan(workers: int | None = None) -> ClusterInfo:
     if gpus:
         n = min(workers or gpus, gpus)
         return ClusterInfo(n, n, None, None)
-    cores = os.cpu_count() or 1
+    cores = usable_cpus()
     n = workers or default_cpu_workers(cores)
     return ClusterInfo(n, 0, max(1, cores // n), None)
+
+
+def usable_cpus() -> int:
+    """The cores this process may use: its CPU affinity, a cgroup's CPU quota and a Slurm
+    allocation's CPUs, whichever is least (``os.cpu_count()`` counts the whole machine).
+
+    A container limited to 2 CPUs on a 64-core host, or a Slurm job given 4 CPUs, would
+    otherwise start workers and torch threads for every core of the host.
+    """
+    counts = [os.cpu_count() or 1]
+    if hasattr(os, "sched_getaffinity"):  # Linux; macOS has no affinity
+        counts.append(len(os.sched_getaffinity(0)))
+    quota = _cgroup_quota()
+    if quota is not None:
+        counts.append(quota)
+    for name in ("SLURM_CPUS_PER_TASK", "SLURM_CPUS_ON_NODE"):
+        value = os.environ.get(name, "")
+        if value.isdigit() and int(value) > 0:
+            counts.append(int(value))
+            break
+    return max(1, min(counts))
+
+
+def _cgroup_quota(path: str = "/sys/fs/cgroup/cpu.max") -> int | None:
+    """CPUs of a cgroup v2 quota (``cpu.max``: ``QUOTA PERIOD`` or ``max PERIOD``), rounded up."""
+    try:
+        with open(path) as f:
+            quota, period = f.read().split()[:2]
+    except (OSError, ValueError):
+        return None
+    if quota == "max":
+        return None
+    return max(1, -(-int(quota) // int(period)))

@@ -293,7 +293,8 @@ class EmbeddingJob:
             "weights": self.weights.describe(),
             "random_weights": "yes" if self.weights.is_random else "no",
             "versions": json.dumps(versions),
-            "inputs": json.dumps(self.index.inputs),
+            # Where the inputs were, as the file will still say after it is moved or shared.
+            "inputs": json.dumps([_absolute(p) for p in self.index.inputs]),
             "fingerprint": self.fingerprint,
             "run": self.token,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -835,6 +836,11 @@ def _add_shard(writer, shard: ShardInfo, storage: StorageOptions | None) -> None
     finally:
         if not isinstance(source, str):
             source.close()
+
+
+def _absolute(path: str) -> str:
+    """A local input's absolute path; a URL, or ``-`` (standard input), as it is."""
+    return path if path == "-" or is_url(path) else os.path.abspath(path)
 
 
 def _rounded(phases: dict[str, float]) -> dict[str, float]:

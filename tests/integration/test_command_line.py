@@ -224,11 +224,11 @@ def test_default_and_quiet_output_hold_no_dask_messages_and_verbose_has_them(tmp
     write_fasta(fasta, random_sequences(12, 20, 60, seed=5))
 
     def stderr(*flags: str) -> list[str]:
-        out = tmp_path / f"out{len(list(tmp_path.glob('*.h5')))}.h5"
+        out = f"out{len(list(tmp_path.glob('*.h5')))}.h5"
         result = subprocess.run(
-            [*CLI, "embed", str(fasta), "-o", str(out), "--model", TINY, "--random-weights",
+            [*CLI, "embed", "in.fasta", "-o", out, "--model", TINY, "--random-weights",
              "--workers", "1", *flags],
-            capture_output=True, text=True, timeout=300,
+            capture_output=True, text=True, timeout=300, cwd=tmp_path,
         )  # fmt: skip
         assert result.returncode == 0, result.stderr[-3000:]
         return result.stderr.splitlines()
@@ -237,6 +237,8 @@ def test_default_and_quiet_output_hold_no_dask_messages_and_verbose_has_them(tmp
     assert default[0].startswith("Dask dashboard: http://127.0.0.1:")
     assert all(" tokens (" in line for line in default[1:-1]), default
     assert default[-1].startswith("12 sequences, ") and default[-1].endswith(" tokens/s")
+    # The input given as a relative path is recorded where it is, not as typed.
+    assert virnuc_dask.open_embeddings(tmp_path / "out0.h5").attrs["inputs"] == f'["{fasta}"]'
     quiet = stderr("--quiet")
     assert len(quiet) == 1 and quiet[0].startswith("12 sequences, "), quiet
     verbose = stderr("--verbose")

@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from virnuc_dask.errors import VirnucError, option
+from virnuc_dask.hardware import usable_cpus
 from virnuc_dask.inputs.duplicates import DUPLICATE_POLICIES, check_duplicates
 from virnuc_dask.inputs.duplicates import id_bytes as read_id
 from virnuc_dask.inputs.fasta import FastaIndex
@@ -257,7 +258,7 @@ class _Builder:
         """Translate one reads file, writing its peptides to ``target``."""
         partial = target.with_name(target.name + ".partial")
         before = self.reads
-        threads = max(1, min(_THREADS, (os.cpu_count() or 2) - 1))
+        threads = max(1, min(_THREADS, usable_cpus() - 1))
         try:
             with open(partial, "wb") as out, ThreadPoolExecutor(threads) as pool:
                 # Batches are translated in threads while the next ones are parsed here, and

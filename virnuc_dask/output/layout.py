@@ -171,6 +171,8 @@ def map_reserved(
     # write to a mapped page that the disk has no room for kills the process).
     with open(path, "r+b") as f:
         try:
+            if not hasattr(os, "posix_fallocate"):  # macOS: no reservation call
+                raise OSError(errno.ENOSYS, "posix_fallocate is not available")
             os.posix_fallocate(f.fileno(), offset, nbytes)
         except OSError as error:
             if error.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):

@@ -53,7 +53,6 @@ Decisions:
 from __future__ import annotations
 
 import math
-import os
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -63,6 +62,8 @@ from pathlib import Path
 import h5py
 import hdf5plugin
 import numpy as np
+
+from virnuc_dask.hardware import usable_cpus
 
 #: Rows of one storage chunk of ``residue_embedding`` (HDF5 and Zarr), and the alignment of
 #: each chunk's region: 1,024 rows of ESM-2 3B in float16 are 5 MB.
@@ -230,7 +231,7 @@ class ShardResidues:
         self._file.create_dataset("residue_counts", data=self.counts)
         # Chunk number -> (its rows, NaN where not yet written; rows still to come).
         self._filling: dict[int, tuple[np.ndarray, int]] = {}
-        self._threads = threads or min(8, len(os.sched_getaffinity(0)))
+        self._threads = threads or min(8, usable_cpus())
         self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="virnuc-dask-compress")
         self._compressing: deque[tuple[int, Future]] = deque()
 
