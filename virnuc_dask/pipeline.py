@@ -12,8 +12,10 @@ Decisions:
 - Every key of a run's graph carries a token unique to that graph
   (``embed-chunk-<token>-000001``): two runs on one scheduler never share (or return) each
   other's tasks, and a failed run's errored tasks never answer for the next run.
-- :meth:`EmbeddingJob.run` releases its futures when it ends; on failure or interrupt it
-  cancels them first. A remote failure is raised again as a local error whose message names
+- :meth:`EmbeddingJob.run` keeps every chunk's future until the run ends, so the
+  dashboard's Progress panel counts finished chunks (their results are tiny; a finished chunk
+  whose worker is lost is run again by Dask and returns its shard on disk at once), and
+  releases them when it ends; on failure or interrupt it cancels them first. A remote failure is raised again as a local error whose message names
   the chunk and its sequences, without the remote traceback objects.
 - Work directory (default ``OUTPUT.work``, next to the output): the index, the partition, gzip
   inputs decompressed for seeking, and one shard per finished chunk. It is removed after a
@@ -373,8 +375,10 @@ class EmbeddingJob:
                     continue
                 for future in [f for f in pending if f.done()]:
                     pending.discard(future)
+                    # Kept until the run ends (its result is a few hundred bytes), so the
+                    # dashboard counts it as done. Should its worker be lost, Dask runs it again,
+                    # and the task returns the shard on disk at once (embed_chunk).
                     shard = future.result()
-                    future.release()  # a lost worker must not make Dask compute it again
                     _add_shard(writer, shard, self.storage)
                     shards.append(shard)
                     watch.add(shard)

@@ -103,3 +103,47 @@ def test_the_bar_and_the_summary_state_one_rate():
     bar.update(1, 500)  # the reused chunk, counted before anything computed
     bar.update(2, 1000, final=True, seconds=10.0)
     assert ", 50 tokens/s" in out.getvalue().splitlines()[-1]
+
+
+def test_finished_chunks_stay_counted_on_the_dashboard_until_the_run_ends(cluster_client, tmp_path):
+    """The dashboard's Progress panel counts a run's tasks the scheduler still knows: a chunk
+    released as soon as it finished would vanish from it ("embed-chunk 0/8")."""
+    import threading
+    import time
+
+    from tests.faults import SlowChunks
+
+    fasta = tmp_path / "in.fasta"
+    write_fasta(fasta, random_sequences(120, 30, 60, seed=4))
+    job = virnuc_dask.prepare(
+        [fasta], tmp_path / "out.h5", client=cluster_client, model=TINY, random_weights=True,
+        chunk_tokens=800,
+    )  # fmt: skip
+    chunks = len(job.partition.chunks)
+    assert chunks >= 6
+
+    def finished_on_scheduler(dask_scheduler) -> int:
+        return sum(
+            ts.state == "memory"
+            for key, ts in dask_scheduler.tasks.items()
+            if str(key).startswith("embed-chunk-")
+        )
+
+    cluster_client.register_plugin(SlowChunks(0.3))
+    runner = threading.Thread(target=job.run, args=(cluster_client,), kwargs={"progress": False})
+    try:
+        runner.start()
+        seen = 0
+        while runner.is_alive():
+            seen = max(seen, cluster_client.run_on_scheduler(finished_on_scheduler))
+            time.sleep(0.05)
+    finally:
+        runner.join()
+        cluster_client.unregister_worker_plugin(SlowChunks.name)
+    # Every chunk but those the two workers finish last, as the run ends (old code: 1).
+    assert seen >= chunks - 2, (seen, chunks)
+    # Released when the run ends (a release reaches the scheduler a moment later).
+    deadline = time.monotonic() + 5
+    while cluster_client.run_on_scheduler(finished_on_scheduler) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert cluster_client.run_on_scheduler(finished_on_scheduler) == 0
