@@ -15,8 +15,9 @@ Decisions:
 - :meth:`EmbeddingJob.run` keeps every chunk's future until the run ends, so the
   dashboard's Progress panel counts finished chunks (their results are tiny; a finished chunk
   whose worker is lost is run again by Dask and returns its shard on disk at once), and
-  releases them when it ends; on failure or interrupt it cancels them first. A remote failure is raised again as a local error whose message names
-  the chunk and its sequences, without the remote traceback objects.
+  releases them when it ends; on failure or interrupt it cancels them first. A remote
+  failure is raised again as a local error whose message names the chunk and its
+  sequences, without the remote traceback objects.
 - Work directory (default ``OUTPUT.work``, next to the output): the index, the partition, gzip
   inputs decompressed for seeking, and one shard per finished chunk. It is removed after a
   successful run, and after a failure that happened before the first shard was written (there

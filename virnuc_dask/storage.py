@@ -388,18 +388,7 @@ class Remote:
         if version is None or not self.versioned:
             self.write_bytes(data)
             return None
-        bucket, key, _ = self.fs.split_path(self.path)
-        try:
-            out = self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfMatch=version)
-        except FileNotFoundError:
-            raise VersionChanged(f"{self.url} is gone") from None
-        except OSError as error:
-            if _condition_failed(error):
-                raise VersionChanged(f"{self.url} is no longer version {version}") from None
-            raise
-        finally:
-            self.fs.invalidate_cache(self.path)
-        return out["ETag"]
+        return self._if_match("put_object", version, Body=data)["ETag"]
 
     def unlink_if(self, version: str | None) -> None:
         """Remove the object only if it is still ``version``.
@@ -414,9 +403,13 @@ class Remote:
         if version is None or not self.versioned:
             self.unlink(missing_ok=True)
             return
+        self._if_match("delete_object", version)
+
+    def _if_match(self, call: str, version: str, **arguments) -> dict:
+        """S3's ``call`` on this object, conditional on its ETag being ``version``."""
         bucket, key, _ = self.fs.split_path(self.path)
         try:
-            self.fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=version)
+            return self.fs.call_s3(call, Bucket=bucket, Key=key, IfMatch=version, **arguments)
         except FileNotFoundError:
             raise VersionChanged(f"{self.url} is gone") from None
         except OSError as error:
