@@ -204,16 +204,16 @@ def differences(old: dict, new: dict) -> list[str]:
             out.update(value if isinstance(value, dict) else {key: value})
         return out
 
+    def shown(settings: dict, key: str) -> object:
+        value = settings.get(key, _ABSENT.get(key))
+        return ",".join(map(str, value)) if isinstance(value, list | tuple) else value
+
     old, new = flat(old), flat(new)
     said = []
     for key in sorted(set(old) | set(new)):
-        before, after = old.get(key, _ABSENT.get(key)), new.get(key, _ABSENT.get(key))
+        before, after = shown(old, key), shown(new, key)
         if before == after:
             continue
-        if isinstance(before, list | tuple):
-            before = ",".join(map(str, before))
-        if isinstance(after, list | tuple):
-            after = ",".join(map(str, after))
         if key == "inputs":
             said.append(_NAMES[key] + " differ")
         elif key in _NAMES:
@@ -252,13 +252,13 @@ def saved_or_new_partition(
     what differs, unless ``restart`` asks to discard them.
     """
     fingerprint = fingerprint_of(settings)
-    finished = list((work / "shards").glob("shard-*.h5")) if saved else []
-    if saved and finished and (restart or saved.get("fingerprint") != fingerprint):
+    finished = finished_count(work) if saved else 0
+    if finished and (restart or saved.get("fingerprint") != fingerprint):
         if not restart:
-            raise _refuse_other_settings(work, saved, settings, len(finished))
+            raise _refuse_other_settings(work, saved, settings, finished)
         logger.warning(
             "discarding %d finished chunks of an earlier run in %s, as %s asks",
-            len(finished),
+            finished,
             work,
             option("restart"),
         )
