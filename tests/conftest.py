@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from tests.helpers import TINY, two_worker_cluster
-from virnuc_dask.models import load_model, resolve_weights
+from virnuc_dask.model.checkpoint import resolve_weights
+from virnuc_dask.model.loading import load_model
 
 
 def pytest_collection_modifyitems(config, items):

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from tests.test_models import TINY, write_fair_esm_checkpoint
-from virnuc_dask.checkpoint_layout import TensorLayout, read_layout
 from virnuc_dask.errors import VirnucError
-from virnuc_dask.models import load_model, read_checkpoint, resolve_weights
+from virnuc_dask.model.checkpoint import read_checkpoint, resolve_weights
+from virnuc_dask.model.checkpoint_layout import TensorLayout, read_layout
+from virnuc_dask.model.loading import load_model
 
 
 @pytest.fixture
@@ -93,7 +94,7 @@ def test_anything_outside_the_allow_list_is_refused(tmp_path):
 def test_checking_a_checkpoint_on_the_driver_does_not_import_torch(checkpoint):
     code = (
         "import sys\n"
-        "from virnuc_dask.models import resolve_weights\n"
+        "from virnuc_dask.model.checkpoint import resolve_weights\n"
         f"source = resolve_weights({TINY!r}, checkpoint={str(checkpoint)!r})\n"
         "assert len(source.sha256) == 64\n"
         "print(sorted(m for m in ('torch', 'esm') if m in sys.modules))\n"

@@ -205,7 +205,8 @@ def _torch_task() -> float:
     """Load the tiny model in the worker and run it: the worker has torch in memory."""
     import torch
 
-    from virnuc_dask.models import load_model, resolve_weights
+    from virnuc_dask.model.checkpoint import resolve_weights
+    from virnuc_dask.model.loading import load_model
 
     model = load_model(resolve_weights("esm2_t2_tiny", random_weights=True, seed=0))
     with torch.inference_mode():
@@ -243,7 +244,7 @@ def test_local_cluster_closes_without_killing_workers():
 
 
 def test_local_workers_start_loading_the_model_as_they_start(tmp_path):
-    from virnuc_dask.models import resolve_weights
+    from virnuc_dask.model.checkpoint import resolve_weights
     from virnuc_dask.worker import EngineSettings, ModelPlugin, setup_stats
 
     settings = EngineSettings(

@@ -21,7 +21,8 @@ from virnuc_dask.engine.packed import (
     rotary_tables,
 )
 from virnuc_dask.engine.reference import ReferenceEngine
-from virnuc_dask.models import load_model, resolve_weights
+from virnuc_dask.model.checkpoint import resolve_weights
+from virnuc_dask.model.loading import load_model
 
 pytestmark = pytest.mark.gpu
 

@@ -14,18 +14,12 @@ import pytest
 import torch
 
 from tests.helpers import TINY
-from virnuc_dask import models
 from virnuc_dask.errors import VirnucError, command_line_spelling
-from virnuc_dask.models import (
-    MODELS,
-    WeightsSource,
-    expected_shapes,
-    hub_checkpoint,
-    hub_dir,
-    load_model,
-    read_checkpoint,
-    resolve_weights,
-)
+from virnuc_dask.model import weights
+from virnuc_dask.model.checkpoint import read_checkpoint, resolve_weights
+from virnuc_dask.model.loading import load_model
+from virnuc_dask.model.registry import MODELS, expected_shapes
+from virnuc_dask.model.weights import WeightsSource, hub_checkpoint, hub_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -237,7 +231,7 @@ def _fair_esm_model(path: Path) -> torch.nn.Module:
 
     with torch.serialization.safe_globals([argparse.Namespace]):
         data = torch.load(path, weights_only=True)
-        regression = torch.load(models.regression_file(path), weights_only=True)
+        regression = torch.load(weights.regression_file(path), weights_only=True)
     model, _ = esm.pretrained.load_model_and_alphabet_core("esm2_t6_8M_UR50D", data, regression)
     return model.eval()
 
@@ -322,8 +316,8 @@ def test_checkpoint_changed_after_resolve_is_refused(tiny_checkpoint):
 def test_digest_is_computed_once_per_file(tiny_checkpoint, monkeypatch, digest_cache):
     path, _ = tiny_checkpoint
     hashed = []
-    real = models.file_sha256
-    monkeypatch.setattr(models, "file_sha256", lambda p: hashed.append(p) or real(p))
+    real = weights.file_sha256
+    monkeypatch.setattr(weights, "file_sha256", lambda p: hashed.append(p) or real(p))
     first = resolve_weights(TINY, checkpoint=path)
     second = resolve_weights(TINY, checkpoint=path)
     load_model(second)
@@ -337,12 +331,12 @@ def test_unwritable_or_broken_cache_never_fails(tiny_checkpoint, monkeypatch, tm
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("")
     monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
-    assert resolve_weights(TINY, checkpoint=path).sha256 == models.file_sha256(path)
+    assert resolve_weights(TINY, checkpoint=path).sha256 == weights.file_sha256(path)
     broken = tmp_path / "broken" / "virnuc-dask"
     broken.mkdir(parents=True)
     (broken / "digests.json").write_text("{not json")
     monkeypatch.setenv("XDG_CACHE_HOME", str(broken.parent))
-    assert resolve_weights(TINY, checkpoint=path).sha256 == models.file_sha256(path)
+    assert resolve_weights(TINY, checkpoint=path).sha256 == weights.file_sha256(path)
 
 
 def test_weights_identity_names_the_model(tiny_checkpoint, tmp_path):
@@ -403,7 +397,7 @@ def test_hub_dir_without_torch_is_torchs(env, monkeypatch):
     assert hub_dir() == Path(torch.hub.get_dir())
 
 
-def test_models_module_does_not_import_torch():
+def test_the_model_modules_do_not_import_torch():
     # Only this module and what it imports: a stand-in package skips the package's
     # __init__, whose other imports are not this module's to answer for.
     code = (
@@ -411,9 +405,10 @@ def test_models_module_does_not_import_torch():
         "package = types.ModuleType('virnuc_dask')\n"
         f"package.__path__ = [{str(ROOT / 'virnuc_dask')!r}]\n"
         "sys.modules['virnuc_dask'] = package\n"
-        "import virnuc_dask.models as m\n"
-        "m.model_spec(m.DEFAULT_MODEL); m.hub_checkpoint(m.DEFAULT_MODEL)\n"
-        "m.resolve_weights('esm2_t2_tiny', random_weights=True).describe()\n"
+        "from virnuc_dask.model import checkpoint, registry, weights\n"
+        "name = registry.DEFAULT_MODEL\n"
+        "registry.model_spec(name); weights.hub_checkpoint(name)\n"
+        "checkpoint.resolve_weights('esm2_t2_tiny', random_weights=True).describe()\n"
         "print(sorted(n for n in sys.modules if n == 'torch' or n.startswith(('torch.', 'esm'))))\n"
     )
     result = subprocess.run(

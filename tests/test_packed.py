@@ -22,8 +22,9 @@ from virnuc_dask.engine.packed import (
     pack_batch,
 )
 from virnuc_dask.engine.reference import ReferenceEngine
-from virnuc_dask.models import load_model, resolve_weights
-from virnuc_dask.tokens import padded_tokens
+from virnuc_dask.model.checkpoint import resolve_weights
+from virnuc_dask.model.loading import load_model
+from virnuc_dask.model.tokens import padded_tokens
 
 LENGTHS = [1, 2, 3, 7, 30, 100, 255, 256, 257, 500, 1000, 1021, 1022, 1023, 1200, 1500]
 
@@ -248,7 +249,8 @@ def test_gpu_a_50000_residue_protein_in_windows_with_esm2_3b():
     # The memory case of --long window on one GPU: ESM-2 3B's width and depth (random weights,
     # drawn on the device), 97 windows spread over packed batches, per-residue rows blended
     # on the host; the peak stays far below an H200's memory and every row is finite.
-    from virnuc_dask.models import _esm2, _no_initialisation, model_spec
+    from virnuc_dask.model.loading import _esm2, _no_initialisation
+    from virnuc_dask.model.registry import model_spec
 
     if torch.cuda.get_device_properties(0).total_memory < 40e9:
         pytest.skip("needs a GPU with 40 GB for ESM-2 3B")

@@ -16,7 +16,7 @@ from virnuc_dask.inputs.fasta import FastaIndex, build_index, read_sequences
 from virnuc_dask.inputs.nucleotide import letter_counts, looks_like_nucleotides
 from virnuc_dask.inputs.peptides import Translation, build_peptide_index
 from virnuc_dask.inputs.provenance import ReadProvenance
-from virnuc_dask.models import resolve_weights
+from virnuc_dask.model.checkpoint import resolve_weights
 from virnuc_dask.workdir import fingerprint
 
 READS = [

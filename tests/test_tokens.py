@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import random_sequences
-from virnuc_dask.tokens import RESIDUE_LETTERS, packed_tokens, padded_tokens, residue_tokens
+from virnuc_dask.model.tokens import RESIDUE_LETTERS, packed_tokens, padded_tokens, residue_tokens
 
 
 @pytest.fixture(scope="module")

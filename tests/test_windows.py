@@ -21,7 +21,8 @@ from tests.helpers import (
 )
 from virnuc_dask.engine.packed import PackedEngine
 from virnuc_dask.engine.reference import ReferenceEngine
-from virnuc_dask.models import load_model, resolve_weights
+from virnuc_dask.model.checkpoint import resolve_weights
+from virnuc_dask.model.loading import load_model
 from virnuc_dask.windows import (
     blend_weights,
     model_tokens,

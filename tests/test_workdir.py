@@ -11,7 +11,7 @@ from virnuc_dask import ownership, workdir
 from virnuc_dask.config import EmbedConfig
 from virnuc_dask.errors import VirnucError
 from virnuc_dask.index import build_index
-from virnuc_dask.models import resolve_weights
+from virnuc_dask.model.checkpoint import resolve_weights
 
 
 @pytest.fixture

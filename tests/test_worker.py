@@ -12,8 +12,9 @@ import pytest
 
 import virnuc_dask
 from tests.helpers import TINY, random_sequences, write_fasta
-from virnuc_dask import models, worker
+from virnuc_dask import worker
 from virnuc_dask.lock import RunLock
+from virnuc_dask.model import checkpoint, loading
 from virnuc_dask.worker import RunAbandoned, embed_chunk, shard_path, time_limit
 
 
@@ -117,14 +118,14 @@ def test_a_measured_speed_is_remembered_per_engine(job, monkeypatch):
 
 def test_the_engine_is_built_once_when_threads_ask_at_once(job, monkeypatch):
     builds = []
-    original = models.load_model
+    original = loading.load_model
 
     def slow_load(source, **kwargs):
         builds.append(threading.get_ident())
         time.sleep(0.5)
         return original(source, **kwargs)
 
-    monkeypatch.setattr(models, "load_model", slow_load)
+    monkeypatch.setattr(loading, "load_model", slow_load)
     worker._ENGINES.clear()
     settings = job.engine_settings
     engines = []
@@ -160,7 +161,7 @@ def test_which_runs_compile_a_built_engine():
     from virnuc_dask.engine.reference import ReferenceEngine
 
     # A private model: the engine fuses its q/k/v storage.
-    tiny_model = models.load_model(models.resolve_weights(TINY, random_weights=True, seed=0))
+    tiny_model = loading.load_model(checkpoint.resolve_weights(TINY, random_weights=True, seed=0))
     engine = PackedEngine(tiny_model, layers=[2], dtype=torch.float32)
     assert not engine.fused and not engine.compiled and not engine.compiles_by_default
     assert worker._should_compile(None, engine) is False

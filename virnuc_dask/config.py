@@ -18,8 +18,8 @@ import yaml
 from virnuc_dask.errors import VirnucError, option
 from virnuc_dask.index import DUPLICATE_POLICIES
 from virnuc_dask.inputs.peptides import TRANSLATIONS, Translation
-from virnuc_dask.models import model_spec
-from virnuc_dask.tokens import MODEL_WINDOW
+from virnuc_dask.model.registry import model_spec
+from virnuc_dask.model.tokens import MODEL_WINDOW
 from virnuc_dask.windows import LONG_MODES
 
 _DEFAULTS_FILE = Path(__file__).with_name("virnuc-dask.yaml")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from virnuc_dask.tokens import MODEL_WINDOW
+from virnuc_dask.model.tokens import MODEL_WINDOW
 from virnuc_dask.windows import model_tokens
 
 

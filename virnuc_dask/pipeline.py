@@ -64,7 +64,9 @@ from virnuc_dask.index import FastaIndex
 from virnuc_dask.inputs import index_inputs
 from virnuc_dask.inputs.provenance import ReadProvenance, reads_summary
 from virnuc_dask.lock import RunLock
-from virnuc_dask.models import WeightsSource, model_spec, resolve_weights
+from virnuc_dask.model.checkpoint import resolve_weights
+from virnuc_dask.model.registry import model_spec
+from virnuc_dask.model.weights import WeightsSource
 from virnuc_dask.output import (
     POOLING,
     ResidueLayout,

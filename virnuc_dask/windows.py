@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from virnuc_dask.tokens import MODEL_WINDOW
+from virnuc_dask.model.tokens import MODEL_WINDOW
 
 #: How sequences longer than the window are handled.
 LONG_MODES = ("truncate", "window")

@@ -42,7 +42,7 @@ from virnuc_dask.engine import ENGINE_VERSION
 from virnuc_dask.errors import VirnucError, option
 from virnuc_dask.index import FastaIndex
 from virnuc_dask.lock import RunLock
-from virnuc_dask.models import WeightsSource
+from virnuc_dask.model.weights import WeightsSource
 from virnuc_dask.output import ShardInfo, shard_matches
 from virnuc_dask.output.residues import ENCODING as RESIDUE_ENCODING
 from virnuc_dask.partition import Chunk, Partition, partition

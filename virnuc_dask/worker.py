@@ -51,7 +51,7 @@ from distributed import WorkerPlugin, get_worker
 
 from virnuc_dask.errors import VirnucError
 from virnuc_dask.lock import holds
-from virnuc_dask.models import WeightsSource
+from virnuc_dask.model.weights import WeightsSource
 from virnuc_dask.output import ShardInfo, shard_matches, write_shard
 from virnuc_dask.output.residues import ShardResidues
 from virnuc_dask.output.targets import partial_name
@@ -217,7 +217,7 @@ class ModelPlugin(WorkerPlugin):
         import esm  # noqa: F401  (fair-esm's import is part of the load; timed apart)
 
         from virnuc_dask.engine import build_engine, resolve_dtype, torch_dtype
-        from virnuc_dask.models import load_model
+        from virnuc_dask.model.loading import load_model
 
         step("import")
         device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
@@ -357,7 +357,7 @@ def _use_compile_cache() -> None:
     the home folder. An explicit ``TORCHINDUCTOR_CACHE_DIR`` or ``TRITON_CACHE_DIR`` is left
     as it is.
     """
-    from virnuc_dask.models import digest_cache_dir
+    from virnuc_dask.model.weights import digest_cache_dir
 
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(digest_cache_dir() / "torchinductor"))
     os.environ.setdefault("TRITON_CACHE_DIR", str(digest_cache_dir() / "triton"))

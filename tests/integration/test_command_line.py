@@ -20,7 +20,9 @@ from tests.helpers import (
     write_fasta,
 )
 from tests.test_models import write_fair_esm_checkpoint
-from virnuc_dask.models import hub_checkpoint, load_model, resolve_weights
+from virnuc_dask.model.checkpoint import resolve_weights
+from virnuc_dask.model.loading import load_model
+from virnuc_dask.model.weights import hub_checkpoint
 
 
 def _example():

@@ -14,7 +14,8 @@ import virnuc_dask
 from tests.helpers import random_sequences, write_fasta
 from virnuc_dask.compare import row_agreement
 from virnuc_dask.engine.reference import ReferenceEngine
-from virnuc_dask.models import load_model, resolve_weights
+from virnuc_dask.model.checkpoint import resolve_weights
+from virnuc_dask.model.loading import load_model
 
 pytestmark = pytest.mark.gpu
 MODEL = "esm2_t6_8M_UR50D"

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from virnuc_dask.tokens import MODEL_WINDOW
+from virnuc_dask.model.tokens import MODEL_WINDOW
 
 if TYPE_CHECKING:
     import torch

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from virnuc_dask.engine.batching import token_budget_batches
-from virnuc_dask.tokens import MODEL_WINDOW, padded_tokens
+from virnuc_dask.model.tokens import MODEL_WINDOW, padded_tokens
 from virnuc_dask.windows import Blender, plan_segments
 
 

@@ -63,8 +63,8 @@ from virnuc_dask.inputs.nucleotide import (
 )
 from virnuc_dask.inputs.staging import check_inputs, file_digest, plain_copy, unreadable
 from virnuc_dask.inputs.staging import shown as _shown
+from virnuc_dask.model.tokens import RESIDUE_LETTERS
 from virnuc_dask.storage import StorageOptions, is_url, open_url, read_ranges
-from virnuc_dask.tokens import RESIDUE_LETTERS
 
 _WHITESPACE = b" \t\r\n\v\f"
 _VALID = RESIDUE_LETTERS + RESIDUE_LETTERS.lower() + _WHITESPACE
