@@ -18,14 +18,8 @@ import pytest
 
 from tests.helpers import dask_processes
 from virnuc_dask import hardware
-from virnuc_dask.cluster import (
-    QuickExit,
-    connect,
-    default_cpu_workers,
-    gpu_count,
-    local_plan,
-    visible_devices,
-)
+from virnuc_dask.cluster import QuickExit, connect
+from virnuc_dask.hardware import default_cpu_workers, gpu_count, local_plan, visible_devices
 from virnuc_dask.errors import VirnucError
 
 

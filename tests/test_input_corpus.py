@@ -56,7 +56,7 @@ _AS_NOBODY = textwrap.dedent(
     """
     import difflib, os, sys
     import virnuc_dask.cli, virnuc_dask.cluster, virnuc_dask.model.loading, virnuc_dask.pipeline
-    import virnuc_dask.paths, virnuc_dask.workdir, virnuc_dask.output, virnuc_dask.worker
+    import virnuc_dask.storage.paths, virnuc_dask.workdir, virnuc_dask.output, virnuc_dask.worker
     uid, gid = int(os.environ.pop("CORPUS_UID")), int(os.environ.pop("CORPUS_GID"))
     os.setgroups([]); os.setgid(gid); os.setuid(uid)
     sys.argv[0] = "virnuc-dask"

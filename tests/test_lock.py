@@ -19,10 +19,10 @@ import fsspec
 import pytest
 
 from tests.servers import s3_server
-from virnuc_dask import lock as run_lock
 from virnuc_dask.errors import VirnucError
-from virnuc_dask.lock import RunLock, holds
-from virnuc_dask.storage import Remote
+from virnuc_dask.storage import locks as run_lock
+from virnuc_dask.storage.locks import RunLock, holds
+from virnuc_dask.storage.remote import Remote
 
 
 def _dead_pid() -> int:

@@ -25,7 +25,6 @@ import pytest
 import xarray as xr
 import zarr
 
-from virnuc_dask import ownership
 from virnuc_dask.errors import VirnucError
 from virnuc_dask.output import (
     DiskFull,
@@ -39,6 +38,7 @@ from virnuc_dask.output import (
     shard_matches,
     write_shard,
 )
+from virnuc_dask.storage import ownership
 
 IDS = [f"P{i:05d}" for i in range(50)]
 LENGTHS = np.arange(50) * 30

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from virnuc_dask.errors import VirnucError, command_line_spelling
-from virnuc_dask.paths import run_paths
+from virnuc_dask.storage.paths import run_paths
 
 
 @pytest.fixture

@@ -8,7 +8,8 @@ import pytest
 
 from tests.servers import s3_server
 from virnuc_dask.errors import VirnucError
-from virnuc_dask.storage import Remote, StorageOptions, VersionChanged, is_url, local_path
+from virnuc_dask.storage.remote import Remote, VersionChanged
+from virnuc_dask.storage.urls import StorageOptions, is_url, local_path
 
 
 def test_what_is_a_url():

@@ -7,11 +7,12 @@ import dataclasses
 import pytest
 
 from tests.helpers import TINY, random_sequences, write_fasta
-from virnuc_dask import ownership, workdir
+from virnuc_dask import workdir
 from virnuc_dask.config import EmbedConfig
 from virnuc_dask.errors import VirnucError
 from virnuc_dask.index import build_index
 from virnuc_dask.model.checkpoint import resolve_weights
+from virnuc_dask.storage import ownership
 
 
 @pytest.fixture

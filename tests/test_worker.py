@@ -13,8 +13,8 @@ import pytest
 import virnuc_dask
 from tests.helpers import TINY, random_sequences, write_fasta
 from virnuc_dask import worker
-from virnuc_dask.lock import RunLock
 from virnuc_dask.model import checkpoint, loading
+from virnuc_dask.storage.locks import RunLock
 from virnuc_dask.worker import RunAbandoned, embed_chunk, shard_path, time_limit
 
 

@@ -1,19 +1,14 @@
 """virnuc_dask: ESM-2 protein embeddings for millions of sequences, on every GPU, through Dask.
 
-The data flow, one module each: :mod:`~virnuc_dask.inputs` (the input side, a package: scan
-FASTA into numpy arrays, or translate nucleotide reads into peptides),
-:mod:`~virnuc_dask.partition` (length-sort, stride over workers, cut into chunks),
-:mod:`~virnuc_dask.hardware` (the local cluster's shape) and
-:mod:`~virnuc_dask.cluster` (local GPU/CPU cluster or an existing scheduler),
-:mod:`~virnuc_dask.worker` (resident model per worker, one task per chunk),
-:mod:`~virnuc_dask.engine` (tokens to pooled vectors on a device), with
-:mod:`~virnuc_dask.windows` (long sequences in overlapping windows),
-:mod:`~virnuc_dask.output` (shards, the final HDF5/Zarr file),
-:mod:`~virnuc_dask.workdir` (saved partition, what a resumed run reuses), with
-:mod:`~virnuc_dask.paths` (the run's paths checked before any work),
-:mod:`~virnuc_dask.lock` (one run per output) and :mod:`~virnuc_dask.ownership` (the tool
-removes only what it made), and :mod:`~virnuc_dask.pipeline` (the Dask graph that ties them,
-:mod:`~virnuc_dask.progress` while it runs), with :mod:`~virnuc_dask.cli` on top.
+The packages follow the data flow (``docs/architecture.md``): :mod:`~virnuc_dask.inputs`
+(FASTA scanned into numpy arrays, or nucleotide reads translated into peptides),
+:mod:`~virnuc_dask.plan` (windows, length-sorted chunks dealt over workers, the fingerprint),
+:mod:`~virnuc_dask.cluster` (a local GPU/CPU cluster or an existing scheduler, the model
+resident on each worker, one task per chunk), :mod:`~virnuc_dask.engine` (tokens to vectors
+on a device) with :mod:`~virnuc_dask.model` (which models, their weights, loading),
+:mod:`~virnuc_dask.output` (shards, the final HDF5/Zarr file) and :mod:`~virnuc_dask.storage`
+(local paths and URLs, locks, ownership); :mod:`~virnuc_dask.run` ties them (prepare, the
+graph, its execution, progress), with :mod:`~virnuc_dask.cli` on top.
 
 The public names are imported on first use, so that ``virnuc-dask --help`` and the command
 line's usage errors answer without importing torch, Dask's distributed scheduler or xarray.

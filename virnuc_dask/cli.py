@@ -21,7 +21,7 @@ from virnuc_dask.index import DUPLICATE_POLICIES
 from virnuc_dask.inputs.peptides import TRANSLATIONS
 from virnuc_dask.inputs.translate import DEFAULT_MIN_ORF, FRAME_MODES
 from virnuc_dask.model.registry import DEFAULT_MODEL, MODELS
-from virnuc_dask.storage import StorageOptions
+from virnuc_dask.storage.urls import StorageOptions
 from virnuc_dask.windows import LONG_MODES
 
 

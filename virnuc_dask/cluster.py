@@ -41,10 +41,8 @@ import dask
 from distributed import Client, LocalCluster, WorkerPlugin
 
 from virnuc_dask.errors import VirnucError, option
-from virnuc_dask.hardware import (  # noqa: F401 (re-exported: the cluster's planning)
+from virnuc_dask.hardware import (
     ClusterInfo,
-    default_cpu_workers,
-    gpu_count,
     local_plan,
     physical_gpus,
     visible_devices,

@@ -57,13 +57,12 @@ import dask
 import numpy as np
 from dask.delayed import Delayed
 
-from virnuc_dask import ownership, workdir
+from virnuc_dask import workdir
 from virnuc_dask.config import EmbedConfig
 from virnuc_dask.errors import Interrupted, VirnucError, option
 from virnuc_dask.index import FastaIndex
 from virnuc_dask.inputs import index_inputs
 from virnuc_dask.inputs.provenance import ReadProvenance, reads_summary
-from virnuc_dask.lock import RunLock
 from virnuc_dask.model.checkpoint import resolve_weights
 from virnuc_dask.model.registry import model_spec
 from virnuc_dask.model.weights import WeightsSource
@@ -77,15 +76,11 @@ from virnuc_dask.output import (
 )
 from virnuc_dask.output.remote import publish, shard_source, stand_ins
 from virnuc_dask.partition import Chunk, Partition
-from virnuc_dask.paths import run_paths
-from virnuc_dask.storage import (
-    Remote,
-    StorageOptions,
-    download_folder,
-    is_url,
-    place,
-    upload_folder,
-)
+from virnuc_dask.storage import ownership
+from virnuc_dask.storage.locks import RunLock
+from virnuc_dask.storage.paths import run_paths
+from virnuc_dask.storage.remote import Remote, download_folder, place, upload_folder
+from virnuc_dask.storage.urls import StorageOptions, is_url
 from virnuc_dask.windows import WINDOWS_RULE, embedded_residues
 
 if TYPE_CHECKING:

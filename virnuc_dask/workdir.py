@@ -7,9 +7,10 @@ per finished chunk) and, for local clusters, ``dask-scratch/``.
 
 Decisions:
 
-- The tool creates the work directory itself and marks it (:mod:`~virnuc_dask.ownership`). An
-  existing folder is used only to resume, and only if it carries the marker: a folder of the
-  user's given as the work directory is refused and never touched, with or without resume.
+- The tool creates the work directory itself and marks it
+  (:mod:`~virnuc_dask.storage.ownership`). An existing folder is used only to resume, and only
+  if it carries the marker: a folder of the user's given as the work directory is refused and
+  never touched, with or without resume.
 - The *fingerprint* hashes the inputs' bytes, the model's name and the weights' identity
   (checkpoint digest, or the seed of random weights), the torch and fair-esm versions, the
   engine's version (:data:`~virnuc_dask.engine.ENGINE_VERSION`) and every setting that changes
@@ -19,10 +20,10 @@ Decisions:
   chunks have another fingerprint is refused, naming each setting that differs (the
   manifest keeps what the fingerprint hashes) with the two ways out: the earlier settings,
   or ``restart`` to discard them. A work directory without finished chunks is simply reused.
-- The work directory may be an fsspec URL (:class:`~virnuc_dask.storage.Remote`), so that
+- The work directory may be an fsspec URL (:class:`~virnuc_dask.storage.remote.Remote`), so that
   nodes share nothing but the object store: the same layout under a prefix, every file
   written in one PUT (so never seen half-written), the locks as leases
-  (:mod:`~virnuc_dask.lock`). No ``dask-scratch/`` there: a local cluster's scratch space
+  (:mod:`~virnuc_dask.storage.locks`). No ``dask-scratch/`` there: a local cluster's scratch space
   stays on the driver's disk.
 """
 
@@ -36,17 +37,17 @@ from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
 
-from virnuc_dask import ownership
 from virnuc_dask.config import EmbedConfig
 from virnuc_dask.engine import ENGINE_VERSION
 from virnuc_dask.errors import VirnucError, option
 from virnuc_dask.index import FastaIndex
-from virnuc_dask.lock import RunLock
 from virnuc_dask.model.weights import WeightsSource
 from virnuc_dask.output import ShardInfo, shard_matches
 from virnuc_dask.output.residues import ENCODING as RESIDUE_ENCODING
 from virnuc_dask.partition import Chunk, Partition, partition
-from virnuc_dask.storage import Remote, load_npy, save_npy, write_atomic
+from virnuc_dask.storage import ownership
+from virnuc_dask.storage.locks import RunLock
+from virnuc_dask.storage.remote import Remote, load_npy, save_npy, write_atomic
 
 logger = logging.getLogger(__name__)
 

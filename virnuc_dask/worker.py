@@ -50,14 +50,15 @@ import numpy as np
 from distributed import WorkerPlugin, get_worker
 
 from virnuc_dask.errors import VirnucError
-from virnuc_dask.lock import holds
 from virnuc_dask.model.weights import WeightsSource
 from virnuc_dask.output import ShardInfo, shard_matches, write_shard
 from virnuc_dask.output.residues import ShardResidues
 from virnuc_dask.output.targets import partial_name
 from virnuc_dask.partition import Chunk
 from virnuc_dask.progress import BatchReporter
-from virnuc_dask.storage import Remote, StorageOptions, download_folder, is_url
+from virnuc_dask.storage.locks import holds
+from virnuc_dask.storage.remote import Remote, download_folder
+from virnuc_dask.storage.urls import StorageOptions, is_url
 from virnuc_dask.windows import embedded_residues
 from virnuc_dask.workdir import shard_path
 

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from virnuc_dask.config import EmbedConfig
     from virnuc_dask.inputs.fasta import FastaIndex
     from virnuc_dask.inputs.provenance import ReadProvenance
-    from virnuc_dask.storage import StorageOptions
+    from virnuc_dask.storage.urls import StorageOptions
 
 
 def index_inputs(

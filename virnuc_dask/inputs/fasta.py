@@ -36,8 +36,8 @@ Decisions (``docs/input.md`` lists every accepted and refused input with its mes
   length, stops the run instead of mixing old and new sequences in one output.
 - An input given as a URL is scanned as it streams in, and hashed on the way (one download,
   where a local file is hashed and scanned in two reads of the page cache); workers then
-  read their sequences from the URL by byte range (:func:`~virnuc_dask.storage.read_ranges`),
-  nearby ranges merged into one request.
+  read their sequences from the URL by byte range
+  (:func:`~virnuc_dask.storage.reading.read_ranges`), nearby ranges merged into one request.
 """
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ from virnuc_dask.inputs.nucleotide import (
 from virnuc_dask.inputs.staging import check_inputs, file_digest, plain_copy, unreadable
 from virnuc_dask.inputs.staging import shown as _shown
 from virnuc_dask.model.tokens import RESIDUE_LETTERS
-from virnuc_dask.storage import StorageOptions, is_url, open_url, read_ranges
+from virnuc_dask.storage.reading import open_url, read_ranges
+from virnuc_dask.storage.urls import StorageOptions, is_url
 
 _WHITESPACE = b" \t\r\n\v\f"
 _VALID = RESIDUE_LETTERS + RESIDUE_LETTERS.lower() + _WHITESPACE
@@ -482,7 +483,7 @@ def read_sequences(
     """Read the sequences of ``rows`` back from their files, upper-cased, ready to tokenise.
 
     Reads each file in offset order (one ``seek`` and ``read`` per sequence; for a URL, byte
-    ranges fetched together, see :func:`~virnuc_dask.storage.read_ranges`) and returns the
+    ranges fetched together, see :func:`~virnuc_dask.storage.reading.read_ranges`) and returns the
     sequences in the order of ``rows``.
 
     Parameters

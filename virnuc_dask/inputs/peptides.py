@@ -152,7 +152,7 @@ def build_peptide_index(
         ``"error"`` refuses a read id seen twice; ``"suffix"`` renames later occurrences
         ``ID.2``, ``ID.3``, ... before the frame is added.
     storage
-        fsspec options (a :class:`~virnuc_dask.storage.StorageOptions`) for inputs that are
+        fsspec options (a :class:`~virnuc_dask.storage.urls.StorageOptions`) for inputs that are
         URLs; ``-`` reads standard input.
 
     Returns

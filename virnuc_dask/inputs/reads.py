@@ -200,7 +200,7 @@ def read_batches(path: str, digest=None, storage=None) -> Iterator[ReadBatch]:
     digest
         A ``hashlib`` object updated with the file's bytes as stored, for fingerprints.
     storage
-        fsspec options (:class:`~virnuc_dask.storage.StorageOptions`) for a URL.
+        fsspec options (:class:`~virnuc_dask.storage.urls.StorageOptions`) for a URL.
 
     Raises
     ------

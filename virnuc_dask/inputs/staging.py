@@ -40,7 +40,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from virnuc_dask.errors import VirnucError, option
-from virnuc_dask.storage import STDIN, StorageOptions, filesystem, is_url, open_url
+from virnuc_dask.storage.reading import open_url
+from virnuc_dask.storage.urls import STDIN, StorageOptions, filesystem, is_url
 
 _GZIP_MAGIC = b"\x1f\x8b"
 # First bytes of what is often mistaken for a FASTA file; none can start a FASTA file.

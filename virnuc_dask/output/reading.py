@@ -47,7 +47,8 @@ def open_embeddings(
     """
     import xarray as xr
 
-    from virnuc_dask.storage import Remote, StorageOptions, is_url
+    from virnuc_dask.storage.remote import Remote
+    from virnuc_dask.storage.urls import StorageOptions, is_url
 
     options: dict = {}
     if is_url(path):

@@ -33,9 +33,10 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO
 
-from virnuc_dask import ownership
 from virnuc_dask.errors import VirnucError, option
-from virnuc_dask.storage import Remote, StorageOptions, is_url
+from virnuc_dask.storage import ownership
+from virnuc_dask.storage.remote import Remote
+from virnuc_dask.storage.urls import StorageOptions, is_url
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Targets: where outputs may be written, and how they appear there all at once.
 
 Outputs are written to hidden siblings (``.NAME.<hex>.partial``, a Zarr one marked with the
-:mod:`~virnuc_dask.ownership` marker from its creation) and renamed into place only when all
+:mod:`~virnuc_dask.storage.ownership` marker from its creation) and renamed into place only when all
 are complete, so they appear together or not at all, and an existing output stays intact
 until it is replaced. :func:`check_target` says what may be replaced: an existing file or
 Zarr store only with ``overwrite``, a folder without the tool's marker never, a symbolic link
@@ -20,9 +20,9 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from virnuc_dask import ownership
 from virnuc_dask.errors import VirnucError, option
-from virnuc_dask.storage import Remote
+from virnuc_dask.storage import ownership
+from virnuc_dask.storage.remote import Remote
 
 logger = logging.getLogger(__name__)
 

@@ -29,8 +29,8 @@ from pathlib import Path
 import hdf5plugin  # noqa: F401  (registers the Blosc filter of residue_embedding)
 import numpy as np
 
-from virnuc_dask import ownership
 from virnuc_dask.output.residues import zarr_codec
+from virnuc_dask.storage import ownership
 
 #: Rows per HDF5/Zarr chunk of the final file.
 ROWS_PER_CHUNK = 4096

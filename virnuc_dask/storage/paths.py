@@ -12,7 +12,7 @@ the command line and nothing created:
   followed: replacing it by rename would replace the link, not the file the user meant;
 - the folders that will hold them exist and are writable.
 
-Any of them may be an fsspec URL (:class:`~virnuc_dask.storage.Remote`): the same relations
+Any of them may be an fsspec URL (:class:`~virnuc_dask.storage.remote.Remote`): the same relations
 are checked between URLs (a URL is inside another when it starts with it and a ``/``); a URL
 and a local path never overlap. A URL of a web server (``http://``, ``https://``) can be read
 but not written, and an object store's bucket must exist.
@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from virnuc_dask.errors import VirnucError, option
-from virnuc_dask.storage import STDIN, Remote, StorageOptions, is_url
+from virnuc_dask.storage.remote import Remote
+from virnuc_dask.storage.urls import STDIN, StorageOptions, is_url
 
 
 @dataclass(frozen=True)

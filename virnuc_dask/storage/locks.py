@@ -14,7 +14,7 @@ cannot both win: the loser finds the guard, or finds a live lock.
 The token lets tasks of a run check that their run still holds the work directory before they
 write into it (:func:`holds`): a task that outlives its interrupted run writes nothing.
 
-On an object store (a lock at a URL, :class:`~virnuc_dask.storage.Remote`) there is no
+On an object store (a lock at a URL, :class:`~virnuc_dask.storage.remote.Remote`) there is no
 ``O_EXCL`` and no rename. There:
 
 - the lock is created by a *conditional write* (S3's ``If-None-Match: *``): of two runs, the
@@ -26,7 +26,8 @@ On an object store (a lock at a URL, :class:`~virnuc_dask.storage.Remote`) there
   once on the same machine). A lease tolerates clock differences between hosts well under
   its length;
 - renewals, releases and takeovers are *compare-and-swap* on the object's version (its ETag
-  on S3: ``If-Match`` on the PUT and the DELETE, :meth:`~virnuc_dask.storage.Remote.write_if`).
+  on S3: ``If-Match`` on the PUT and the DELETE,
+  :meth:`~virnuc_dask.storage.remote.Remote.write_if`).
   A renewal writes, and a release deletes, only the version this run wrote last; a takeover
   replaces only the version it judged stale. So a renewal or a release that reaches the
   store just after another run's takeover changes nothing: the renewal logs that the lock
@@ -38,7 +39,7 @@ On an object store (a lock at a URL, :class:`~virnuc_dask.storage.Remote`) there
 - the renewal still reads the lock first and stops on another's token: on a store that
   takes ``If-Match`` but ignores it, that is all that guards the window;
 - the race that remains: where a store has no conditional write (the check, write and
-  read-back of :meth:`~virnuc_dask.storage.Remote.create` stands in) or no versions (every
+  read-back of :meth:`~virnuc_dask.storage.remote.Remote.create` stands in) or no versions (every
   store but S3 today, GCS included, whose ``ifGenerationMatch`` is not used yet: see
   :mod:`~virnuc_dask.storage`), renewals, releases and takeovers are plain writes after a
   read, as before: a renewal or release just after a takeover can undo it, and two runs may
@@ -63,7 +64,8 @@ import time
 from pathlib import Path
 
 from virnuc_dask.errors import VirnucError
-from virnuc_dask.storage import Remote, StorageOptions, VersionChanged, is_url
+from virnuc_dask.storage.remote import Remote, VersionChanged
+from virnuc_dask.storage.urls import StorageOptions, is_url
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +83,7 @@ class RunLock:
     Parameters
     ----------
     path
-        The lock file to create: a local path, or a :class:`~virnuc_dask.storage.Remote`
+        The lock file to create: a local path, or a :class:`~virnuc_dask.storage.remote.Remote`
         (a lease, see the module's docstring).
     what
         What the lock protects, for messages (e.g. ``output out.h5``).

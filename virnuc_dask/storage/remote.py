@@ -1,31 +1,14 @@
-"""Storage: local paths stay paths; fsspec URLs (``s3://``, ``https://``) become :class:`Remote`.
-
-One small layer, used only where a URL is given: local inputs, work directories and outputs
-keep the fast paths they have (memory maps, ``O_EXCL``, atomic renames, hard links), and no
-local code path goes through fsspec.
+"""A file or folder at an fsspec URL, with the few ``pathlib`` methods the tool uses.
 
 Decisions:
 
-- **What is a URL**: ``PROTOCOL://...`` for any protocol but ``file``; ``file://`` URLs and
-  everything else are local paths. ``-`` is standard input (:data:`STDIN`), never a file.
-- **Storage options** (credentials, endpoint, region, ...) are parsed once into a frozen
-  :class:`StorageOptions` that travels with the run's other small settings to the workers and
-  is handed to every fsspec call, on the driver and on the workers. Its ``repr`` shows only
-  the number of options, so that it never prints a secret in a log, a traceback or the
-  dashboard; it is never written into the work directory or the output's attributes. The
-  standard places come first: ``AWS_ENDPOINT_URL``, ``AWS_PROFILE`` and the other variables
-  and files botocore reads (and gcsfs's, adlfs's) need no option at all.
-- **From the command line**, ``--storage-options`` takes JSON or ``@FILE`` (a JSON file).
-  JSON given inline that holds a credential (a key whose name says secret, password, token,
-  key or credential) is refused: a command line is visible to every user of the machine
-  (``ps``) and kept in shell histories. Python callers pass a dict.
 - **One PUT is atomic** on object stores: an object appears whole or not at all. Files that
   must never be seen half-written (shards, the HDF5 output, staged inputs, the manifest) are
   written locally and put in one call (:meth:`Remote.put`, :meth:`Remote.write_bytes`).
 - **Exclusive creation** (:meth:`Remote.create`) uses the store's conditional write (S3's
   ``If-None-Match: *``, through fsspec's ``mode="create"``). Where the store or its fsspec
   driver has none, it checks, writes and reads back, and says so once in the log: the locks'
-  lease (:mod:`~virnuc_dask.lock`) then bounds what the race can cost.
+  lease (:mod:`~virnuc_dask.storage.locks`) then bounds what the race can cost.
 - **Versions and compare-and-swap** (:meth:`Remote.read_versioned`, :meth:`Remote.write_if`,
   :meth:`Remote.unlink_if`): on S3 an object's version is its ETag, returned with the bytes by
   one GET and by every PUT, and a PUT or DELETE with ``If-Match`` succeeds only while the
@@ -37,184 +20,28 @@ Decisions:
   keeps the plain writes until one is added. A store that takes the header but ignores it
   (some S3-compatible servers) cannot be told from here: the locks read the owner first and
   bound what that costs with their lease.
-- **Listings are not cached** on S3 and GCS (``use_listings_cache=False`` unless given): a lock,
-  a marker or a shard must be seen the moment another process wrote it.
-- **Missing packages** name the extra that brings them (``pip install 'virnuc-dask[s3]'``).
 """
 
 from __future__ import annotations
 
-import bisect
 import io
-import json
 import logging
 import os
-import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from virnuc_dask.errors import VirnucError
+from virnuc_dask.storage.urls import StorageOptions, filesystem, is_url, local_path
 
 logger = logging.getLogger(__name__)
 
-#: The input name that reads standard input.
-STDIN = "-"
-_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
-#: The package extra that brings each protocol's fsspec driver.
-EXTRAS = {
-    "s3": ("s3fs", "s3"),
-    "s3a": ("s3fs", "s3"),
-    "gs": ("gcsfs", "gcs"),
-    "gcs": ("gcsfs", "gcs"),
-    "http": ("aiohttp", "http"),
-    "https": ("aiohttp", "http"),
-    "abfs": ("adlfs", "azure"),
-    "az": ("adlfs", "azure"),
-}
-#: Protocols whose filesystems take ``use_listings_cache`` (turned off, see the decisions).
-_LISTING_CACHES = ("s3", "s3a", "gs", "gcs")
+
 #: Protocols whose objects have versions for compare-and-swap (see the decisions).
 _VERSIONED = ("s3", "s3a")
+
+
 #: S3's answers to a request whose condition does not hold (409: a concurrent conditional write).
 _CONDITION_FAILED = ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")
-#: Words in an option's name that mark a credential (refused inline on the command line).
-_SECRET = re.compile(r"secret|password|passwd|token|key|credential", re.IGNORECASE)
-#: Byte ranges closer than this are read in one request (workers reading their sequences).
-MERGE_GAP = 1 << 16
-#: The largest merged request.
-MERGE_BLOCK = 1 << 26
-
-
-def is_url(text: object) -> bool:
-    """Whether ``text`` is an fsspec URL (any protocol but ``file``), or a :class:`Remote`."""
-    if isinstance(text, Remote):
-        return True
-    if not isinstance(text, str):
-        return False
-    found = _URL.match(text)
-    return found is not None and found.group(1).lower() != "file"
-
-
-def local_path(text: str | os.PathLike) -> str | os.PathLike:
-    """A ``file://`` URL as the path it names; anything else unchanged."""
-    if isinstance(text, str) and text.lower().startswith("file://"):
-        return text[len("file://") :]
-    return text
-
-
-@dataclass(frozen=True)
-class StorageOptions:
-    """Options for fsspec (credentials, endpoint, region, ...), hidden from logs.
-
-    Parameters
-    ----------
-    text
-        The options as one JSON object. Build it with :meth:`parse` or :meth:`of`.
-    """
-
-    text: str = field(default="{}", repr=False)
-
-    def __repr__(self) -> str:
-        count = len(self.kwargs())
-        return f"StorageOptions(<{count} option{'s' if count != 1 else ''}, not shown>)"
-
-    def kwargs(self) -> dict:
-        """The options as keyword arguments for fsspec."""
-        return json.loads(self.text)
-
-    @classmethod
-    def of(cls, value: dict | str | StorageOptions | None) -> StorageOptions:
-        """Options from a dict, a JSON text, ``@FILE``, or options already made (Python API)."""
-        if isinstance(value, StorageOptions):
-            return value
-        if value is None:
-            return cls()
-        if isinstance(value, dict):
-            try:
-                return cls(json.dumps(value, sort_keys=True))
-            except TypeError as error:
-                raise VirnucError(
-                    f"storage options must be JSON values (strings, numbers, lists, dicts): {error}"
-                ) from None
-        return cls.parse(value, command_line=False)
-
-    @classmethod
-    def parse(cls, text: str, *, command_line: bool = True) -> StorageOptions:
-        """Parse ``--storage-options``: a JSON object, or ``@FILE`` holding one.
-
-        Raises
-        ------
-        VirnucError
-            Not a JSON object; a file that cannot be read; or, given inline on the command
-            line, an option that looks like a credential (see the module's decisions).
-        """
-        inline = not text.startswith("@")
-        where = "--storage-options" if inline else f"storage options file {text[1:]}"
-        if not inline:
-            try:
-                text = Path(text[1:]).expanduser().read_text()
-            except OSError as error:
-                raise VirnucError(
-                    f"cannot read the {where}: {error.strerror or error}; give a JSON file"
-                ) from None
-        try:
-            value = json.loads(text)
-        except ValueError as error:
-            # The text itself is not quoted: it may hold a credential.
-            raise VirnucError(f"{where} is not valid JSON ({error.msg}, at {error.pos})") from None
-        if not isinstance(value, dict):
-            raise VirnucError(f'{where} must be a JSON object, such as {{"anon": true}}')
-        if inline and command_line:
-            secret = _secret_names(value)
-            if secret:
-                raise VirnucError(
-                    f"--storage-options holds a credential ({', '.join(secret)}) in clear text "
-                    "on the command line, where other users and the shell's history see it; "
-                    "put it in a file (--storage-options @FILE), a profile (AWS_PROFILE) or "
-                    "the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)"
-                )
-        return cls(json.dumps(value, sort_keys=True))
-
-
-def _secret_names(value: object, prefix: str = "") -> list[str]:
-    """The names of the options (nested ones too) that look like credentials."""
-    found = []
-    if isinstance(value, dict):
-        for name, inner in value.items():
-            if _SECRET.search(str(name)) and not isinstance(inner, dict | bool):
-                found.append(prefix + str(name))
-            found += _secret_names(inner, f"{prefix}{name}.")
-    return found
-
-
-def filesystem(url: str, storage: StorageOptions | None = None):
-    """The fsspec filesystem of ``url`` and the path within it.
-
-    Raises
-    ------
-    VirnucError
-        When the protocol's package is missing (naming the extra that brings it) or fsspec
-        refuses the URL or the options.
-    """
-    import fsspec
-
-    kwargs = (storage or StorageOptions()).kwargs()
-    scheme = _URL.match(url).group(1).lower() if _URL.match(url) else "file"
-    if scheme in _LISTING_CACHES:
-        kwargs.setdefault("use_listings_cache", False)
-    try:
-        return fsspec.core.url_to_fs(url, **kwargs)
-    except ImportError:
-        package, extra = EXTRAS.get(scheme, (f"the fsspec driver of {scheme}://", None))
-        install = f"pip install 'virnuc-dask[{extra}]'" if extra else f"install {package}"
-        raise VirnucError(
-            f"{url}: {scheme}:// URLs need {package}, which is not installed; {install}"
-        ) from None
-    except (ValueError, TypeError) as error:
-        # Not the options' values: they may hold a credential.
-        raise VirnucError(f"{url}: fsspec cannot use this URL ({type(error).__name__})") from None
 
 
 class VersionChanged(Exception):
@@ -527,74 +354,3 @@ def download_folder(source: Remote, local: Path) -> None:
         path = local / name
         path.parent.mkdir(parents=True, exist_ok=True)
         (source / name).get(path)
-
-
-def read_ranges(url: str, starts: list[int], ends: list[int], storage: StorageOptions | None):
-    """The bytes ``[start, end)`` of ``url`` for each pair, in the order given.
-
-    Ranges closer than :data:`MERGE_GAP` are read in one request, and the requests go out
-    concurrently (fsspec's ``cat_ranges``): a chunk's sequences lie all over a large file, so
-    reading each through a buffered file would fetch a whole block per sequence.
-    """
-    from fsspec.utils import merge_offset_ranges
-
-    if not starts:
-        return []
-    fs, path = filesystem(url, storage)
-    order = sorted(range(len(starts)), key=starts.__getitem__)
-    sorted_starts = [starts[i] for i in order]
-    sorted_ends = [ends[i] for i in order]
-    _, block_starts, block_ends = merge_offset_ranges(
-        [path] * len(order),
-        list(sorted_starts),
-        list(sorted_ends),
-        max_gap=MERGE_GAP,
-        max_block=MERGE_BLOCK,
-        sort=False,
-    )
-    blocks = fs.cat_ranges([path] * len(block_starts), block_starts, block_ends)
-    out: list[bytes] = [b""] * len(starts)
-    for i, start, end in zip(order, sorted_starts, sorted_ends, strict=True):
-        b = bisect.bisect_right(block_starts, start) - 1
-        base = block_starts[b]
-        out[i] = bytes(blocks[b][start - base : end - base])
-    return out
-
-
-def open_url(
-    url: str, storage: StorageOptions | None, block_size: int = 1 << 22, digest=None
-) -> io.BufferedReader:
-    """Open ``url`` for reading front to back, buffered (``io.BufferedReader``).
-
-    ``digest`` (a ``hashlib`` object), when given, is updated with every byte read.
-
-    Raises
-    ------
-    FileNotFoundError
-        Nothing at the URL.
-    """
-    fs, path = filesystem(url, storage)
-    # Read ahead whole blocks: the file is read once, in order.
-    raw = fs.open(path, "rb", block_size=block_size, cache_type="readahead")
-    return io.BufferedReader(_Raw(raw, digest), buffer_size=block_size)
-
-
-class _Raw(io.RawIOBase):
-    """An fsspec file as a raw stream, so that ``io.BufferedReader`` splits lines in C."""
-
-    def __init__(self, handle, digest=None) -> None:
-        self._handle, self._digest = handle, digest
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        data = self._handle.read(len(buffer))
-        buffer[: len(data)] = data
-        if self._digest is not None:
-            self._digest.update(data)
-        return len(data)
-
-    def close(self) -> None:
-        self._handle.close()
-        super().close()

@@ -5,7 +5,7 @@ carries a marker file written at creation, holding what the folder is and the fi
 the run that made it. A folder without the marker is the user's: it is refused with a message
 and never touched, whatever the caller asked for. This is the only module that removes a tree.
 
-On an object store (:class:`~virnuc_dask.storage.Remote`) a folder is a prefix: it is
+On an object store (:class:`~virnuc_dask.storage.remote.Remote`) a folder is a prefix: it is
 created by writing its marker, with a conditional write so that two runs cannot both create
 it, and removed by deleting every object under it, once its marker has been checked.
 """
@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from virnuc_dask.errors import VirnucError
-from virnuc_dask.storage import Remote, write_atomic
+from virnuc_dask.storage.remote import Remote, write_atomic
 
 #: Name of the marker file inside every folder the tool created.
 MARKER = ".virnuc-dask"
@@ -31,7 +31,7 @@ def claim(folder: str | Path | Remote, kind: str, fingerprint: str | None = None
     Parameters
     ----------
     folder
-        The folder to create; its parent must exist. A :class:`~virnuc_dask.storage.Remote`
+        The folder to create; its parent must exist. A :class:`~virnuc_dask.storage.remote.Remote`
         prefix is created by its marker (``FileExistsError`` when another run made it first).
     kind
         What it is, e.g. ``"work directory"`` or ``"zarr store"``.
