@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from virnuc_dask.index import MAX_ID_BYTES
+from virnuc_dask.inputs.fasta import MAX_ID_BYTES
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class Built:
 
 @dataclass(frozen=True)
 class Case:
-    """One corpus row. ``options`` are :func:`~virnuc_dask.index.build_index` keywords."""
+    """One corpus row. ``options`` are :func:`~virnuc_dask.inputs.build_index` keywords."""
 
     name: str
     build: Callable[[Path], Built]

@@ -11,13 +11,9 @@ import numpy as np
 import pytest
 
 from virnuc_dask.errors import VirnucError
-from virnuc_dask.index import (
-    MAX_ID_BYTES,
-    FastaIndex,
-    _check_duplicates,
-    build_index,
-    read_sequences,
-)
+from virnuc_dask.inputs import FastaIndex, build_index, read_sequences
+from virnuc_dask.inputs.duplicates import check_duplicates
+from virnuc_dask.inputs.fasta import MAX_ID_BYTES
 
 LETTERS = b"ACDEFGHIKLMNPQRSTVWYXBUZO.-"
 
@@ -309,7 +305,7 @@ def test_duplicate_ids_policy_is_checked(tmp_path):
 def test_hash_collisions_are_not_duplicates(tmp_path):
     path = write(tmp_path / "a.fa", b">a\nA\n>b\nC\n>c\nD\n")
     index = build_index([path])
-    _check_duplicates(index, np.zeros(3, dtype=np.int64), "error")  # every hash equal
+    check_duplicates(index, np.zeros(3, dtype=np.int64), "error")  # every hash equal
     assert index.ids() == ["a", "b", "c"]
 
 
@@ -406,7 +402,7 @@ def test_the_same_file_given_twice_is_refused(tmp_path, monkeypatch):
 def test_every_input_is_checked_before_the_first_scan(tmp_path, monkeypatch):
     good = write(tmp_path / "a.fa", b">a\nA\n")
     scanned = []
-    monkeypatch.setattr("virnuc_dask.index._Scan.file", lambda *a, **k: scanned.append(a))
+    monkeypatch.setattr("virnuc_dask.inputs.fasta._Scan.file", lambda *a, **k: scanned.append(a))
     assert "does not exist" in error_of([good, str(tmp_path / "missing.fa")])
     assert not scanned
 

@@ -27,7 +27,7 @@ from click.testing import CliRunner
 from tests.corpus import ACCEPTS, CASES, ERRORS, Built, Case
 from virnuc_dask.cli import main
 from virnuc_dask.errors import VirnucError
-from virnuc_dask.index import build_index, read_sequences
+from virnuc_dask.inputs import build_index, read_sequences
 
 MODEL_FLAGS = ["--model", "esm2_t2_tiny", "--random-weights", "--workers", "1"]
 ROOT = Path(__file__).resolve().parent.parent
@@ -257,7 +257,7 @@ def test_million_one_residue_sequences(tmp_path):
         """
         import json, os, sys, time, tracemalloc
         import numpy as np
-        from virnuc_dask.index import build_index, read_sequences
+        from virnuc_dask.inputs import build_index, read_sequences
 
         def status(field):
             with open("/proc/self/status") as f:

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from virnuc_dask.partition import partition, sequence_tokens
+from virnuc_dask.plan.partition import partition, sequence_tokens
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from virnuc_dask.inputs.nucleotide import letter_counts, looks_like_nucleotides
 from virnuc_dask.inputs.peptides import Translation, build_peptide_index
 from virnuc_dask.inputs.provenance import ReadProvenance
 from virnuc_dask.model.checkpoint import resolve_weights
-from virnuc_dask.workdir import fingerprint
+from virnuc_dask.plan.fingerprint import fingerprint
 
 READS = [
     ("r1", "ATGAAACCCGGGTTTAAA"),  # F1 MKPGFK, R1 FKPGFH, R2 LNPGF

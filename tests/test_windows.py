@@ -19,17 +19,12 @@ from tests.helpers import (
     fair_esm_residues,
     random_sequences,
 )
+from virnuc_dask.engine.blend import blend_weights, plan_segments
 from virnuc_dask.engine.packed import PackedEngine
 from virnuc_dask.engine.reference import ReferenceEngine
 from virnuc_dask.model.checkpoint import resolve_weights
 from virnuc_dask.model.loading import load_model
-from virnuc_dask.windows import (
-    blend_weights,
-    model_tokens,
-    plan_segments,
-    window_counts,
-    window_starts,
-)
+from virnuc_dask.plan.windows import model_tokens, window_counts, window_starts
 
 LENGTHS = [1, 2, 1021, 1022, 1023, 3000]
 LAYERS = [0, 1, 2]

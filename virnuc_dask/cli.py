@@ -17,12 +17,12 @@ import click
 
 from virnuc_dask.config import DTYPES, OUTPUT_DTYPES
 from virnuc_dask.errors import Interrupted, VirnucError, command_line_spelling
-from virnuc_dask.index import DUPLICATE_POLICIES
+from virnuc_dask.inputs.duplicates import DUPLICATE_POLICIES
 from virnuc_dask.inputs.peptides import TRANSLATIONS
 from virnuc_dask.inputs.translate import DEFAULT_MIN_ORF, FRAME_MODES
 from virnuc_dask.model.registry import DEFAULT_MODEL, MODELS
+from virnuc_dask.plan.windows import LONG_MODES
 from virnuc_dask.storage.urls import StorageOptions
-from virnuc_dask.windows import LONG_MODES
 
 
 def _layers(ctx, param, values: tuple[str, ...]) -> tuple[int, ...] | None:

@@ -41,12 +41,7 @@ import dask
 from distributed import Client, LocalCluster, WorkerPlugin
 
 from virnuc_dask.errors import VirnucError, option
-from virnuc_dask.hardware import (
-    ClusterInfo,
-    local_plan,
-    physical_gpus,
-    visible_devices,
-)
+from virnuc_dask.hardware import ClusterInfo, local_plan, physical_gpus, visible_devices
 
 if TYPE_CHECKING:
     from virnuc_dask.worker import EngineSettings

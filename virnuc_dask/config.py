@@ -16,11 +16,11 @@ import dask.config
 import yaml
 
 from virnuc_dask.errors import VirnucError, option
-from virnuc_dask.index import DUPLICATE_POLICIES
+from virnuc_dask.inputs.duplicates import DUPLICATE_POLICIES
 from virnuc_dask.inputs.peptides import TRANSLATIONS, Translation
 from virnuc_dask.model.registry import model_spec
 from virnuc_dask.model.tokens import MODEL_WINDOW
-from virnuc_dask.windows import LONG_MODES
+from virnuc_dask.plan.windows import LONG_MODES
 
 _DEFAULTS_FILE = Path(__file__).with_name("virnuc-dask.yaml")
 dask.config.update_defaults(yaml.safe_load(_DEFAULTS_FILE.read_text()))

@@ -60,8 +60,7 @@ from dask.delayed import Delayed
 from virnuc_dask import workdir
 from virnuc_dask.config import EmbedConfig
 from virnuc_dask.errors import Interrupted, VirnucError, option
-from virnuc_dask.index import FastaIndex
-from virnuc_dask.inputs import index_inputs
+from virnuc_dask.inputs import FastaIndex, index_inputs
 from virnuc_dask.inputs.provenance import ReadProvenance, reads_summary
 from virnuc_dask.model.checkpoint import resolve_weights
 from virnuc_dask.model.registry import model_spec
@@ -75,13 +74,14 @@ from virnuc_dask.output import (
     remove_stale_partials,
 )
 from virnuc_dask.output.remote import publish, shard_source, stand_ins
-from virnuc_dask.partition import Chunk, Partition
+from virnuc_dask.plan import fingerprint as fingerprint_of_run
+from virnuc_dask.plan.partition import Chunk, Partition
+from virnuc_dask.plan.windows import WINDOWS_RULE, embedded_residues
 from virnuc_dask.storage import ownership
 from virnuc_dask.storage.locks import RunLock
 from virnuc_dask.storage.paths import run_paths
 from virnuc_dask.storage.remote import Remote, download_folder, place, upload_folder
 from virnuc_dask.storage.urls import StorageOptions, is_url
-from virnuc_dask.windows import WINDOWS_RULE, embedded_residues
 
 if TYPE_CHECKING:
     from virnuc_dask.worker import ChunkJob, EngineSettings
@@ -961,8 +961,8 @@ def prepare(
             settings = _engine_settings(config, weights, torch_threads)
             early.start(dataclasses.replace(settings, compile=config.compile or False), local)
         index, reads = index_inputs(inputs, local / "staging", config, storage)
-        identity = workdir.identity(index, weights, config)
-        fingerprint = workdir.fingerprint_of(identity)
+        identity = fingerprint_of_run.identity(index, weights, config)
+        fingerprint = fingerprint_of_run.fingerprint_of(identity)
         parts = workdir.saved_or_new_partition(
             work, saved, identity, index, lanes, config, restart=restart
         )

@@ -29,22 +29,18 @@ Decisions:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 from dataclasses import asdict
-from importlib import metadata
 from pathlib import Path
 
 from virnuc_dask.config import EmbedConfig
-from virnuc_dask.engine import ENGINE_VERSION
 from virnuc_dask.errors import VirnucError, option
-from virnuc_dask.index import FastaIndex
-from virnuc_dask.model.weights import WeightsSource
+from virnuc_dask.inputs import FastaIndex
 from virnuc_dask.output import ShardInfo, shard_matches
-from virnuc_dask.output.residues import ENCODING as RESIDUE_ENCODING
-from virnuc_dask.partition import Chunk, Partition, partition
+from virnuc_dask.plan.fingerprint import differences, fingerprint_of
+from virnuc_dask.plan.partition import Chunk, Partition, partition
 from virnuc_dask.storage import ownership
 from virnuc_dask.storage.locks import RunLock
 from virnuc_dask.storage.remote import Remote, load_npy, save_npy, write_atomic
@@ -139,89 +135,6 @@ def remove_if_unused(work: Path | Remote) -> bool:
         return False
     ownership.remove(work, KIND)
     return True
-
-
-def fingerprint(index: FastaIndex, weights: WeightsSource, config: EmbedConfig) -> str:
-    """Hash of the inputs' bytes, the model and weights, versions and numeric settings."""
-    return fingerprint_of(identity(index, weights, config))
-
-
-def fingerprint_of(settings: dict) -> str:
-    """The fingerprint of an :func:`identity`."""
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:32]
-
-
-def identity(index: FastaIndex, weights: WeightsSource, config: EmbedConfig) -> dict:
-    """What the fingerprint hashes: everything that changes the stored numbers.
-
-    Saved in the manifest, so that a resumed run with other settings can say which differ.
-    """
-    identity = {
-        "inputs": index.digest,
-        "model": config.model,
-        "weights": weights.identity(),
-        "torch": metadata.version("torch"),
-        "fair-esm": metadata.version("fair-esm"),
-        "engine": ENGINE_VERSION,
-        "layers": config.layer_list(),
-        "dtype": config.dtype,
-        "output_dtype": config.output_dtype,
-        "max_residues": config.max_residues,
-        "invalid_to_x": config.invalid_to_x,
-        "duplicate_ids": config.duplicate_ids,
-    }
-    # Absent at their defaults, so that earlier runs' fingerprints stay as they were; present,
-    # a resumed run never mixes pooled-only and per-residue shards, or the two long modes.
-    if config.per_residue:
-        identity["per_residue"] = config.residue_dtype
-        # Shards of an earlier encoding of the residues' chunks are recomputed, not refused.
-        identity["residue_encoding"] = RESIDUE_ENCODING
-    if config.long != "truncate":
-        identity["long"] = config.long
-    translation = config.translation()
-    if translation is not None:  # absent for proteins, so their fingerprints stay as they were
-        identity["translation"] = translation.settings()
-    return identity
-
-
-#: Values of the identity's optional keys when they are absent (their defaults).
-_ABSENT = {"per_residue": "off", "long": "truncate", "translate": "none (proteins)"}
-#: Identity keys that are not options, as a message names them.
-_NAMES = {
-    "inputs": "the inputs' contents",
-    "weights": "weights",
-    "torch": "torch",
-    "fair-esm": "fair-esm",
-    "engine": "engine version",
-}
-
-
-def differences(old: dict, new: dict) -> list[str]:
-    """The settings that differ between two identities, ``NAME OLD then, NAME NEW now``."""
-
-    def flat(settings: dict) -> dict:
-        out = {}
-        for key, value in settings.items():
-            out.update(value if isinstance(value, dict) else {key: value})
-        return out
-
-    def shown(settings: dict, key: str) -> object:
-        value = settings.get(key, _ABSENT.get(key))
-        return ",".join(map(str, value)) if isinstance(value, list | tuple) else value
-
-    old, new = flat(old), flat(new)
-    said = []
-    for key in sorted(set(old) | set(new)):
-        before, after = shown(old, key), shown(new, key)
-        if before == after:
-            continue
-        if key == "inputs":
-            said.append(_NAMES[key] + " differ")
-        elif key in _NAMES:
-            said.append(f"{_NAMES[key]} {before} then, {after} now")
-        else:
-            said.append(f"{option(key, before)} then, {option(key, after)} now")
-    return said
 
 
 def _refuse_other_settings(work: Path | Remote, saved: dict, settings: dict, count: int):

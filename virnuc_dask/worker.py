@@ -54,12 +54,12 @@ from virnuc_dask.model.weights import WeightsSource
 from virnuc_dask.output import ShardInfo, shard_matches, write_shard
 from virnuc_dask.output.residues import ShardResidues
 from virnuc_dask.output.targets import partial_name
-from virnuc_dask.partition import Chunk
+from virnuc_dask.plan.partition import Chunk
+from virnuc_dask.plan.windows import embedded_residues
 from virnuc_dask.progress import BatchReporter
 from virnuc_dask.storage.locks import holds
 from virnuc_dask.storage.remote import Remote, download_folder
 from virnuc_dask.storage.urls import StorageOptions, is_url
-from virnuc_dask.windows import embedded_residues
 from virnuc_dask.workdir import shard_path
 
 logger = logging.getLogger(__name__)
@@ -587,7 +587,7 @@ def embed_chunk(chunk: Chunk, job: ChunkJob) -> ShardInfo:
     """
     import torch
 
-    from virnuc_dask.index import FastaIndex, read_sequences
+    from virnuc_dask.inputs import FastaIndex, read_sequences
     from virnuc_dask.output.remote import put_shard, shard_source
 
     started = time.perf_counter()

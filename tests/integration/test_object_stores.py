@@ -393,7 +393,7 @@ def test_nodes_that_share_only_the_object_store(s3, inputs, local_run, tmp_path)
 
 
 def test_reads_at_a_url_stage_their_peptides_in_the_s3_work_directory(s3, tmp_path):
-    from virnuc_dask.index import read_sequences
+    from virnuc_dask.inputs import read_sequences
 
     url = bucket(s3, "reads")
     reads = b">r1\nATGGCCAAATTTGGGCCCAAATTTGGGCCC\n>r2\nATGAAACCCGGGTTTAAACCCGGGTTTAAA\n"

@@ -45,8 +45,8 @@ import torch
 import torch.nn.functional as F
 
 from virnuc_dask.engine.batching import token_budget_batches
+from virnuc_dask.engine.blend import Blender, Segments, plan_segments
 from virnuc_dask.model.tokens import MODEL_WINDOW, packed_tokens
-from virnuc_dask.windows import Blender, Segments, plan_segments
 
 # torch >= 2.10 has varlen flash attention; without it the GPU path is unavailable and the
 # CPU fallback still works. Found, not imported: see _prepare_compiled_kernels.

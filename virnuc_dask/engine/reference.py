@@ -7,7 +7,7 @@ excluded). It runs in the model's dtype (fp32 by default) on any device.
 
 Per-residue values are the same representations at positions 1..n, handed on per batch; with
 ``long="window"`` each window of a long sequence is one padded row like any sequence, and the
-windows are blended on the host (:class:`~virnuc_dask.windows.Blender`).
+windows are blended on the host (:class:`~virnuc_dask.engine.blend.Blender`).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from virnuc_dask.engine.batching import token_budget_batches
+from virnuc_dask.engine.blend import Blender, plan_segments
 from virnuc_dask.model.tokens import MODEL_WINDOW, padded_tokens
-from virnuc_dask.windows import Blender, plan_segments
 
 
 class ReferenceEngine:

@@ -13,7 +13,8 @@ reads into pieces), :mod:`~virnuc_dask.inputs.genetic_codes` and
 :mod:`~virnuc_dask.inputs.provenance` (each peptide's read, frame and bases, for the output).
 
 :func:`index_inputs` is the one entry point of a run: proteins or reads, it returns the same
-kind of index.
+kind of index. :class:`FastaIndex`, :func:`build_index` and :func:`read_sequences` (the
+FASTA index, and reading its sequences back) are exported here.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from virnuc_dask.inputs.fasta import FastaIndex, build_index, read_sequences
+
 if TYPE_CHECKING:
     from virnuc_dask.config import EmbedConfig
-    from virnuc_dask.inputs.fasta import FastaIndex
     from virnuc_dask.inputs.provenance import ReadProvenance
     from virnuc_dask.storage.urls import StorageOptions
 
@@ -69,3 +71,6 @@ def index_inputs(
         as_protein=config.as_protein,
     )
     return index, None
+
+
+__all__ = ["FastaIndex", "build_index", "index_inputs", "read_sequences"]

@@ -47,7 +47,7 @@ from virnuc_dask.output.targets import (
     partial_name,
 )
 from virnuc_dask.output.zarr_store import ResidueChunks, hdf5_to_zarr
-from virnuc_dask.windows import window_counts
+from virnuc_dask.plan.windows import window_counts
 
 logger = logging.getLogger(__name__)
 

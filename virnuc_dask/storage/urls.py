@@ -69,7 +69,7 @@ _SECRET = re.compile(r"secret|password|passwd|token|key|credential", re.IGNORECA
 
 def is_url(text: object) -> bool:
     """Whether ``text`` is an fsspec URL (any protocol but ``file``), or a :class:`Remote`."""
-    from virnuc_dask.storage.remote import Remote  # it imports this module
+    from virnuc_dask.storage.remote import Remote
 
     if isinstance(text, Remote):
         return True

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from virnuc_dask.model.tokens import MODEL_WINDOW
-from virnuc_dask.windows import model_tokens
+from virnuc_dask.plan.windows import model_tokens
 
 
 @dataclass(frozen=True)
