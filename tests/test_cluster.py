@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import dask_processes
-from virnuc_dask import hardware
-from virnuc_dask.cluster import QuickExit, connect
-from virnuc_dask.hardware import default_cpu_workers, gpu_count, local_plan, visible_devices
+from virnuc_dask.cluster import hardware
+from virnuc_dask.cluster.existing import connect
+from virnuc_dask.cluster.hardware import default_cpu_workers, gpu_count, local_plan, visible_devices
+from virnuc_dask.cluster.local import QuickExit
 from virnuc_dask.errors import VirnucError
 
 
@@ -238,8 +239,8 @@ def test_local_cluster_closes_without_killing_workers():
 
 
 def test_local_workers_start_loading_the_model_as_they_start(tmp_path):
+    from virnuc_dask.cluster.plugin import EngineSettings, ModelPlugin, setup_stats
     from virnuc_dask.model.checkpoint import resolve_weights
-    from virnuc_dask.worker import EngineSettings, ModelPlugin, setup_stats
 
     settings = EngineSettings(
         resolve_weights("esm2_t2_tiny", random_weights=True, seed=1),
@@ -263,7 +264,7 @@ def test_local_workers_start_loading_the_model_as_they_start(tmp_path):
 
 
 def test_usable_cpus_honour_a_cgroup_quota_and_slurm(tmp_path, monkeypatch):
-    from virnuc_dask import hardware
+    from virnuc_dask.cluster import hardware
 
     quota = tmp_path / "cpu.max"
     quota.write_text("150000 100000\n")  # 1.5 CPUs: two cores' worth of threads at most
@@ -279,7 +280,7 @@ def test_usable_cpus_honour_a_cgroup_quota_and_slurm(tmp_path, monkeypatch):
 
 
 def test_usable_cpus_without_an_affinity_call(monkeypatch):
-    from virnuc_dask import hardware
+    from virnuc_dask.cluster import hardware
 
     monkeypatch.delattr(os, "sched_getaffinity")  # as on macOS
     assert hardware.usable_cpus() >= 1

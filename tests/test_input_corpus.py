@@ -55,8 +55,9 @@ def _entry_point() -> list[str]:
 _AS_NOBODY = textwrap.dedent(
     """
     import difflib, os, sys
-    import virnuc_dask.cli, virnuc_dask.cluster, virnuc_dask.model.loading, virnuc_dask.pipeline
-    import virnuc_dask.storage.paths, virnuc_dask.workdir, virnuc_dask.output, virnuc_dask.worker
+    import virnuc_dask.cli, virnuc_dask.cluster.local, virnuc_dask.cluster.task
+    import virnuc_dask.model.loading, virnuc_dask.pipeline, virnuc_dask.storage.paths
+    import virnuc_dask.workdir, virnuc_dask.output
     uid, gid = int(os.environ.pop("CORPUS_UID")), int(os.environ.pop("CORPUS_GID"))
     os.setgroups([]); os.setgid(gid); os.setuid(uid)
     sys.argv[0] = "virnuc-dask"
@@ -173,7 +174,8 @@ def cluster_starts(monkeypatch) -> list[str]:
     """
     import distributed
 
-    import virnuc_dask.cluster
+    import virnuc_dask.cluster.existing
+    import virnuc_dask.cluster.local
 
     starts: list[str] = []
 
@@ -184,8 +186,10 @@ def cluster_starts(monkeypatch) -> list[str]:
 
         return start
 
-    monkeypatch.setattr(virnuc_dask.cluster, "start_local_cluster", stopped("start_local_cluster"))
-    monkeypatch.setattr(virnuc_dask.cluster, "connect", stopped("connect"))
+    monkeypatch.setattr(
+        virnuc_dask.cluster.local, "start_local_cluster", stopped("start_local_cluster")
+    )
+    monkeypatch.setattr(virnuc_dask.cluster.existing, "connect", stopped("connect"))
     monkeypatch.setattr(distributed.LocalCluster, "__init__", stopped("LocalCluster"))
     return starts
 

@@ -12,10 +12,12 @@ import pytest
 
 import virnuc_dask
 from tests.helpers import TINY, random_sequences, write_fasta
-from virnuc_dask import worker
+from virnuc_dask.cluster import plugin, task, watchdog
+from virnuc_dask.cluster.task import RunAbandoned, embed_chunk
+from virnuc_dask.cluster.watchdog import time_limit
 from virnuc_dask.model import checkpoint, loading
+from virnuc_dask.output.shards import shard_path
 from virnuc_dask.storage.locks import RunLock
-from virnuc_dask.worker import RunAbandoned, embed_chunk, shard_path, time_limit
 
 
 @pytest.fixture
@@ -56,7 +58,7 @@ def test_a_chunk_with_its_shard_on_disk_is_not_computed_again(job, monkeypatch):
     def refuse(settings):
         raise AssertionError("the engine was asked again")
 
-    monkeypatch.setattr(worker, "worker_engine", refuse)
+    monkeypatch.setattr(task, "worker_engine", refuse)
     again = embed_chunk(chunk, chunk_job)
     assert again.worker == "existing" and again.path == first.path
     assert os.stat(written).st_mtime_ns == mtime
@@ -65,8 +67,8 @@ def test_a_chunk_with_its_shard_on_disk_is_not_computed_again(job, monkeypatch):
 def test_time_limits():
     assert time_limit(1000, 5, None) == 5
     assert time_limit(1000, 0, 10.0) is None
-    assert time_limit(1000, None, 1000.0) == worker.MIN_CHUNK_SECONDS
-    assert time_limit(10**6, None, 1000.0) == pytest.approx(worker.SLACK * 1000)
+    assert time_limit(1000, None, 1000.0) == watchdog.MIN_CHUNK_SECONDS
+    assert time_limit(10**6, None, 1000.0) == pytest.approx(watchdog.SLACK * 1000)
 
 
 #: What the brief measured: ESM-2 150M on a 2-core CPU worker embeds 68 tokens/s, and chunks
@@ -80,19 +82,19 @@ def test_a_fresh_worker_gives_the_largest_healthy_chunk_the_time_it_needs(
 ):
     # Before any measurement: a speed assumed of the device, well below the real one, so the
     # automatic limit of a healthy 2 M-token chunk is longer than the chunk takes.
-    assumed = worker.assumed_rate(params, device, threads)
+    assumed = watchdog.assumed_rate(params, device, threads)
     assert assumed < real / 5
     limit = time_limit(2_000_000, None, assumed)
-    assert limit > 2_000_000 / real * worker.SLACK
+    assert limit > 2_000_000 / real * watchdog.SLACK
 
 
 def test_the_first_batch_sets_a_limit_the_chunk_can_meet_and_a_hang_still_ends(monkeypatch):
-    monkeypatch.setattr(worker, "MIN_CHUNK_SECONDS", 0.2)
-    monkeypatch.setattr(worker, "SLACK", 2.0)
+    monkeypatch.setattr(watchdog, "MIN_CHUNK_SECONDS", 0.2)
+    monkeypatch.setattr(watchdog, "SLACK", 2.0)
     expired = []
     # A speed assumed far above the real one (limit 0.5 s): the first batch, 100 of 1,000
     # tokens after 0.3 s, says the chunk needs 3 s, so the limit becomes 2 x 3 s = 6 s.
-    dog = worker._Watchdog(7, tokens=1000, seconds=0.5, measured=False, on_expire=expired.append)
+    dog = watchdog._Watchdog(7, tokens=1000, seconds=0.5, measured=False, on_expire=expired.append)
     with dog:
         time.sleep(0.3)
         dog.batch(100)
@@ -100,20 +102,21 @@ def test_the_first_batch_sets_a_limit_the_chunk_can_meet_and_a_hang_still_ends(m
         time.sleep(0.5)
         assert expired == []  # past the first limit, within the one the first batch shows
     # No batch ever comes (a hung device): the limit holds.
-    dog = worker._Watchdog(8, tokens=1000, seconds=0.3, measured=False, on_expire=expired.append)
+    dog = watchdog._Watchdog(8, tokens=1000, seconds=0.3, measured=False, on_expire=expired.append)
     with dog:
         time.sleep(1.0)
     assert expired == [8]
 
 
 def test_a_measured_speed_is_remembered_per_engine(job, monkeypatch):
-    monkeypatch.setattr(worker, "_SLOWEST_RATES", {})  # a fresh worker process
+    state = plugin.WorkerEngines()  # a fresh worker
+    monkeypatch.setattr(plugin, "_OUTSIDE_A_WORKER", state)
     settings = job.engine_settings
     other = dataclasses.replace(settings, layers=(1,))
-    assert worker.remembered_rate(settings) is None
+    assert state.remembered_rate(settings) is None
     embed_chunk(job.partition.chunks[0], job.chunk_job())
-    assert worker.remembered_rate(settings) > 0
-    assert worker.remembered_rate(other) is None  # another model or layers: not measured
+    assert state.remembered_rate(settings) > 0
+    assert state.remembered_rate(other) is None  # another model or layers: not measured
 
 
 def test_the_engine_is_built_once_when_threads_ask_at_once(job, monkeypatch):
@@ -126,11 +129,11 @@ def test_the_engine_is_built_once_when_threads_ask_at_once(job, monkeypatch):
         return original(source, **kwargs)
 
     monkeypatch.setattr(loading, "load_model", slow_load)
-    worker._ENGINES.clear()
+    monkeypatch.setattr(plugin, "_OUTSIDE_A_WORKER", plugin.WorkerEngines())
     settings = job.engine_settings
     engines = []
     threads = [
-        threading.Thread(target=lambda: engines.append(worker.worker_engine(settings)))
+        threading.Thread(target=lambda: engines.append(plugin.worker_engine(settings)))
         for _ in range(4)
     ]
     for thread in threads:
@@ -139,7 +142,6 @@ def test_the_engine_is_built_once_when_threads_ask_at_once(job, monkeypatch):
         thread.join()
     assert len(builds) == 1
     assert all(engine is engines[0] for engine in engines)
-    worker._ENGINES.clear()
 
 
 def test_shards_carry_layers_and_fingerprint(job):
@@ -164,11 +166,11 @@ def test_which_runs_compile_a_built_engine():
     tiny_model = loading.load_model(checkpoint.resolve_weights(TINY, random_weights=True, seed=0))
     engine = PackedEngine(tiny_model, layers=[2], dtype=torch.float32)
     assert not engine.fused and not engine.compiled and not engine.compiles_by_default
-    assert worker._should_compile(None, engine) is False
-    assert worker._should_compile(False, engine) is False
-    assert worker._should_compile(True, engine) is True
+    assert plugin._should_compile(None, engine) is False
+    assert plugin._should_compile(False, engine) is False
+    assert plugin._should_compile(True, engine) is True
     engine.compiled = True  # a compiled engine serves every run as it is
-    assert worker._should_compile(True, engine) is False
-    assert worker._should_compile(True, ReferenceEngine(tiny_model, layers=[2])) is False
+    assert plugin._should_compile(True, engine) is False
+    assert plugin._should_compile(True, ReferenceEngine(tiny_model, layers=[2])) is False
     with pytest.raises(RuntimeError, match="CUDA and Triton"):
         PackedEngine(tiny_model, layers=[2], dtype=torch.float32, fused=True)

@@ -84,7 +84,8 @@ from virnuc_dask.storage.remote import Remote, download_folder, place, upload_fo
 from virnuc_dask.storage.urls import StorageOptions, is_url
 
 if TYPE_CHECKING:
-    from virnuc_dask.worker import ChunkJob, EngineSettings
+    from virnuc_dask.cluster.plugin import EngineSettings
+    from virnuc_dask.cluster.task import ChunkJob
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +176,7 @@ class EmbeddingJob:
 
     @property
     def engine_settings(self) -> EngineSettings:
-        """What each worker's :class:`~virnuc_dask.worker.ModelPlugin` loads."""
+        """What each worker's :class:`~virnuc_dask.cluster.plugin.ModelPlugin` loads."""
         return _engine_settings(self.config, self.weights, self.torch_threads)
 
     @property
@@ -196,7 +197,7 @@ class EmbeddingJob:
 
     def chunk_job(self) -> ChunkJob:
         """What every chunk task of this job is given besides its chunk."""
-        from virnuc_dask.worker import ChunkJob
+        from virnuc_dask.cluster.task import ChunkJob
 
         return ChunkJob(
             index_dir=str(self.work_dir / "index"),
@@ -217,7 +218,7 @@ class EmbeddingJob:
 
     def _graph(self, key: str) -> tuple[Delayed, dict[str, Chunk], list[Delayed]]:
         """The graph named by ``key``: its assembly, its chunks by key, and the chunk tasks."""
-        from virnuc_dask.worker import embed_chunk
+        from virnuc_dask.cluster.task import embed_chunk
 
         job_node = dask.delayed(self.chunk_job(), name=f"virnuc-job-{key}")
         rank = _rank_in_lane(self.partition.chunks)
@@ -327,8 +328,8 @@ class EmbeddingJob:
         """
         from distributed import span, wait
 
+        from virnuc_dask.cluster.plugin import ModelPlugin, setup_stats
         from virnuc_dask.output import OutputWriter
-        from virnuc_dask.worker import ModelPlugin, setup_stats
 
         started = time.perf_counter()
         phases = dict(self.phases)
@@ -481,7 +482,7 @@ LOCAL_FOLDER = "driver folder"
 def _engine_settings(
     config: EmbedConfig, weights: WeightsSource, torch_threads: int | None
 ) -> EngineSettings:
-    from virnuc_dask.worker import EngineSettings
+    from virnuc_dask.cluster.plugin import EngineSettings
 
     return EngineSettings(
         weights=weights,
@@ -508,7 +509,7 @@ class EarlyCluster:
     Parameters
     ----------
     plan
-        The local cluster's plan (:func:`~virnuc_dask.hardware.local_plan`).
+        The local cluster's plan (:func:`~virnuc_dask.cluster.hardware.local_plan`).
     """
 
     def __init__(self, plan) -> None:
@@ -528,7 +529,7 @@ class EarlyCluster:
         self.thread.start()
 
     def _start(self, engine: EngineSettings, local: Path) -> None:
-        from virnuc_dask.cluster import start_local_cluster
+        from virnuc_dask.cluster.local import start_local_cluster
 
         clock = time.perf_counter()
         scratch = local / "dask-scratch"
@@ -542,7 +543,7 @@ class EarlyCluster:
 
     def result(self) -> tuple:
         """Wait for the start; return ``(client, info)`` or raise why it failed."""
-        from virnuc_dask.cluster import attach
+        from virnuc_dask.cluster.local import attach
 
         clock = time.perf_counter()
         if self.thread is not None:
@@ -609,7 +610,8 @@ class _Watch:
     """
 
     def __init__(self, job: EmbeddingJob, client, progress: bool) -> None:
-        from virnuc_dask.progress import listen, make_progress
+        from virnuc_dask.cluster.events import listen
+        from virnuc_dask.run.progress import make_progress
 
         self.job, self.client = job, client
         self.chunks = len(job.reused)
@@ -648,7 +650,7 @@ class _Watch:
     def close(self) -> None:
         """Stop listening to the workers' progress messages."""
         if self.bar:
-            from virnuc_dask.progress import stop_listening
+            from virnuc_dask.cluster.events import stop_listening
 
             stop_listening(self.client, self.job.token)
 
@@ -755,7 +757,7 @@ class RunReport:
 
     def summary(self) -> str:
         """One line for a person: sequences, tokens, time and throughput."""
-        from virnuc_dask.progress import rate
+        from virnuc_dask.run.progress import rate
 
         embedded = sum(t for w, t in self.worker_tokens.items() if w != "resumed")
         speed = rate(embedded, self.seconds)
@@ -1101,7 +1103,7 @@ def embed(
     >>> virnuc_dask.open_embeddings(path).embedding.shape  # doctest: +SKIP
     (15, 320)
     """
-    from virnuc_dask.hardware import local_plan
+    from virnuc_dask.cluster.hardware import local_plan
 
     _refuse_inside_a_starting_worker()
     inputs = [inputs] if isinstance(inputs, str | Path) else list(inputs)
@@ -1117,7 +1119,7 @@ def embed(
         job = prepare(inputs, output, client=client, **options, **settings)
         return job.run(client, progress=progress)
     if scheduler or scheduler_file:
-        from virnuc_dask.cluster import connect
+        from virnuc_dask.cluster.existing import connect
 
         clock = time.perf_counter()
         with connect(scheduler=scheduler, scheduler_file=scheduler_file) as (client, info):

@@ -39,6 +39,7 @@ from virnuc_dask.config import EmbedConfig
 from virnuc_dask.errors import VirnucError, option
 from virnuc_dask.inputs import FastaIndex
 from virnuc_dask.output import ShardInfo, shard_matches
+from virnuc_dask.output.shards import shard_path
 from virnuc_dask.plan.fingerprint import differences, fingerprint_of
 from virnuc_dask.plan.partition import Chunk, Partition, partition
 from virnuc_dask.storage import ownership
@@ -204,11 +205,6 @@ def saved_or_new_partition(
     write_atomic(work / "manifest.json", json.dumps(manifest).encode())
     ownership.write_marker(work, KIND, fingerprint)
     return parts
-
-
-def shard_path(shard_dir: str, chunk: Chunk) -> str:
-    """The shard file of a chunk."""
-    return os.path.join(shard_dir, f"shard-{chunk.number:06d}.h5")
 
 
 def finished_shards(work: Path | Remote, parts: Partition, fingerprint: str) -> list[ShardInfo]:

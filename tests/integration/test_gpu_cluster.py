@@ -30,7 +30,7 @@ def _compare(actual: np.ndarray, expected: np.ndarray) -> tuple[float, float]:
 def test_local_cuda_cluster_matches_fp32_reference(workers, tmp_path):
     if torch.cuda.device_count() < workers:
         pytest.skip(f"needs {workers} GPUs")
-    from virnuc_dask.cluster import connect
+    from virnuc_dask.cluster.existing import connect
 
     seqs = random_sequences(1500, 1, 1100, seed=workers)
     fasta = tmp_path / "in.fasta"

@@ -7,7 +7,8 @@ import io
 import virnuc_dask
 from tests.faults import SlowBatches
 from tests.helpers import TINY, random_sequences, write_fasta
-from virnuc_dask.progress import TOPIC, BatchReporter, TextProgress, listen, stop_listening
+from virnuc_dask.cluster.events import TOPIC, BatchReporter, listen, stop_listening
+from virnuc_dask.run.progress import TextProgress
 
 
 def test_batches_are_reported_within_a_chunk(cluster_client, tmp_path):
@@ -71,7 +72,7 @@ def test_text_progress_shows_tokens_rate_and_time_left_in_a_log():
 
 def test_the_first_line_is_shown_on_a_machine_booted_a_minute_ago(monkeypatch):
     # time.monotonic() counts from boot on Linux: a freshly booted machine reads small values.
-    import virnuc_dask.progress as progress
+    import virnuc_dask.run.progress as progress
 
     monkeypatch.setattr(progress.time, "monotonic", lambda: 60.0)
     out = io.StringIO()

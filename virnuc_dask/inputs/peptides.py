@@ -42,8 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
+from virnuc_dask.cluster.hardware import usable_cpus
 from virnuc_dask.errors import VirnucError, option
-from virnuc_dask.hardware import usable_cpus
 from virnuc_dask.inputs.duplicates import DUPLICATE_POLICIES, check_duplicates
 from virnuc_dask.inputs.duplicates import id_bytes as read_id
 from virnuc_dask.inputs.fasta import FastaIndex

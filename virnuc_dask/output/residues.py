@@ -63,7 +63,7 @@ import h5py
 import hdf5plugin
 import numpy as np
 
-from virnuc_dask.hardware import usable_cpus
+from virnuc_dask.cluster.hardware import usable_cpus
 
 #: Rows of one storage chunk of ``residue_embedding`` (HDF5 and Zarr), and the alignment of
 #: each chunk's region: 1,024 rows of ESM-2 3B in float16 are 5 MB.

@@ -24,6 +24,11 @@ from virnuc_dask.errors import VirnucError
 from virnuc_dask.output.targets import partial_name
 
 
+def shard_path(shard_dir: str, chunk) -> str:
+    """The shard file of ``chunk`` (a :class:`~virnuc_dask.plan.partition.Chunk`) in a folder."""
+    return os.path.join(shard_dir, f"shard-{chunk.number:06d}.h5")
+
+
 class ShardMismatch(VirnucError):
     """A shard does not belong to the run being assembled.
 
