@@ -12,15 +12,15 @@ import pytest
 import torch
 
 from tests.helpers import TINY, assert_rows_close, collect_residues, random_sequences
-from virnuc_dask.engine.batching import token_budget_batches
-from virnuc_dask.engine.packed import (
+from virnuc_dask.engine.batching import (
     MAX_AUTO_TOKENS,
     MIN_AUTO_TOKENS,
-    PackedEngine,
     auto_token_budget,
-    fuse_qkv,
-    pack_batch,
+    token_budget_batches,
 )
+from virnuc_dask.engine.layers import fuse_qkv
+from virnuc_dask.engine.packed import PackedEngine
+from virnuc_dask.engine.packing import pack_batch
 from virnuc_dask.engine.reference import ReferenceEngine
 from virnuc_dask.model.checkpoint import resolve_weights
 from virnuc_dask.model.loading import load_model
