@@ -156,6 +156,13 @@ def test_empty_input_and_bad_layers(model):
         PackedEngine(model, layers=[3], dtype=torch.float32)
 
 
+def test_empty_input_still_checks_long(model):
+    # The reference engine refuses an unknown ``long`` whatever the input; so does this one.
+    engine = PackedEngine(model, layers=[2], dtype=torch.float32)
+    with pytest.raises(ValueError, match="long must be one of"):
+        engine.embed([], long="wrap")
+
+
 # GPU: bf16/fp16 packed engine against the fp32 reference on the same weights. ------------------
 
 GPU_MODEL = "esm2_t6_8M_UR50D"

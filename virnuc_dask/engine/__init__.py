@@ -1,6 +1,7 @@
 """Engines: turn a list of sequences into pooled embeddings on one device.
 
-Two engines share one interface (``embed(list[bytes]) -> float32 array``):
+Two engines share one interface (``embed(list[bytes]) -> float32 array``) and one loop over
+batches, the engine base's:
 
 - :class:`~virnuc_dask.engine.reference.ReferenceEngine`: fair-esm's own forward on padded
   batches, in fp32; the CPU path and the yardstick of every fidelity test.
@@ -9,6 +10,8 @@ Two engines share one interface (``embed(list[bytes]) -> float32 array``):
 
 The modules, in the order a batch meets them:
 
+- :mod:`~virnuc_dask.engine.base`: the engine base, :class:`~virnuc_dask.engine.base.Engine`:
+  segments, length sort, batches, blending and progress, once for both engines.
 - :mod:`~virnuc_dask.engine.blend`: the windows of long sequences as segments, and their
   outputs blended back into one per sequence.
 - :mod:`~virnuc_dask.engine.batching`: token-budget batches, and the budget chosen from free

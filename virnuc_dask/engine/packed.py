@@ -1,7 +1,9 @@
 """The packed engine: padding-free batches of ESM-2 on a GPU, in bf16 or fp16, streams overlapped.
 
 Batches are packed token streams (:mod:`virnuc_dask.engine.packing`) run through fair-esm's
-layers rearranged for them (:mod:`virnuc_dask.engine.layers`). Decisions:
+layers rearranged for them (:mod:`virnuc_dask.engine.layers`); the loop over batches is the
+engine base's (:class:`~virnuc_dask.engine.base.Engine`), with one batch kept in flight.
+Decisions:
 
 - The host never waits for the device inside a batch. While the device computes batch ``i``,
   the host tokenises batch ``i + 1`` into pinned memory and starts its upload on a copy stream,
@@ -30,17 +32,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
-from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from virnuc_dask.engine import torch_dtype
-from virnuc_dask.engine.batching import auto_token_budget, token_budget_batches
-from virnuc_dask.engine.blend import Blender, Segments, plan_segments
+from virnuc_dask.engine.base import BatchOutput, Engine, Run
+from virnuc_dask.engine.batching import auto_token_budget
 from virnuc_dask.engine.layers import (
     HAS_VARLEN,
     fuse_qkv,
@@ -74,6 +74,7 @@ CPU_TOKENS_PER_BATCH = 16384
 class _Staged:
     """A batch uploaded (or being uploaded) to the device."""
 
+    run: Run
     rows: np.ndarray
     buffer: torch.Tensor
     tensors: dict[str, torch.Tensor]
@@ -92,7 +93,7 @@ class _Pending:
     residues: torch.Tensor | None = None
 
 
-class PackedEngine:
+class PackedEngine(Engine):
     """Embed sequences with fair-esm's ESM-2 weights on padding-free packed batches.
 
     Same interface and semantics as
@@ -141,6 +142,9 @@ class PackedEngine:
         Batches split in half after running out of GPU memory, since construction.
     """
 
+    padded = False
+    lookahead = 1
+
     def __init__(
         self,
         model: torch.nn.Module,
@@ -169,7 +173,6 @@ class PackedEngine:
         )
         self.tokens_per_batch = tokens_per_batch or self._auto_budget()
         self.oom_splits = 0
-        self._run: _Run | None = None
         if self._cuda:
             self._upload = torch.cuda.Stream(self.device)
             self._download = torch.cuda.Stream(self.device)
@@ -216,54 +219,6 @@ class PackedEngine:
         seconds = self._warm_up()
         self.compile_seconds += seconds
         return seconds
-
-    def embed(
-        self,
-        sequences: list[bytes],
-        on_batch: Callable[[int], None] | None = None,
-        *,
-        long: str = "truncate",
-        on_residues: Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None = None,
-        residue_dtype: str = "float16",
-    ) -> np.ndarray:
-        """Return mean embeddings, float32 of shape ``(len(sequences), len(layers), dim)``.
-
-        Rows are in the order of ``sequences``; batches run longest first. ``on_batch`` is
-        called with the tokens (residues + 2 per window) of each batch once its vectors are
-        on the host. ``long``, ``on_residues`` and ``residue_dtype`` as in
-        :meth:`~virnuc_dask.engine.reference.ReferenceEngine.embed`: the windows of a long
-        sequence are ordinary packed segments; per-residue rows come down in
-        ``residue_dtype`` (float32 for the weighted rows of windowed sequences, blended on
-        the host).
-        """
-        out = np.zeros((len(sequences), len(self.layers), self.model.embed_dim), np.float32)
-        if not sequences:
-            return out
-        lengths = np.array([len(s) for s in sequences], dtype=np.int64)
-        plan = plan_segments(lengths, self.max_residues, long)
-        self._run = _Run(sequences, plan, on_residues is not None, torch_dtype(residue_dtype))
-        blender = Blender(plan, out, on_residues, residue_dtype)
-        sizes = plan.lengths
-        order = np.argsort(-sizes, kind="stable")
-        cuts = token_budget_batches(sizes[order] + 2, self.tokens_per_batch, padded=False)
-        batches = [order[cut] for cut in cuts]
-        in_flight: deque[_Pending] = deque()
-        try:
-            with torch.inference_mode(), _on_device(self.device):
-                staged = self._stage(batches[0])
-                for upcoming in [*batches[1:], None]:
-                    in_flight.extend(self._launch(staged))
-                    # The device now has this batch queued: tokenise and upload the next one
-                    # meanwhile, then collect the batch before this one.
-                    if upcoming is not None:
-                        staged = self._stage(upcoming)
-                    while len(in_flight) > 1:
-                        self._collect(in_flight.popleft(), blender, sizes, on_batch)
-                while in_flight:
-                    self._collect(in_flight.popleft(), blender, sizes, on_batch)
-        finally:
-            self._run = None
-        return out
 
     def _auto_budget(self) -> int:
         if not self._cuda:
@@ -313,14 +268,11 @@ class PackedEngine:
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - start
 
-    def _stage(self, segs: np.ndarray) -> _Staged:
+    def _stage(self, run: Run, segs: np.ndarray) -> _Staged:
         """Tokenise a batch of segments into one host buffer and start its upload."""
-        run = self._run
-        plan = run.plan
-        pieces = [run.sequences[q][a:b] for q, a, b in plan.pieces(segs)]
-        packed = pack_batch(pieces, self.max_residues)
+        packed = pack_batch(run.pieces(segs), self.max_residues)
         # Each segment's mean is divided by its sequence's residues (all its windows).
-        divisors = plan.residues[plan.sequence[segs]].astype(np.int32)
+        divisors = run.divisors(segs).astype(np.int32)
         arrays = [packed.tokens, packed.positions, packed.segments, packed.cu_seqlens, divisors]
         names = ["tokens", "positions", "segments", "cu_seqlens", "residues"]
         body = None
@@ -331,14 +283,14 @@ class PackedEngine:
         sizes = [len(a) for a in arrays]
         host = torch.empty(sum(sizes), dtype=torch.int32, pin_memory=self._cuda)
         np.concatenate(arrays, out=host.numpy())
-        weights = None
-        if plan.blended(segs).any():
+        weights = run.weights(segs)
+        if weights is not None:
             # Blending weights per token (0 for BOS and EOS): batches holding windows only.
-            weights = np.zeros(len(packed.tokens), dtype=np.float32)
-            weights[packed.segments != len(segs)] = plan.weights(segs)
-            weights = (
-                torch.from_numpy(weights).pin_memory() if self._cuda else torch.from_numpy(weights)
-            )
+            per_token = np.zeros(len(packed.tokens), dtype=np.float32)
+            per_token[packed.segments != len(segs)] = weights
+            weights = torch.from_numpy(per_token)
+            if self._cuda:
+                weights = weights.pin_memory()
         uploaded = None
         if self._cuda:
             with torch.cuda.stream(self._upload):
@@ -353,7 +305,7 @@ class PackedEngine:
         if weights is not None:
             tensors["weights"] = weights
         count = 0 if body is None else len(body)
-        return _Staged(segs, buffer, tensors, packed.max_len, uploaded, count)
+        return _Staged(run, segs, buffer, tensors, packed.max_len, uploaded, count)
 
     def _launch(self, staged: _Staged) -> list[_Pending]:
         """Queue a batch's forward and the download of its pooled vectors.
@@ -382,7 +334,7 @@ class PackedEngine:
         return [
             pending
             for part in (slice(None, half), slice(half, None))
-            for pending in self._launch(self._stage(staged.rows[part]))
+            for pending in self._launch(self._stage(staged.run, staged.rows[part]))
         ]
 
     def _forward(self, staged: _Staged) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -402,6 +354,7 @@ class PackedEngine:
         # The fused layer reads the table by position; the others take it gathered per token.
         table = self._rotary
         rotary = (table, t["positions"]) if self.fused else table[:, t["positions"]]
+        storage = torch_dtype(staged.run.residue_dtype) if wanted else None
         pooled: dict[int, torch.Tensor] = {}
         rows: dict[int, torch.Tensor] = {}
 
@@ -411,7 +364,7 @@ class PackedEngine:
                 # Cast as soon as taken: one layer's residues in the storage dtype stay alive.
                 body = x[t["body"]]
                 if weights is None:
-                    rows[index] = body.to(self._run.residue_dtype)
+                    rows[index] = body.to(storage)
                 else:
                     rows[index] = body.float() * weights[t["body"]][:, None]
 
@@ -453,29 +406,16 @@ class PackedEngine:
             downloaded.record()
         return _Pending(rows, host, downloaded, host_residues)
 
-    @staticmethod
-    def _collect(pending: _Pending, blender: Blender, sizes: np.ndarray, on_batch) -> None:
+    def _collect(self, pending: _Pending) -> BatchOutput:
+        """Wait for a batch's download; return its outputs."""
         if pending.downloaded is not None:
             pending.downloaded.synchronize()
         residues = None if pending.residues is None else pending.residues.numpy()
-        blender.add(pending.rows, pending.host.numpy(), residues)
-        if on_batch is not None:
-            on_batch(int(sizes[pending.rows].sum()) + 2 * len(pending.rows))
+        return BatchOutput(pending.rows, pending.host.numpy(), residues)
 
-
-@dataclass
-class _Run:
-    """One :meth:`PackedEngine.embed` call's inputs, read by its batches."""
-
-    sequences: list[bytes]
-    plan: Segments
-    residues: bool
-    residue_dtype: torch.dtype
-
-
-def _on_device(device: torch.device):
-    """Make ``device`` current for streams and events (a no-op off CUDA)."""
-    return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
+    def _on_device(self) -> AbstractContextManager:
+        """Make the engine's device current for streams and events (a no-op off CUDA)."""
+        return torch.cuda.device(self.device) if self._cuda else nullcontext()
 
 
 def _has_triton() -> bool:
