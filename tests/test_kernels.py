@@ -12,14 +12,14 @@ import torch
 import torch.nn.functional as F
 
 from tests.test_packed import GPU_MODEL, assert_faithful, encoded, lengths_sample
-from virnuc_dask.engine.packed import (
-    PackedEngine,
+from virnuc_dask.engine.layers import (
     apply_rotary,
     fuse_qkv,
     fused_layer,
     packed_layer,
     rotary_tables,
 )
+from virnuc_dask.engine.packed import PackedEngine
 from virnuc_dask.engine.reference import ReferenceEngine
 from virnuc_dask.model.checkpoint import resolve_weights
 from virnuc_dask.model.loading import load_model

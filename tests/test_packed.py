@@ -12,15 +12,15 @@ import pytest
 import torch
 
 from tests.helpers import TINY, assert_rows_close, collect_residues, random_sequences
-from virnuc_dask.engine.batching import token_budget_batches
-from virnuc_dask.engine.packed import (
+from virnuc_dask.engine.batching import (
     MAX_AUTO_TOKENS,
     MIN_AUTO_TOKENS,
-    PackedEngine,
     auto_token_budget,
-    fuse_qkv,
-    pack_batch,
+    token_budget_batches,
 )
+from virnuc_dask.engine.layers import fuse_qkv
+from virnuc_dask.engine.packed import PackedEngine
+from virnuc_dask.engine.packing import pack_batch
 from virnuc_dask.engine.reference import ReferenceEngine
 from virnuc_dask.model.checkpoint import resolve_weights
 from virnuc_dask.model.loading import load_model
@@ -154,6 +154,13 @@ def test_empty_input_and_bad_layers(model):
     assert engine.embed([]).shape == (0, 2, 64)
     with pytest.raises(ValueError, match="layers"):
         PackedEngine(model, layers=[3], dtype=torch.float32)
+
+
+def test_empty_input_still_checks_long(model):
+    # The reference engine refuses an unknown ``long`` whatever the input; so does this one.
+    engine = PackedEngine(model, layers=[2], dtype=torch.float32)
+    with pytest.raises(ValueError, match="long must be one of"):
+        engine.embed([], long="wrap")
 
 
 # GPU: bf16/fp16 packed engine against the fp32 reference on the same weights. ------------------

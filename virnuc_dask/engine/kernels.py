@@ -119,7 +119,7 @@ def rotary_qk(
         The fused projection's output, ``(tokens, 3 * dim)``, contiguous: q, then k, then v.
     table
         fp32 ``cos`` and ``sin`` stacked, ``(2, positions, head_dim)``, halves repeated (as
-        :func:`~virnuc_dask.engine.packed.rotary_tables` builds it), contiguous.
+        :func:`~virnuc_dask.engine.layers.rotary_tables` builds it), contiguous.
     positions
         Each token's position in its sequence (int32).
     heads

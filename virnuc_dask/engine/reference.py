@@ -8,21 +8,21 @@ excluded). It runs in the model's dtype (fp32 by default) on any device.
 Per-residue values are the same representations at positions 1..n, handed on per batch; with
 ``long="window"`` each window of a long sequence is one padded row like any sequence, and the
 windows are blended on the host (:class:`~virnuc_dask.engine.blend.Blender`).
+
+The loop over batches is the engine base's (:class:`~virnuc_dask.engine.base.Engine`); this
+engine keeps no batch in flight: each one is computed, blended and reported before the next.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import torch
 
-from virnuc_dask.engine.batching import token_budget_batches
-from virnuc_dask.engine.blend import Blender, plan_segments
+from virnuc_dask.engine.base import BatchOutput, Engine, Run
 from virnuc_dask.model.tokens import MODEL_WINDOW, padded_tokens
 
 
-class ReferenceEngine:
+class ReferenceEngine(Engine):
     """Embed sequences with fair-esm's ``ESM2.forward`` on padded batches.
 
     Parameters
@@ -38,6 +38,9 @@ class ReferenceEngine:
         Token budget of one padded batch (``count * longest``).
     """
 
+    padded = True
+    lookahead = 0
+
     def __init__(
         self,
         model: torch.nn.Module,
@@ -52,55 +55,20 @@ class ReferenceEngine:
         self.tokens_per_batch = tokens_per_batch
         self.device = next(model.parameters()).device
 
-    def embed(
-        self,
-        sequences: list[bytes],
-        on_batch: Callable[[int], None] | None = None,
-        *,
-        long: str = "truncate",
-        on_residues: Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None = None,
-        residue_dtype: str = "float16",
-    ) -> np.ndarray:
-        """Return mean embeddings, float32 of shape ``(len(sequences), len(layers), dim)``.
+    def _stage(self, run: Run, segs: np.ndarray) -> tuple[Run, np.ndarray]:
+        # Nothing to prepare ahead: each batch runs whole in _launch, before the next one.
+        return run, segs
 
-        Parameters
-        ----------
-        sequences
-            Validated sequences as bytes.
-        on_batch
-            Called with the tokens (residues + 2 per window) of each batch once it is done.
-        long
-            ``"truncate"`` embeds the first ``max_residues`` residues of a longer sequence;
-            ``"window"`` embeds all of them in overlapping windows (:mod:`virnuc_dask.windows`).
-        on_residues
-            Called with per-residue values as whole sequences are done:
-            ``(positions in sequences, rows (residues, layers, dim) in residue_dtype, counts)``.
-            None: per-residue values are not computed.
-        residue_dtype
-            Dtype of the rows given to ``on_residues``.
-        """
-        lengths = np.array([len(s) for s in sequences], dtype=np.int64)
-        plan = plan_segments(lengths, self.max_residues, long)
-        out = np.zeros((len(sequences), len(self.layers), self.model.embed_dim), np.float32)
-        blender = Blender(plan, out, on_residues, residue_dtype)
-        sizes = plan.lengths
-        order = np.argsort(-sizes, kind="stable")
-        batches = token_budget_batches(sizes[order] + 2, self.tokens_per_batch, padded=True)
-        with torch.inference_mode():
-            for batch in batches:
-                segs = order[batch]
-                pieces = [sequences[q][a:b] for q, a, b in plan.pieces(segs)]
-                pooled, rows = self._embed_batch(
-                    pieces,
-                    sizes[segs],
-                    plan.residues[plan.sequence[segs]],
-                    plan.weights(segs) if plan.blended(segs).any() else None,
-                    on_residues is not None,
-                )
-                blender.add(segs, pooled, rows)
-                if on_batch is not None:
-                    on_batch(int(sizes[segs].sum()) + 2 * len(segs))
-        return out
+    def _launch(self, staged: tuple[Run, np.ndarray]) -> list[BatchOutput]:
+        run, segs = staged
+        pooled, rows = self._embed_batch(
+            run.pieces(segs),
+            run.plan.lengths[segs],
+            run.divisors(segs),
+            run.weights(segs),
+            run.residues,
+        )
+        return [BatchOutput(segs, pooled, rows)]
 
     def _embed_batch(
         self,
