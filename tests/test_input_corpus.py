@@ -56,8 +56,8 @@ _AS_NOBODY = textwrap.dedent(
     """
     import difflib, os, sys
     import virnuc_dask.cli, virnuc_dask.cluster.local, virnuc_dask.cluster.task
-    import virnuc_dask.model.loading, virnuc_dask.pipeline, virnuc_dask.storage.paths
-    import virnuc_dask.workdir, virnuc_dask.output
+    import virnuc_dask.model.loading, virnuc_dask.run.embed, virnuc_dask.storage.paths
+    import virnuc_dask.run.workdir, virnuc_dask.output
     uid, gid = int(os.environ.pop("CORPUS_UID")), int(os.environ.pop("CORPUS_GID"))
     os.setgroups([]); os.setgid(gid); os.setuid(uid)
     sys.argv[0] = "virnuc-dask"

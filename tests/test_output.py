@@ -66,7 +66,7 @@ def _shards(tmp_path, embedding, splits, ids=IDS, fingerprint="fp", layers=None,
 
 
 def _assemble(tmp_path, shards, layers=(2,), **kwargs):
-    kwargs = {"output": tmp_path / "out.h5", "staging": tmp_path / "stage", **kwargs}
+    kwargs = {"output": tmp_path / "out.h5", **kwargs}
     return assemble(
         shards,
         ids=kwargs.pop("ids", IDS),
@@ -398,26 +398,6 @@ def test_shard_matches_checks_layers_width_and_dtype_when_given(tmp_path):
     assert not shard_matches(path, "run-1", rows, layers=[6])
     assert not shard_matches(path, "run-1", rows, width=4)
     assert not shard_matches(path, "run-1", rows, dtype="float32")
-
-
-# --- Staging ---------------------------------------------------------------------------------
-
-
-def test_assemble_leaves_the_staging_folder_alone(tmp_path):
-    # Nothing is staged any more; whatever is in the folder it is given is never touched.
-    stage = tmp_path / "stage"
-    stage.mkdir()
-    others = [stage / "embedding.npy", stage / f"embedding-{uuid.uuid4()}.npy"]
-    for other in others:
-        other.write_bytes(b"another attempt's array")
-    embedding = np.random.default_rng(3).normal(size=(50, 1, 4)).astype(np.float32)
-    shards = _shards(tmp_path, embedding, 3)
-    _assemble(tmp_path, shards)
-    with pytest.raises(RuntimeError, match="missing"):
-        _assemble(tmp_path, shards[:-1], output=tmp_path / "again.h5")
-    assert _files(stage) == sorted(p.name for p in others)
-    assert all(p.read_bytes() == b"another attempt's array" for p in others)
-    np.testing.assert_array_equal(open_embeddings(tmp_path / "out.h5").embedding, embedding[:, 0])
 
 
 # --- A full disk ----------------------------------------------------------------------------

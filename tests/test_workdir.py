@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from tests.helpers import TINY, random_sequences, write_fasta
-from virnuc_dask import workdir
 from virnuc_dask.errors import VirnucError
+from virnuc_dask.run import workdir
 from virnuc_dask.storage import ownership
 
 

@@ -15,6 +15,7 @@ from tests.helpers import TINY, random_sequences, write_fasta
 from virnuc_dask.cluster import plugin, task, watchdog
 from virnuc_dask.cluster.task import RunAbandoned, embed_chunk
 from virnuc_dask.cluster.watchdog import time_limit
+from virnuc_dask.engine import compiling
 from virnuc_dask.model import checkpoint, loading
 from virnuc_dask.output.shards import shard_path
 from virnuc_dask.storage.locks import RunLock
@@ -166,11 +167,11 @@ def test_which_runs_compile_a_built_engine():
     tiny_model = loading.load_model(checkpoint.resolve_weights(TINY, random_weights=True, seed=0))
     engine = PackedEngine(tiny_model, layers=[2], dtype=torch.float32)
     assert not engine.fused and not engine.compiled and not engine.compiles_by_default
-    assert plugin._should_compile(None, engine) is False
-    assert plugin._should_compile(False, engine) is False
-    assert plugin._should_compile(True, engine) is True
+    assert compiling.compiles_now(None, engine) is False
+    assert compiling.compiles_now(False, engine) is False
+    assert compiling.compiles_now(True, engine) is True
     engine.compiled = True  # a compiled engine serves every run as it is
-    assert plugin._should_compile(True, engine) is False
-    assert plugin._should_compile(True, ReferenceEngine(tiny_model, layers=[2])) is False
+    assert compiling.compiles_now(True, engine) is False
+    assert compiling.compiles_now(True, ReferenceEngine(tiny_model, layers=[2])) is False
     with pytest.raises(RuntimeError, match="CUDA and Triton"):
         PackedEngine(tiny_model, layers=[2], dtype=torch.float32, fused=True)

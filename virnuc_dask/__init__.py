@@ -20,14 +20,15 @@ import importlib
 
 __version__ = "0.1.0"
 
+#: The public names, and the module that defines each (imported on first use).
 _PUBLIC = {
     "EmbedConfig": "virnuc_dask.config",
-    "EmbeddingJob": "virnuc_dask.pipeline",
-    "RunReport": "virnuc_dask.pipeline",
+    "EmbeddingJob": "virnuc_dask.run.job",
+    "RunReport": "virnuc_dask.run.report",
     "VirnucError": "virnuc_dask.errors",
-    "embed": "virnuc_dask.pipeline",
+    "embed": "virnuc_dask.run.embed",
     "open_embeddings": "virnuc_dask.output",
-    "prepare": "virnuc_dask.pipeline",
+    "prepare": "virnuc_dask.run.prepare",
     "residues_of": "virnuc_dask.output",
 }
 

@@ -246,7 +246,7 @@ def embed(
 
     Defaults of the options come from Dask's configuration (section virnuc-dask).
     """
-    from virnuc_dask.pipeline import embed as run
+    from virnuc_dask.run.embed import embed as run
 
     _configure_logging(verbose)
     # SIGTERM (a scheduler's preemption, `kill`) ends the run like Ctrl-C: the local cluster

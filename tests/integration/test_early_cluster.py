@@ -14,8 +14,9 @@ import pytest
 
 import virnuc_dask
 from tests.helpers import TINY, random_sequences, write_fasta
-from virnuc_dask import pipeline
+from virnuc_dask.cluster.local import EarlyCluster
 from virnuc_dask.errors import VirnucError
+from virnuc_dask.run import embed as embedding
 
 
 def run(fasta, output, **settings):
@@ -29,14 +30,14 @@ def test_the_early_start_gives_the_same_file_as_indexing_first(tmp_path, monkeyp
     write_fasta(fasta, random_sequences(40, 20, 200, seed=5))
     late = run(fasta, tmp_path / "late.h5")
     started = []
-    original = pipeline.EarlyCluster.start
+    original = EarlyCluster.start
 
     def start(self, engine, local):
         started.append((local / "index").exists())  # whether the index was saved already
         return original(self, engine, local)
 
-    monkeypatch.setattr(pipeline, "EARLY_START_BYTES", 0)
-    monkeypatch.setattr(pipeline.EarlyCluster, "start", start)
+    monkeypatch.setattr(embedding, "EARLY_START_BYTES", 0)
+    monkeypatch.setattr(EarlyCluster, "start", start)
     early = run(fasta, tmp_path / "early.h5")
     assert started == [False], "the cluster was not started before the index was saved"
     late_ds, early_ds = virnuc_dask.open_embeddings(late), virnuc_dask.open_embeddings(early)
@@ -48,7 +49,7 @@ def test_the_early_start_gives_the_same_file_as_indexing_first(tmp_path, monkeyp
 
 
 def test_a_malformed_record_found_while_the_cluster_starts(tmp_path, monkeypatch):
-    monkeypatch.setattr(pipeline, "EARLY_START_BYTES", 0)
+    monkeypatch.setattr(embedding, "EARLY_START_BYTES", 0)
     fasta = tmp_path / "bad.fasta"
     fasta.write_text(">a\nMKV\n>b\nMK1V\n")
     output = tmp_path / "out.h5"

@@ -158,21 +158,42 @@ def test_several_layers_and_zarr(cluster_client, corpus, tmp_path, tiny_model):
     assert list(zr.sequence.values) == ids
 
 
-def test_the_graph_computed_on_a_users_client_writes_the_same_file(
+def test_the_graph_computed_on_a_users_client_writes_the_same_file_as_run(
     corpus, reference, cluster_client, tmp_path
 ):
+    import dask
+    from distributed import get_task_stream
+
     fasta, ids, _ = corpus
-    job = virnuc_dask.prepare(
-        [fasta], tmp_path / "g.h5", client=cluster_client, model=TINY, random_weights=True
-    )
-    try:
-        path, shards = cluster_client.compute(job.graph()).result()
-    finally:
-        job.finish(success=True)
-    assert path == str(tmp_path / "g.h5") and len(shards) == len(job.partition.chunks)
-    ds = virnuc_dask.open_embeddings(path).load()
-    assert list(ds.sequence.values) == ids
-    assert_rows_close(ds.embedding.values, reference)
+    files = {}
+    for how in ("run", "client.compute", "dask.compute"):
+        out = tmp_path / f"{how}.h5"
+        job = virnuc_dask.prepare(
+            [fasta], out, client=cluster_client, model=TINY, random_weights=True
+        )
+        graph = job.graph()
+        if how == "run":
+            # run() computes the graph it is given, the one a notebook draws: every task that
+            # ran is one of its keys, and every key ran.
+            with get_task_stream(cluster_client) as stream:
+                assert job.run(cluster_client, progress=False, graph=graph) == out
+            ran = {t["key"] for t in stream.data if str(t["key"]).startswith("embed-chunk-")}
+            assert ran == set(graph.__dask_keys__()) and len(ran) == len(job.partition.chunks)
+        else:
+            try:
+                if how == "client.compute":
+                    path = cluster_client.compute(graph).result()
+                else:
+                    (path,) = dask.compute(graph)
+            finally:
+                job.finish(success=True)
+            assert path == str(out)
+        files[how] = virnuc_dask.open_embeddings(out).load()
+    for how, ds in files.items():
+        assert list(ds.sequence.values) == ids, how
+        assert_rows_close(ds.embedding.values, reference)
+        np.testing.assert_array_equal(ds.embedding.values, files["run"].embedding.values)
+        np.testing.assert_array_equal(ds.length.values, files["run"].length.values)
 
 
 def test_per_residue_with_windows_on_the_cluster_and_in_zarr(cluster_client, tmp_path, tiny_model):

@@ -90,7 +90,7 @@ def test_progress_never_shows_more_than_the_total():
 
 def test_the_bar_and_the_summary_state_one_rate():
     from virnuc_dask.output import ShardInfo
-    from virnuc_dask.pipeline import RunReport
+    from virnuc_dask.run.report import RunReport
 
     # Half of the tokens come from reused chunks of an earlier run: neither line counts them.
     shards = [

@@ -150,7 +150,7 @@ def test_fastq_and_fasta_of_the_same_reads_give_the_same_file(
         chunk_tokens=600,
     )
     try:
-        cluster_client.compute(job.graph()).result()
+        assert cluster_client.compute(job.graph()).result() == str(out)
     finally:
         job.finish(success=True)
     for path in (out, store):

@@ -275,7 +275,7 @@ def test_resume_with_other_settings_is_refused_and_restart_reuses_nothing(
 
 
 def test_the_work_directory_goes_before_the_locks(fasta, tmp_path, cluster_client, monkeypatch):
-    from virnuc_dask import workdir
+    from virnuc_dask.run import workdir
 
     out = tmp_path / "o.h5"
     seen = []
@@ -293,20 +293,20 @@ def test_the_work_directory_goes_before_the_locks(fasta, tmp_path, cluster_clien
 
 
 def test_an_interrupt_after_the_output_is_in_place_is_a_success(fasta, tmp_path, cluster_client):
-    from virnuc_dask import pipeline
+    from virnuc_dask.run import execute
 
     out = tmp_path / "o.h5"
     job = virnuc_dask.prepare([fasta], out, model=TINY, random_weights=True, lanes=2)
 
-    class Late(pipeline._Watch):
+    class Late(execute._Watch):
         def finish(self, seconds):
             raise KeyboardInterrupt  # as SIGTERM would, right after the assembly's rename
 
-    original, pipeline._Watch = pipeline._Watch, Late
+    original, execute._Watch = execute._Watch, Late
     try:
         assert job.run(cluster_client, progress=False) == out
     finally:
-        pipeline._Watch = original
+        execute._Watch = original
     with h5py.File(out) as f:
         assert f.attrs["run"] == job.token
     assert not job.work_dir.exists() and not out.with_name("o.h5.lock").exists()

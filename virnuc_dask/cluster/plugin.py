@@ -11,9 +11,8 @@ Decisions:
 - One engine per worker, reused by a later run of the same model and settings
   (:func:`engine_key`: compiling and threads aside), replaced by a run of another. Plain
   ``dask worker`` runs several task threads: a lock makes sure one engine is built at a time.
-- Compiling: a run that leaves ``compile`` unset lets the engine decide
-  (``compiles_by_default``: a GPU engine without the fused kernels); a built eager engine is
-  compiled in place when a later run asks for it.
+- Compiling follows :mod:`virnuc_dask.engine.compiling`; a built eager engine is compiled in
+  place when a later run asks for it.
 """
 
 from __future__ import annotations
@@ -31,6 +30,7 @@ from dataclasses import dataclass
 
 from distributed import WorkerPlugin, get_worker
 
+from virnuc_dask.engine.compiling import compiles_now
 from virnuc_dask.model.weights import WeightsSource
 
 logger = logging.getLogger(__name__)
@@ -186,7 +186,7 @@ class ModelPlugin(WorkerPlugin):
                     detail=engine.load_detail,
                     early=engine.built_early,
                 )
-            elif _should_compile(self.settings.compile, engine):
+            elif compiles_now(self.settings.compile, engine):
                 state.setup = dict(_REUSED, compile_seconds=engine.enable_compile())
             else:
                 state.setup = dict(_REUSED)
@@ -235,17 +235,6 @@ class ModelPlugin(WorkerPlugin):
         detail["engine"] = max(detail["engine"] - engine.compile_seconds, 0.0)
         engine.load_detail = detail
         return engine
-
-
-def _should_compile(wanted: bool | None, engine) -> bool:
-    """Whether a run asking ``wanted`` compiles the worker's built engine now.
-
-    ``None`` (a large run) leaves it to the engine's default: a GPU engine without the fused
-    kernels compiles. The reference engine never compiles.
-    """
-    if getattr(engine, "compiled", True):
-        return False
-    return engine.compiles_by_default if wanted is None else wanted
 
 
 def _read_ahead(weights) -> None:

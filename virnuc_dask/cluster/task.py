@@ -21,7 +21,6 @@ Decisions:
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import tempfile
@@ -46,8 +45,6 @@ from virnuc_dask.plan.windows import embedded_residues
 from virnuc_dask.storage.locks import holds
 from virnuc_dask.storage.remote import Remote, download_folder
 from virnuc_dask.storage.urls import StorageOptions, is_url
-
-logger = logging.getLogger(__name__)
 
 
 class ChunkError(VirnucError):
@@ -221,11 +218,8 @@ def embed_chunk(chunk: Chunk, job: ChunkJob) -> ShardInfo:
                     residue_dtype=job.residue_dtype,
                 )
         except Exception as error:
-            ids = index.ids(rows[:5])
-            more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
             raise ChunkError(
-                f"chunk {chunk.number} ({len(rows)} sequences: {', '.join(ids)}{more}) failed: "
-                f"{type(error).__name__}: {error}"
+                f"{chunk.describe(index.ids(rows[:5]))} failed: {type(error).__name__}: {error}"
             ) from error
         rate = chunk.tokens / max(time.perf_counter() - computing, 1e-3)
         state.remember_rate(job.engine, rate)

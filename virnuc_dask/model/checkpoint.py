@@ -16,11 +16,9 @@ Decisions:
 from __future__ import annotations
 
 import argparse
-import logging
 import re
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from virnuc_dask.errors import VirnucError, option
 from virnuc_dask.model.checkpoint_layout import TensorLayout, is_zip_checkpoint, read_layout
@@ -32,11 +30,6 @@ from virnuc_dask.model.weights import (
     hub_checkpoint,
     regression_file,
 )
-
-if TYPE_CHECKING:
-    pass
-logger = logging.getLogger(__name__)
-
 
 # The contact head's weights live in a separate file; embeddings never use them.
 _REGRESSION_KEYS = ("contact_head.regression.weight", "contact_head.regression.bias")

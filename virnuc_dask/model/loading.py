@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,7 +28,6 @@ from virnuc_dask.model.weights import WeightsSource, checkpoint_digest
 
 if TYPE_CHECKING:
     import torch
-logger = logging.getLogger(__name__)
 
 
 def _esm2(spec: ModelSpec, token_dropout: bool) -> torch.nn.Module:

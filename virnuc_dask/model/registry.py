@@ -7,15 +7,9 @@ the driver check a checkpoint without building a model (or importing torch).
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from virnuc_dask.errors import VirnucError
-
-if TYPE_CHECKING:
-    pass
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

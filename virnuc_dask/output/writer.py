@@ -423,7 +423,6 @@ def assemble(
     max_residues: int,
     layers: list[int],
     output: str | Path,
-    staging: str | Path | None,
     attrs: dict,
     dtype: str = "float32",
     zarr_path: str | Path | None = None,
@@ -436,8 +435,9 @@ def assemble(
 ) -> str:
     """Assemble finished shards into the final file at once: :class:`OutputWriter` in one call.
 
-    The reduction of the Dask graph, for callers that have every shard at hand; the pipeline
-    feeds an :class:`OutputWriter` while chunks finish instead.
+    For callers that hold every shard and the index in memory (tests, benchmarks); a run
+    builds its output through :class:`~virnuc_dask.output.assembly.Assembly`, which feeds
+    the same writer.
 
     Parameters
     ----------
@@ -451,9 +451,6 @@ def assemble(
         The pooled layers (the ``layer`` coordinate when there are several).
     output
         Final HDF5 path; written as a temporary name in the same folder, then renamed.
-    staging
-        Unused: the values are written into the output file directly, nothing is staged.
-        Kept for callers that pass a staging folder.
     attrs
         Attributes of the file; its ``fingerprint`` also goes into the Zarr store's marker.
     dtype

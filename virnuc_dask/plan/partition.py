@@ -47,6 +47,15 @@ class Chunk:
         """Sequences in the chunk."""
         return self.stop - self.start
 
+    def describe(self, first_ids: list[str]) -> str:
+        """The chunk in a message: ``chunk 3 (120 sequences: a, b, c, d, e and 115 more)``.
+
+        ``first_ids``: the ids of its first sequences (five are shown).
+        """
+        shown = list(first_ids)[:5]
+        more = f" and {self.size - len(shown)} more" if self.size > len(shown) else ""
+        return f"chunk {self.number} ({self.size} sequences: {', '.join(shown)}{more})"
+
 
 @dataclass
 class Partition:

@@ -1,0 +1,179 @@
+"""The assembly: the final file built from a run's shards, by one code path.
+
+A run's output is built by an :class:`Assembly`: opened from an :class:`AssemblyPlan` (what
+the file is made of besides the shards), given each shard as it comes (:meth:`Assembly.add`),
+then closed (:meth:`Assembly.close`: row checks, the rename, the upload of outputs at URLs).
+``EmbeddingJob.run`` feeds it on the driver while the chunks compute; the Dask graph
+(``EmbeddingJob.graph``) ends in :func:`assemble_shards`, which feeds it every shard at once.
+Both write the same file through the same steps.
+
+Decisions:
+
+- The plan is small and picklable (paths, settings, the chunks' bounds): it travels to
+  wherever the graph's last step runs. An assembly opened without the index in hand reads it
+  (and the partition's order) from the work directory, downloaded first when that is a URL;
+  the driver passes the index it already holds.
+- The per-residue layout (where each sequence's residues go) is computed here, once, from
+  the residue counts, the partition's order and the chunks' bounds.
+- Outputs at URLs are built in a local folder (the driver's own, or a temporary one) and
+  published when complete (:mod:`.remote`); a shard at a URL is read from a local copy.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from virnuc_dask.output.remote import publish, shard_source, stand_ins
+from virnuc_dask.output.residues import ResidueLayout
+from virnuc_dask.output.shards import ShardInfo
+from virnuc_dask.output.writer import OutputWriter
+from virnuc_dask.plan.windows import embedded_residues
+from virnuc_dask.storage.remote import download_folder, load_npy, place
+from virnuc_dask.storage.urls import StorageOptions, is_url
+
+
+@dataclass(frozen=True)
+class AssemblyPlan:
+    """What a run's output is made of besides its shards.
+
+    Attributes
+    ----------
+    output, zarr
+        The final HDF5 file and the optional Zarr store (paths or URLs).
+    index_dir, order_path
+        The saved index and the partition's order, in the work directory.
+    chunk_bounds
+        Each chunk's range of the order, in chunk order (the per-residue layout).
+    residue_dtype
+        Dtype of the per-residue values; None: pooled output only.
+    writer
+        The rest of :class:`~virnuc_dask.output.writer.OutputWriter`'s settings:
+        ``max_residues``, ``layers``, ``width``, ``attrs``, ``dtype``, ``fingerprint``,
+        ``overwrite``, ``long``.
+    storage
+        fsspec options for the URLs among these.
+    """
+
+    output: str
+    zarr: str | None
+    index_dir: str
+    order_path: str
+    chunk_bounds: tuple[tuple[int, int], ...]
+    residue_dtype: str | None
+    writer: dict
+    storage: StorageOptions | None = None
+
+
+class Assembly:
+    """The final file of a run, being built: shards go in as they come.
+
+    Parameters
+    ----------
+    plan
+        What the file is made of.
+    index, reads, order
+        The run's index, the provenance of its peptides (reads) and the partition's order,
+        when the caller holds them; else they are read from the work directory.
+    folder
+        A local folder for the outputs at URLs to be built in; default: a temporary one.
+    """
+
+    def __init__(self, plan: AssemblyPlan, *, index=None, reads=None, order=None, folder=None):
+        from virnuc_dask.inputs import FastaIndex
+        from virnuc_dask.inputs.provenance import ReadProvenance
+
+        self.plan = plan
+        #: Whether the outputs at URLs have been uploaded (by :meth:`close`).
+        self.published = False
+        self._temporary = None
+        if folder is None or index is None:
+            self._temporary = Path(tempfile.mkdtemp(prefix="virnuc-dask-assembly-"))
+            folder = folder or self._temporary
+        try:
+            if index is None:
+                index_dir = plan.index_dir
+                if is_url(index_dir):
+                    index_dir = self._temporary / "index"
+                    download_folder(place(plan.index_dir, plan.storage), index_dir)
+                index, reads = FastaIndex.load(index_dir), ReadProvenance.load(index_dir)
+            if order is None and plan.residue_dtype is not None:
+                order = load_npy(place(plan.order_path, plan.storage))
+            lengths = np.asarray(index.length)
+            output = place(plan.output, plan.storage)
+            zarr = place(plan.zarr, plan.storage) if plan.zarr else None
+            local_output, local_zarr, self._published = stand_ins(output, zarr, Path(folder))
+            self.writer = OutputWriter(
+                ids=index.ids(),
+                lengths=lengths,
+                variables=reads.variables(index.id_bytes, index.id_offsets) if reads else None,
+                residues=self._residue_layout(lengths, order),
+                output=str(local_output),
+                zarr_path=local_zarr,
+                **plan.writer,
+            )
+        except BaseException:
+            self._remove_temporary()
+            raise
+
+    def _residue_layout(self, lengths: np.ndarray, order) -> ResidueLayout | None:
+        plan = self.plan
+        if plan.residue_dtype is None:
+            return None
+        counts = embedded_residues(lengths, plan.writer["max_residues"], plan.writer["long"])
+        return ResidueLayout.from_partition(counts, order, plan.chunk_bounds, plan.residue_dtype)
+
+    def add(self, shard: ShardInfo) -> None:
+        """Copy a finished shard into the output (a shard at a URL from a local copy)."""
+        source = shard_source(shard.path, self.plan.storage)
+        try:
+            self.writer.add(shard, source=source)
+        finally:
+            if not isinstance(source, str):
+                source.close()
+
+    def close(self, extra_attrs: dict | None = None) -> str:
+        """Check every row, put the outputs in place (upload those at URLs); return the path.
+
+        ``extra_attrs``: attributes known only at the end (the run's phases).
+        """
+        try:
+            path = self.writer.close(extra_attrs=extra_attrs)
+            if self._published:
+                publish(self._published, overwrite=self.plan.writer.get("overwrite", False))
+                self.published = True
+                path = self.plan.output
+            return path
+        finally:
+            self._remove_temporary()
+
+    def abort(self) -> None:
+        """Remove what was written (the shards stay)."""
+        try:
+            self.writer.abort()
+        finally:
+            self._remove_temporary()
+
+    def _remove_temporary(self) -> None:
+        if self._temporary is not None:
+            shutil.rmtree(self._temporary, ignore_errors=True)
+            self._temporary = None
+
+
+def assemble_shards(computed: list[ShardInfo], plan: AssemblyPlan, reused=()) -> str:
+    """The graph's last step: the output from the ``computed`` and ``reused`` shards.
+
+    Returns the output's path (its URL for an output at a URL).
+    """
+    assembly = Assembly(plan)
+    try:
+        for shard in sorted([*reused, *computed], key=lambda s: s.chunk):
+            assembly.add(shard)
+        return assembly.close()
+    except BaseException:
+        assembly.abort()  # after a failed close too: the writer's abort is idempotent
+        raise

@@ -1,0 +1,186 @@
+"""The one call: :func:`embed` prepares a run, finds or starts its cluster, and runs it.
+
+Decisions:
+
+- With neither a client nor a scheduler, a local cluster that fits the machine is started
+  while the inputs are indexed (:class:`~virnuc_dask.cluster.local.EarlyCluster`), once the
+  settings, paths and weights have been checked, so that usage errors answer before any
+  worker starts. Inputs under :data:`EARLY_START_BYTES` are indexed first: a malformed record
+  then answers at once, with no cluster to start and close.
+- The local cluster's workers keep their scratch space in the work directory, so the run
+  writes nothing outside it and the output; it goes once the cluster has closed.
+- A script that calls ``embed()`` at top level without a main guard is stopped before
+  anything starts (:mod:`~virnuc_dask.run.guards`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import time
+from pathlib import Path
+
+import dask
+
+from virnuc_dask.cluster.local import EarlyCluster
+from virnuc_dask.errors import Interrupted
+from virnuc_dask.run.guards import _refuse_an_unguarded_script, _refuse_inside_a_starting_worker
+from virnuc_dask.run.job import EmbeddingJob
+from virnuc_dask.run.prepare import prepare
+from virnuc_dask.storage.urls import StorageOptions, is_url
+
+logger = logging.getLogger(__name__)
+
+
+def embed(
+    inputs: list[str | Path] | str | Path,
+    output: str | Path,
+    *,
+    client=None,
+    scheduler: str | None = None,
+    scheduler_file: str | None = None,
+    zarr: str | Path | None = None,
+    work_dir: str | Path | None = None,
+    resume: bool = False,
+    restart: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    storage_options: dict | str | StorageOptions | None = None,
+    **settings,
+) -> Path | str:
+    """Embed every sequence of ``inputs`` with ESM-2 into one HDF5 file; return its path.
+
+    Parameters
+    ----------
+    inputs
+        FASTA file(s), plain or gzip; with ``translate="six-frame"``, nucleotide reads (FASTA
+        or FASTQ, plain or gzip), whose peptides are embedded.
+    output
+        The HDF5 file to write (its folder must exist).
+    client
+        A ``distributed.Client`` to run on; default: connect to ``scheduler`` /
+        ``scheduler_file``, or start a local cluster that fits the machine.
+    scheduler, scheduler_file
+        An existing Dask scheduler to use instead of a local cluster.
+    zarr
+        Also write the same content as a Zarr v3 store.
+    work_dir
+        Work directory for shards; default ``OUTPUT.work``.
+    resume
+        Reuse the finished shards of an interrupted run (of the same inputs and settings).
+    restart
+        Discard the finished shards an earlier run left in the work directory.
+    overwrite
+        Replace an existing output (only once the new one is complete).
+    progress
+        Show progress.
+    storage_options
+        fsspec options for inputs, work directory and outputs given as URLs (``s3://``,
+        ``gs://``, ``https://``): a dict, a JSON text or ``@FILE``. Credentials are best left
+        to the standard places (``AWS_PROFILE``, ``AWS_ENDPOINT_URL``, the environment).
+    **settings
+        Fields of :class:`~virnuc_dask.config.EmbedConfig`: ``model``, ``checkpoint``,
+        ``random_weights``, ``seed``, ``layers``, ``dtype``, ``output_dtype``,
+        ``max_residues``, ``tokens_per_batch``, ``chunk_tokens``, ``workers``,
+        ``invalid_to_x``, ``as_protein``, ``duplicate_ids``, ``compile``, ``retries``,
+        ``chunk_time_limit``, ``wait_limit``, ``per_residue``, ``residue_dtype``, ``long``;
+        for nucleotide reads ``translate="six-frame"``
+        with ``genetic_code``, ``frames``, ``min_peptide`` and ``split_bp``.
+
+    Examples
+    --------
+    >>> import virnuc_dask
+    >>> path = virnuc_dask.embed("proteins.fasta", "proteins.h5",
+    ...                          model="esm2_t6_8M_UR50D")  # doctest: +SKIP
+    >>> virnuc_dask.open_embeddings(path).embedding.shape  # doctest: +SKIP
+    (15, 320)
+    """
+    from virnuc_dask.cluster.hardware import local_plan
+
+    _refuse_inside_a_starting_worker()
+    inputs = [inputs] if isinstance(inputs, str | Path) else list(inputs)
+    options = dict(
+        zarr=zarr,
+        work_dir=work_dir,
+        resume=resume,
+        restart=restart,
+        overwrite=overwrite,
+        storage_options=storage_options,
+    )
+    if client is not None:
+        job = prepare(inputs, output, client=client, **options, **settings)
+        return job.run(client, progress=progress)
+    if scheduler or scheduler_file:
+        from virnuc_dask.cluster.existing import connect
+
+        clock = time.perf_counter()
+        with connect(scheduler=scheduler, scheduler_file=scheduler_file) as (client, info):
+            connected = time.perf_counter() - clock
+            job = prepare(inputs, output, client=client, **options, **settings)
+            job.phases = {"cluster_start": connected, **job.phases}
+            return job.run(client, progress=progress)
+    # A local cluster: check settings, paths and weights first, so usage errors answer before
+    # any worker starts; then start the cluster while the inputs are indexed. The workers
+    # keep their scratch space in the work directory, so the run writes nothing outside it
+    # and the output; it goes once the cluster has closed.
+    _refuse_an_unguarded_script()
+    plan = local_plan(settings.get("workers") or dask.config.get("virnuc-dask.workers"))
+    cluster = EarlyCluster(plan)
+    # Small inputs are indexed first: a malformed record then answers at once, with no
+    # cluster to start and close.
+    early = _input_bytes(inputs) >= EARLY_START_BYTES
+    job = prepare(
+        inputs,
+        output,
+        lanes=plan.workers,
+        torch_threads=plan.torch_threads,
+        on_gpu=plan.gpus > 0,
+        early=cluster if early else None,
+        **options,
+        **settings,
+    )
+    path, interrupted = None, False
+    try:
+        try:
+            if not early:
+                cluster.start(job.engine_settings, job.local)
+            client, info = cluster.result()
+            # What the driver waited for after indexing (all of the start, for small inputs).
+            job.phases["cluster_start"] = cluster.waited
+            path = job.run(client, progress=progress, cleanup=False)
+        finally:
+            clock = time.perf_counter()
+            cluster.close()  # waits for a start under way: nothing outlives the run
+        _closed(job, time.perf_counter() - clock)
+    except KeyboardInterrupt:
+        # Interrupted while the cluster closed, the output complete: the run succeeded.
+        interrupted = path is None
+    finally:
+        job.finish(success=path is not None, interrupted=interrupted)
+    if interrupted:
+        raise Interrupted(*job.kept)
+    return path
+
+
+#: Inputs of at least this many bytes are indexed while the local cluster starts.
+EARLY_START_BYTES = 4 * 2**20
+
+
+def _input_bytes(inputs: list) -> float:
+    """Bytes of the local input files; infinite when one is a URL or standard input."""
+    total = 0
+    for item in inputs:
+        if is_url(str(item)) or str(item) == "-":
+            return float("inf")
+        with contextlib.suppress(OSError):  # prepare() names a missing file
+            total += os.path.getsize(item)
+    return total
+
+
+def _closed(job: EmbeddingJob, seconds: float) -> None:
+    """Add the cluster's closing time to the job's report."""
+    phases = {**job.report.phases, "close": round(seconds, 3)}
+    job.report = dataclasses.replace(job.report, phases=phases)
+    logger.debug("phases: %s", job.report.phase_line())
