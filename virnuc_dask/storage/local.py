@@ -24,6 +24,11 @@ Decisions:
 - **An exclusive put by hard link**: ``os.link`` creates the name only while it is free, so a
   file that appeared since a check is never replaced; where the filesystem has no hard links
   the check just made stands, as a store without conditional writes does.
+- **Reading**: :meth:`Local.open_read` is a plain ``open``. Asked to hash the file, it hashes
+  it first, in blocks of 16 MiB, and then opens it: two reads of the page cache, faster than
+  one hashed stream (a URL's, one download), measured at 4.3 s against 4.8 s for indexing
+  146 MB of FASTA. :meth:`Local.read_ranges` is one ``seek`` and ``read`` a range, in the
+  file's order.
 - **Sources are the path itself** (:meth:`Local.source`, :meth:`Local.local_source`): h5py
   and xarray open the file with their own drivers; nothing is copied.
 - Folders exist for real: :meth:`Local.mkdir` creates them, :meth:`Local.is_dir` is a folder
@@ -37,10 +42,14 @@ import os
 import shutil
 import threading
 from pathlib import Path
+from typing import BinaryIO
 
 from virnuc_dask.errors import VirnucError
 from virnuc_dask.storage.places import Place
 from virnuc_dask.storage.urls import StorageOptions
+
+#: Bytes hashed at a time by :meth:`Local.open_read`.
+_HASH_BLOCK = 1 << 24
 
 #: Why a hard link may fail other than an existing name: the filesystem has none.
 NO_HARD_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK)
@@ -203,6 +212,27 @@ class Local(Place):
     def get(self, local: str | os.PathLike) -> None:
         """Copy the file to a local file."""
         shutil.copyfile(self.path, local)
+
+    def open_read(self, block_size: int = 1 << 22, digest=None) -> BinaryIO:
+        """The file opened for reading: a plain ``open``, ``digest`` updated with it first.
+
+        ``digest`` (a ``hashlib`` object), when given, holds every byte of the file once this
+        returns: hashed in large blocks before, not in the stream (see the module's docstring).
+        """
+        if digest is not None:
+            with open(self.path, "rb") as f:
+                while block := f.read(_HASH_BLOCK):
+                    digest.update(block)
+        return open(self.path, "rb")  # noqa: SIM115 (the caller closes it)
+
+    def read_ranges(self, starts: list[int], ends: list[int]) -> list[bytes]:
+        """The bytes of each range, read with one ``seek`` each, in the file's order."""
+        out = [b""] * len(starts)
+        with open(self.path, "rb") as f:
+            for i in sorted(range(len(starts)), key=starts.__getitem__):
+                f.seek(starts[i])
+                out[i] = f.read(ends[i] - starts[i])
+        return out
 
     def source(self) -> str:
         """The path itself: readers open it with their own drivers."""

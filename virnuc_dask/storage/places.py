@@ -163,6 +163,19 @@ class Place(abc.ABC):
         """Copy the file to a local file."""
 
     @abc.abstractmethod
+    def open_read(self, block_size: int = 1 << 22, digest=None) -> BinaryIO:
+        """The file opened for reading front to back, buffered; the caller closes it.
+
+        ``digest`` (a ``hashlib`` object), when given, holds every byte of the file once the
+        file has been read to its end (a URL's stream is hashed as it is read, and then
+        cannot seek; a local file is hashed before it is opened).
+        """
+
+    @abc.abstractmethod
+    def read_ranges(self, starts: list[int], ends: list[int]) -> list[bytes]:
+        """The bytes ``[start, end)`` of the file for each pair, in the order given."""
+
+    @abc.abstractmethod
     def source(self) -> str | BinaryIO:
         """What a reader that takes a path or a file (h5py, xarray) opens to read it here.
 

@@ -44,6 +44,7 @@ import numpy as np
 from virnuc_dask.errors import VirnucError
 from virnuc_dask.storage.local import Local
 from virnuc_dask.storage.places import Place, VersionChanged
+from virnuc_dask.storage.reading import open_url, read_ranges
 from virnuc_dask.storage.urls import StorageOptions, filesystem, is_url, local_path
 
 __all__ = [
@@ -284,6 +285,14 @@ class Remote(Place):
     def get(self, local: str | os.PathLike) -> None:
         """Download the object to a local file."""
         self.fs.get_file(self.path, str(local))
+
+    def open_read(self, block_size: int = 1 << 22, digest=None) -> BinaryIO:
+        """The object opened for reading front to back, whole blocks read ahead."""
+        return open_url(self.url, self.storage, block_size, digest)
+
+    def read_ranges(self, starts: list[int], ends: list[int]) -> list[bytes]:
+        """The bytes of each range, nearby ones merged into one request (concurrently)."""
+        return read_ranges(self.url, starts, ends, self.storage)
 
     def source(self) -> BinaryIO:
         """The object opened for reading by byte ranges (an fsspec file; the caller closes it)."""
