@@ -34,21 +34,20 @@ Decisions (``docs/input.md`` lists every accepted and refused input with its mes
   CRC-32 of each sequence's bytes as a worker will read them (4 bytes a sequence), and
   :func:`read_sequences` refuses bytes that differ, so an edit, even one that keeps every
   length, stops the run instead of mixing old and new sequences in one output.
-- An input given as a URL is scanned as it streams in, and hashed on the way (one download,
-  where a local file is hashed and scanned in two reads of the page cache); workers then
-  read their sequences from the URL by byte range
+- An input is hashed as it is scanned, in one read (for a URL, one download). Workers read
+  their sequences with :meth:`~virnuc_dask.storage.places.Place.read_ranges` of the file's
+  place: one ``seek`` a sequence in a local file, byte ranges of a URL
   (:func:`~virnuc_dask.storage.reading.read_ranges`), nearby ranges merged into one request.
+  A local file and a URL go through the same code (:mod:`~virnuc_dask.storage.places`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import zlib
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 
@@ -61,11 +60,11 @@ from virnuc_dask.inputs.nucleotide import (
     looks_like_nucleotides,
     sample_letters,
 )
-from virnuc_dask.inputs.staging import check_inputs, file_digest, plain_copy, unreadable
+from virnuc_dask.inputs.staging import check_inputs, plain_copy, unreadable
 from virnuc_dask.inputs.staging import shown as _shown
 from virnuc_dask.model.tokens import RESIDUE_LETTERS
-from virnuc_dask.storage.reading import open_url, read_ranges
-from virnuc_dask.storage.urls import StorageOptions, is_url
+from virnuc_dask.storage.remote import place
+from virnuc_dask.storage.urls import StorageOptions
 
 _WHITESPACE = b" \t\r\n\v\f"
 _VALID = RESIDUE_LETTERS + RESIDUE_LETTERS.lower() + _WHITESPACE
@@ -231,14 +230,10 @@ def build_index(
     files, digest = [], hashlib.blake2b(digest_size=16)
     for number, (path, info) in enumerate(zip(paths, infos, strict=True)):
         plain = plain_copy(path, info, number, staging, storage)
-        if is_url(plain):
-            # Hashed as it is scanned: one download (the same BLAKE2b a local copy would give).
-            of_file = hashlib.blake2b(digest_size=16)
-            scan.file(plain, number, shown_as=path, storage=storage, digest=of_file)
-            digest.update(of_file.hexdigest().encode())
-        else:
-            digest.update(file_digest(plain, path).encode())
-            scan.file(plain, number, shown_as=path)
+        # Hashed as it is scanned: one read of the file (one download of a URL).
+        of_file = hashlib.blake2b(digest_size=16)
+        scan.file(plain, number, shown_as=path, storage=storage, digest=of_file)
+        digest.update(of_file.hexdigest().encode())
         files.append(plain)
     # The arrays share the scan's buffers: nothing is copied at the end of the scan.
     index = FastaIndex(
@@ -294,7 +289,7 @@ class _Scan:
         crc = base = 0
         last = b""
         try:
-            with _open_scanned(path, storage, digest) as f:
+            with place(path, storage).open_read(digest=digest) as f:
                 for raw in f:
                     line_no += 1
                     start, position = position, position + len(raw)
@@ -436,13 +431,6 @@ class _Scan:
         return _shown_id(self.ids[self.id_offsets[-2] : self.id_offsets[-1]].decode())
 
 
-def _open_scanned(path: str, storage: StorageOptions | None, digest) -> BinaryIO:
-    """Open a plain input for the scan: a local file, or a URL hashed as it streams in."""
-    if not is_url(path):
-        return open(path, "rb")  # noqa: SIM115 (the scan closes it)
-    return open_url(path, storage, digest=digest)
-
-
 def _odd_line(body: bytes, before_header: bool, shown: str, line_no: int) -> None:
     """Refuse a residue line that is not one (rare); return for an indented residue line."""
     first = body.lstrip(_WHITESPACE)[:1]
@@ -483,8 +471,8 @@ def read_sequences(
     """Read the sequences of ``rows`` back from their files, upper-cased, ready to tokenise.
 
     Reads each file in offset order (one ``seek`` and ``read`` per sequence; for a URL, byte
-    ranges fetched together, see :func:`~virnuc_dask.storage.reading.read_ranges`) and returns the
-    sequences in the order of ``rows``.
+    ranges fetched together: :meth:`~virnuc_dask.storage.places.Place.read_ranges`) and
+    returns the sequences in the order of ``rows``.
 
     Parameters
     ----------
@@ -502,21 +490,17 @@ def read_sequences(
     """
     rows = np.asarray(rows, dtype=np.int64)
     out: list[bytes] = [b""] * len(rows)
-    order = np.lexsort((index.offset[rows], index.file[rows]))
-    fetched = _fetch_remote(index, rows, storage)
-    with contextlib.ExitStack() as stack:
-        handles: dict[int, BinaryIO] = {}
-        for position in order.tolist():
+    files = index.file[rows]
+    for number in np.unique(files).tolist():
+        positions = np.flatnonzero(files == number)
+        starts = index.offset[rows[positions]].astype(np.int64)
+        in_order = np.argsort(starts, kind="stable")  # checked in the file's order
+        positions, starts = positions[in_order], starts[in_order]
+        ends = starts + index.span[rows[positions]]
+        where = place(index.files[number], storage)
+        found = where.read_ranges(starts.tolist(), ends.tolist())
+        for position, data in zip(positions.tolist(), found, strict=True):
             row = int(rows[position])
-            number = int(index.file[row])
-            if position in fetched:
-                data = fetched.pop(position)
-            else:
-                if number not in handles:
-                    handles[number] = stack.enter_context(open(index.files[number], "rb"))
-                handle = handles[number]
-                handle.seek(int(index.offset[row]))
-                data = handle.read(int(index.span[row]))
             if zlib.crc32(data) != index.checksum[row]:
                 raise VirnucError(_changed(index, number, row))
             data = data.translate(None, _WHITESPACE)
@@ -528,29 +512,10 @@ def read_sequences(
     return out
 
 
-def _fetch_remote(
-    index: FastaIndex, rows: np.ndarray, storage: StorageOptions | None
-) -> dict[int, bytes]:
-    """The bytes of the ``rows`` that live in URLs, by position in ``rows``."""
-    fetched: dict[int, bytes] = {}
-    files = index.file[rows]
-    for number, url in enumerate(index.files):
-        if not is_url(url):
-            continue
-        positions = np.flatnonzero(files == number)
-        if not len(positions):
-            continue
-        starts = index.offset[rows[positions]].astype(np.int64)
-        ends = starts + index.span[rows[positions]]
-        data = read_ranges(url, starts.tolist(), ends.tolist(), storage)
-        fetched.update(zip(positions.tolist(), data, strict=True))
-    return fetched
-
-
 def _changed(index: FastaIndex, number: int, row: int) -> str:
     """The message for a sequence whose bytes are no longer those indexed."""
     given, read = index.inputs[number], index.files[number]
-    if given == read or (not is_url(given) and str(Path(given).resolve()) == read):
+    if given == read or place(given).resolve() == place(read):
         what = _shown(given)
     else:  # gzip inputs and pipes are read from a copy in the work directory
         what = f"the staged copy {_shown(read)} of input {_shown(given)}"

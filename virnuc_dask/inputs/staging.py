@@ -21,6 +21,11 @@ Decisions:
   read, and read once, front to back. A plain one is not copied: workers read their sequences
   from the same URL by byte range. A gzip one is decompressed into the staging directory, as
   a local gzip file is. The same URL given twice is refused.
+- Files and URLs are opened and read alike, through their
+  :class:`~virnuc_dask.storage.places.Place`: a URL's stream can seek (by byte ranges), so
+  "can a worker read it where it is" is "can its stream seek" for both; only a pipe and
+  standard input cannot. Checking that an input exists, and the messages for one that cannot
+  be read, stay apart: a local file's ``errno`` and a store's credentials need different fixes.
 """
 
 from __future__ import annotations
@@ -28,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import gzip
-import hashlib
 import io
 import os
 import queue
@@ -40,7 +44,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from virnuc_dask.errors import VirnucError, option
-from virnuc_dask.storage.reading import open_url
+from virnuc_dask.storage.remote import place
 from virnuc_dask.storage.urls import STDIN, StorageOptions, filesystem, is_url
 
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -215,18 +219,15 @@ def plain_copy(
     gzip inputs are decompressed once into ``staging``; so are pipes and standard input, which
     can be read only once. Other compressed formats are refused with the command that
     decompresses them. A plain URL is returned as it is: workers read it by byte range.
+    ``info`` is the input's :func:`stat_input` (None for a URL); whether the input can be
+    read where it is, its stream says (see the module's docstring).
     """
     with contextlib.ExitStack() as stack:
         handle = stack.enter_context(_open_input(path, storage))
         magic, compressed = _sniff(path, handle)
-        if is_url(path):
-            if not compressed:
-                return path
-            seekable = False  # read on from the bytes already read, as from a pipe
-        else:
-            seekable = path != STDIN and stat.S_ISREG(info.st_mode)
+        seekable = path != STDIN and handle.seekable()
         if seekable and not compressed:
-            return str(Path(path).resolve())
+            return str(place(path).resolve())
         if staging is None:
             what = "gzip-compressed" if compressed else "not a regular file (a pipe?)"
             raise VirnucError(
@@ -251,9 +252,7 @@ def _open_input(path: str, storage: StorageOptions | None) -> BinaryIO:
     try:
         if path == STDIN:
             return open(0, "rb", closefd=False)  # noqa: SIM115 (the caller closes it)
-        if is_url(path):
-            return open_url(path, storage, BLOCK_BYTES)
-        return open(path, "rb")  # noqa: SIM115 (the caller closes it)
+        return place(path, storage).open_read(BLOCK_BYTES)
     except OSError as error:
         raise VirnucError(unreadable(path, error)) from None
 
@@ -277,7 +276,7 @@ def open_blocks(path: str, digest=None, storage: StorageOptions | None = None) -
     """
     with contextlib.ExitStack() as stack:
         handle = stack.enter_context(_open_input(path, storage))
-        seekable = not is_url(path) and handle.seekable()
+        seekable = handle.seekable()
         magic, compressed = _sniff(path, handle)
         if seekable:
             handle.seek(0)
@@ -475,15 +474,3 @@ def read_error(
     if isinstance(error, OSError):
         return VirnucError(unreadable(path, error))
     return error
-
-
-def file_digest(path: str, shown_as: str) -> str:
-    """BLAKE2b (16 bytes, hex) of a file's bytes; ``shown_as`` names it in messages."""
-    digest = hashlib.blake2b(digest_size=16)
-    try:
-        with open(path, "rb") as f:
-            while block := f.read(1 << 24):
-                digest.update(block)
-    except OSError as error:
-        raise VirnucError(unreadable(shown_as, error)) from None
-    return digest.hexdigest()

@@ -8,6 +8,7 @@ The data flow, one module per idea:
 - :mod:`.residues`: per-residue values, laid out by chunk and streamed shard by shard;
 - :mod:`.zarr_store`: the same content as a Zarr store;
 - :mod:`.targets`: what may be written where, and the renames that make outputs appear whole;
+- :mod:`.publish`: outputs at URLs, built locally as stand-ins and put there once complete;
 - :mod:`.space`: a full disk becomes :class:`DiskFull`, the shards kept;
 - :mod:`.reading`: :func:`open_embeddings` opens an output as an ``xarray.Dataset``.
 """

@@ -1,4 +1,12 @@
-"""Reading an output back: :func:`open_embeddings` gives an ``xarray.Dataset``."""
+"""Reading an output back: :func:`open_embeddings` gives an ``xarray.Dataset``.
+
+A local output and one at a URL are opened alike, through their
+:class:`~virnuc_dask.storage.places.Place`: a Zarr store by its path or URL (zarr makes its own
+fsspec store for a URL, with the storage options); an HDF5 file through
+:meth:`~virnuc_dask.storage.places.Place.source`, which is the path itself for a local file
+(HDF5's own driver) and an fsspec file read by byte ranges for a URL (the dataset keeps it
+open while it is used).
+"""
 
 from __future__ import annotations
 
@@ -47,24 +55,15 @@ def open_embeddings(
     """
     import xarray as xr
 
-    from virnuc_dask.storage.remote import Remote
-    from virnuc_dask.storage.urls import StorageOptions, is_url
+    from virnuc_dask.storage.remote import place
+    from virnuc_dask.storage.urls import StorageOptions
 
-    options: dict = {}
-    if is_url(path):
-        remote = Remote(str(path), StorageOptions.of(storage_options))
-        if not remote.exists():
-            raise VirnucError(f"no embedding file at {path}")
-        store = remote.is_dir()
-        # A store is opened by URL (zarr makes its own fsspec store), a file through fsspec:
-        # HDF5 reads it by ranges, and the dataset keeps the file open while it is used.
-        source = str(path) if store else remote.fs.open(remote.path, "rb")
-        options = remote.storage.kwargs()
-    else:
-        source = Path(path)
-        if not source.exists():
-            raise VirnucError(f"no embedding file at {path}")
-        store = source.is_dir()
+    where = place(path, StorageOptions.of(storage_options))
+    if not where.exists():
+        raise VirnucError(f"no embedding file at {path}")
+    store = where.is_dir()
+    source = str(where) if store else where.source()
+    options = where.storage.kwargs()
     if store:
         with warnings.catch_warnings():
             # Stores of earlier versions, without consolidated metadata, are listed.

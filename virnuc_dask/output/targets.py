@@ -5,7 +5,15 @@ Outputs are written to hidden siblings (``.NAME.<hex>.partial``, a Zarr one mark
 are complete, so they appear together or not at all, and an existing output stays intact
 until it is replaced. :func:`check_target` says what may be replaced: an existing file or
 Zarr store only with ``overwrite``, a folder without the tool's marker never, a symbolic link
-never. Outputs at URLs are checked and written by :mod:`.remote` (no rename there).
+never.
+
+:func:`check_target` holds for outputs at URLs too: its rules are written once with the
+methods of :class:`~virnuc_dask.storage.places.Place` (a URL is never a symbolic link; its
+"folder" is a prefix with objects under it). Outputs at URLs are built locally and published
+by :mod:`.publish` (no rename there), so nothing partial is ever at a URL:
+:func:`remove_stale_partials` looks for none there, rather than list the output's prefix.
+This module defines the kinds of target (:data:`OUTPUT`, :data:`ZARR_STORE`) and the message
+for an output that appeared meanwhile (:func:`appeared`), for both.
 """
 
 from __future__ import annotations
@@ -22,7 +30,10 @@ from pathlib import Path
 
 from virnuc_dask.errors import VirnucError, option
 from virnuc_dask.storage import ownership
-from virnuc_dask.storage.remote import Remote
+from virnuc_dask.storage.local import NO_HARD_LINKS
+from virnuc_dask.storage.places import Place
+from virnuc_dask.storage.remote import place
+from virnuc_dask.storage.urls import is_url
 
 logger = logging.getLogger(__name__)
 
@@ -30,17 +41,14 @@ logger = logging.getLogger(__name__)
 OUTPUT = "output"
 ZARR_STORE = "zarr store"
 
-#: Why a hard link may fail other than an existing name: the filesystem has none.
-_NO_HARD_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK)
 
-
-def check_target(path: Path, kind: str, *, overwrite: bool) -> None:
+def check_target(path: str | Path | Place, kind: str, *, overwrite: bool) -> None:
     """Refuse an output path that the run must not write; call it before any work.
 
     Parameters
     ----------
     path
-        Where the output will be renamed into place.
+        Where the output will be renamed into place, or its URL (where it will be put).
     kind
         ``"output"`` (the HDF5 file) or ``"zarr store"``.
     overwrite
@@ -56,11 +64,7 @@ def check_target(path: Path, kind: str, *, overwrite: bool) -> None:
     """
     if kind not in (OUTPUT, ZARR_STORE):
         raise ValueError(f"unknown kind of output {kind!r}")
-    if isinstance(path, Remote):
-        from virnuc_dask.output.remote import check_remote_target
-
-        return check_remote_target(path, kind, overwrite=overwrite)
-    path = Path(path)
+    path = place(path)
     if path.is_symlink():
         raise VirnucError(
             f"{kind} {path} is a symbolic link; give the path it points to (or another path): "
@@ -109,7 +113,7 @@ def remove_stale_partials(path: Path) -> list[Path]:
     list of Path
         What was removed.
     """
-    if isinstance(path, Remote):
+    if is_url(path):
         return []  # nothing partial is ever at a URL: outputs are uploaded whole
     path = Path(path)
     pattern = re.compile(rf"\.{re.escape(path.name)}\.[0-9a-f]{{32}}\.partial")
@@ -177,7 +181,7 @@ def commit(written: list[tuple[Path, Path, str]], *, overwrite: bool) -> None:
         try:
             check_target(target, kind, overwrite=overwrite)
         except VirnucError as error:
-            raise VirnucError(f"{error}. {_appeared(target)}") from None
+            raise VirnucError(f"{error}. {appeared(target)}") from None
     for partial, target, kind in written:
         if kind == OUTPUT:
             _rename_file(partial, target, overwrite=overwrite)
@@ -185,7 +189,8 @@ def commit(written: list[tuple[Path, Path, str]], *, overwrite: bool) -> None:
             _rename_store(partial, target)
 
 
-def _appeared(target: Path) -> str:
+def appeared(target: Path | Place) -> str:
+    """What to do about an output that appeared while the run was computing (its shards kept)."""
     return (
         f"{target} appeared while the run was computing; the finished shards are kept: run "
         f"again with {option('resume')} (and {option('overwrite')} to replace it)"
@@ -211,10 +216,10 @@ def _rename_file(partial: Path, target: Path, *, overwrite: bool) -> None:
     except FileExistsError:
         raise VirnucError(
             f"output {target} already exists; pass {option('overwrite')} to replace it. "
-            f"{_appeared(target)}"
+            f"{appeared(target)}"
         ) from None
     except OSError as error:
-        if error.errno not in _NO_HARD_LINKS:
+        if error.errno not in NO_HARD_LINKS:
             raise
         os.replace(partial, target)
     else:
@@ -233,7 +238,7 @@ def _rename_store(partial: Path, target: Path) -> None:
         except OSError as error:
             if error.errno not in (errno.EEXIST, errno.ENOTEMPTY):
                 raise
-            raise VirnucError(f"Zarr store {target} exists. {_appeared(target)}") from None
+            raise VirnucError(f"Zarr store {target} exists. {appeared(target)}") from None
         return
     # The old store is ours and may be replaced (checked just before): move it aside, move
     # the new one in, and only then remove the old one.

@@ -233,7 +233,7 @@ class OutputWriter:
             A finished chunk's shard, in any order relative to the others.
         source
             Where to read it instead of ``shard.path``, e.g. the bytes of a shard at a URL
-            (:func:`~virnuc_dask.output.remote.shard_source`); messages still name the path.
+            (:func:`~virnuc_dask.output.publish.shard_source`); messages still name the path.
 
         Raises
         ------

@@ -14,6 +14,15 @@ cannot both win: the loser finds the guard, or finds a live lock.
 The token lets tasks of a run check that their run still holds the work directory before they
 write into it (:func:`holds`): a task that outlives its interrupted run writes nothing.
 
+The lock is a :class:`~virnuc_dask.storage.places.Place` and every step one method of it, so
+the rules are written once for a local file and a URL: its creation
+(:meth:`~virnuc_dask.storage.places.Place.create`: ``O_EXCL`` locally), a takeover's
+replacement (:meth:`~virnuc_dask.storage.places.Place.write_if`: a rename locally, where
+there are no versions) and a release
+(:meth:`~virnuc_dask.storage.places.Place.unlink_if`). The one difference left is a policy,
+decided once (:attr:`RunLock.lease`): a lock at a URL is a lease, a local one is not (its
+owner's liveness is checked by its pid, as it always was).
+
 On an object store (a lock at a URL, :class:`~virnuc_dask.storage.remote.Remote`) there is no
 ``O_EXCL`` and no rename. There:
 
@@ -64,7 +73,8 @@ import time
 from pathlib import Path
 
 from virnuc_dask.errors import VirnucError
-from virnuc_dask.storage.remote import Remote, VersionChanged
+from virnuc_dask.storage.places import Place, VersionChanged
+from virnuc_dask.storage.remote import place
 from virnuc_dask.storage.urls import StorageOptions, is_url
 
 logger = logging.getLogger(__name__)
@@ -83,16 +93,20 @@ class RunLock:
     Parameters
     ----------
     path
-        The lock file to create: a local path, or a :class:`~virnuc_dask.storage.remote.Remote`
-        (a lease, see the module's docstring).
+        The lock file to create: a local path, a URL or a
+        :class:`~virnuc_dask.storage.places.Place` (at a URL: a lease, see the module's
+        docstring).
     what
         What the lock protects, for messages (e.g. ``output out.h5``).
     token
         The run's token, written into the lock (see :func:`holds`).
     """
 
-    def __init__(self, path: str | Path | Remote, what: str, token: str = "") -> None:
-        self.path = path if isinstance(path, Remote) else Path(path)
+    def __init__(self, path: str | Path | Place, what: str, token: str = "") -> None:
+        self.path = place(path)
+        #: Whether the lock is a lease (see the module's docstring): the one place where a
+        #: lock at a URL and a local one differ.
+        self.lease = is_url(self.path)
         self.what = what
         self.token = token
         self.held = False
@@ -104,11 +118,6 @@ class RunLock:
         #: version written, and no renewal may write after it).
         self._mutex = threading.Lock()
 
-    @property
-    def remote(self) -> bool:
-        """Whether the lock is a lease on an object store."""
-        return isinstance(self.path, Remote)
-
     def _owner(self) -> dict:
         owner = {
             "pid": os.getpid(),
@@ -116,35 +125,26 @@ class RunLock:
             "started": self.started,
             "run": self.token,
         }
-        if self.remote:
+        if self.lease:
             owner["expires"] = time.time() + LEASE_SECONDS
         return owner
 
     def acquire(self) -> RunLock:
         """Take the lock, taking over a stale one; raise :class:`VirnucError` if it is held."""
-        if self.remote:
-            data = json.dumps(self._owner()).encode()
-            try:
-                created = self.path.create(data)
-                if created:
-                    self._version = self._version_of(data)
-            except OSError as error:
-                raise VirnucError(f"cannot create the lock {self.path}: {error}") from None
-            if not created:
-                self._take_over()
-            self.held = True
-            self._renew_in_background()
-            return self
+        data = json.dumps(self._owner()).encode()
         try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            self._take_over()
-            return self
+            created = self.path.create(data)
+            if created:
+                self._version = self._version_of(data)
         except OSError as error:
-            raise VirnucError(f"cannot create the lock {self.path}: {error.strerror}") from None
-        with os.fdopen(fd, "w") as f:
-            json.dump(self._owner(), f)
+            raise VirnucError(
+                f"cannot create the lock {self.path}: {error.strerror or error}"
+            ) from None
+        if not created:
+            self._take_over()
         self.held = True
+        if self.lease:
+            self._renew_in_background()
         return self
 
     def _version_of(self, data: bytes) -> str | None:
@@ -158,7 +158,7 @@ class RunLock:
 
     def _look(self) -> tuple[dict | None, str | None]:
         """The lock's owner and, on a store with versions, the version read with it."""
-        if not (self.remote and self.path.versioned):
+        if not self.path.versioned:
             return _read(self.path), None
         try:
             data, version = self.path.read_versioned()
@@ -177,29 +177,24 @@ class RunLock:
         # old: another taker may create it between our look and our unlink).
         if guard.exists() and _age(guard) > _GUARD_SECONDS:
             guard.unlink(missing_ok=True)
-        if not _create(guard):
+        if not guard.create(b""):
             raise self._in_use({"pid": "?", "host": "? (a run taking over a stale lock)"})
         try:
             now, version = self._look()
             if now != holder and now is not None and not _is_stale(now):
                 raise self._in_use(now)
             logger.warning("taking over the stale lock %s (%s)", self.path, holder)
-            if self.remote:
-                self._replace(version)
-            else:
-                tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-                tmp.write_text(json.dumps(self._owner()))
-                os.replace(tmp, self.path)
+            self._replace(version)
             self.held = True
         finally:
             guard.unlink(missing_ok=True)
 
     def _replace(self, version: str | None) -> None:
-        """Replace the stale lease, in one PUT, only if it is still the ``version`` judged stale.
+        """Replace the stale lock, whole, only if it is still the ``version`` judged stale.
 
         A renewal by its owner, or another taker, that reached the store since wins: this run
-        is refused. A store without versions replaces it unconditionally (the guard alone
-        keeps takers apart there).
+        is refused. A local file, or a store without versions, is replaced unconditionally
+        (a rename locally, one PUT remotely; the guard alone keeps takers apart there).
         """
         data = json.dumps(self._owner()).encode()
         try:
@@ -284,9 +279,6 @@ class RunLock:
             holder = _read(self.path)
             if holder is not None and holder.get("run", "") != self.token:
                 return
-            if not self.remote:
-                self.path.unlink(missing_ok=True)
-                return
             try:
                 self.path.unlink_if(self._version)  # only the version this run wrote last
             except VersionChanged:
@@ -306,11 +298,11 @@ def holds(path: str | Path, token: str, storage: StorageOptions | None = None) -
 
     ``storage`` holds the fsspec options of a URL.
     """
-    holder = _read(Remote(path, storage) if is_url(path) else Path(path))
+    holder = _read(place(path, storage))
     return holder is not None and holder.get("run") == token
 
 
-def _read(path: Path | Remote) -> dict | None:
+def _read(path: Place) -> dict | None:
     try:
         return _parse(path.read_text())
     except OSError:
@@ -325,22 +317,9 @@ def _parse(data: bytes | str) -> dict | None:
     return owner if isinstance(owner, dict) else None
 
 
-def _create(path: Path | Remote) -> bool:
-    """Create an empty file only if there is none (``O_EXCL``, or a conditional write)."""
-    if isinstance(path, Remote):
-        return path.create(b"")
+def _age(path: Place) -> float:
     try:
-        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-    except FileExistsError:
-        return False
-    return True
-
-
-def _age(path: Path | Remote) -> float:
-    try:
-        if isinstance(path, Remote):
-            return time.time() - path.modified()
-        return time.time() - path.stat().st_mtime
+        return time.time() - path.modified()
     except OSError:
         return float("inf")
 

@@ -5,47 +5,58 @@ carries a marker file written at creation, holding what the folder is and the fi
 the run that made it. A folder without the marker is the user's: it is refused with a message
 and never touched, whatever the caller asked for. This is the only module that removes a tree.
 
-On an object store (:class:`~virnuc_dask.storage.remote.Remote`) a folder is a prefix: it is
-created by writing its marker, with a conditional write so that two runs cannot both create
-it, and removed by deleting every object under it, once its marker has been checked.
+A folder is a :class:`~virnuc_dask.storage.places.Place`, local or at a URL, and every step is
+one method of it, so the rules are written once:
+
+- it is created by :meth:`~virnuc_dask.storage.places.Place.mkdir` (``FileExistsError`` when
+  it exists; nothing on an object store, where a folder is a prefix) and then by its marker,
+  created exclusively (``O_EXCL``, or a conditional write): of two runs, one makes it;
+- the marker is rewritten whole (a rename, or one PUT);
+- a folder is removed (:meth:`~virnuc_dask.storage.places.Place.rmtree`: ``shutil.rmtree``, or
+  every object under the prefix) only once its marker has been checked.
+
+Functions take a path, a URL or a place, and hand folders back as the package holds them
+(a ``Path`` when local).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
 from virnuc_dask.errors import VirnucError
-from virnuc_dask.storage.remote import Remote, write_atomic
+from virnuc_dask.storage.places import Place
+from virnuc_dask.storage.remote import Remote, place
 
 #: Name of the marker file inside every folder the tool created.
 MARKER = ".virnuc-dask"
 
 
-def claim(folder: str | Path | Remote, kind: str, fingerprint: str | None = None) -> Path | Remote:
+def claim(folder: str | Path | Place, kind: str, fingerprint: str | None = None) -> Path | Remote:
     """Create ``folder`` (it must not exist) and mark it as the tool's own.
 
     Parameters
     ----------
     folder
-        The folder to create; its parent must exist. A :class:`~virnuc_dask.storage.remote.Remote`
-        prefix is created by its marker (``FileExistsError`` when another run made it first).
+        The folder to create; its parent must exist. A prefix at a URL is created by its
+        marker (``FileExistsError`` when another run made it first).
     kind
         What it is, e.g. ``"work directory"`` or ``"zarr store"``.
     fingerprint
         The run's fingerprint, when known.
+
+    Returns
+    -------
+    Path or Remote
+        The folder created.
     """
-    if isinstance(folder, Remote):
-        if not (folder / MARKER).create(_marker_bytes(kind, fingerprint)):
-            raise FileExistsError(f"{folder} exists")
-        return folder
-    folder = Path(folder)
-    folder.mkdir()
-    write_marker(folder, kind, fingerprint)
-    return folder
+    where = place(folder)
+    where.mkdir()
+    if not (where / MARKER).create(_marker_bytes(kind, fingerprint)):
+        raise FileExistsError(f"{where} exists")
+    return where.native
 
 
 def _marker_bytes(kind: str, fingerprint: str | None) -> bytes:
@@ -53,15 +64,14 @@ def _marker_bytes(kind: str, fingerprint: str | None) -> bytes:
     return json.dumps(data).encode()
 
 
-def write_marker(folder: str | Path | Remote, kind: str, fingerprint: str | None = None) -> None:
-    """Write (or rewrite) the marker of a folder the tool created."""
-    folder = folder if isinstance(folder, Remote) else Path(folder)
-    write_atomic(folder / MARKER, _marker_bytes(kind, fingerprint))
+def write_marker(folder: str | Path | Place, kind: str, fingerprint: str | None = None) -> None:
+    """Write (or rewrite) the marker of a folder the tool created, whole."""
+    (place(folder) / MARKER).write_bytes(_marker_bytes(kind, fingerprint))
 
 
-def marker(folder: str | Path | Remote) -> dict | None:
+def marker(folder: str | Path | Place) -> dict | None:
     """The marker of ``folder``, or None when the folder is not the tool's (or is no folder)."""
-    folder = folder if isinstance(folder, Remote) else Path(folder)
+    folder = place(folder)
     path = folder / MARKER
     if folder.is_symlink():
         return None
@@ -72,7 +82,7 @@ def marker(folder: str | Path | Remote) -> dict | None:
     return data if isinstance(data, dict) and "kind" in data else None
 
 
-def require_owned(folder: str | Path | Remote, kind: str, hint: str = "") -> dict:
+def require_owned(folder: str | Path | Place, kind: str, hint: str = "") -> dict:
     """Return the marker of an existing ``folder`` of ``kind``; refuse anything else.
 
     Raises
@@ -82,8 +92,7 @@ def require_owned(folder: str | Path | Remote, kind: str, hint: str = "") -> dic
     """
     found = marker(folder)
     if found is None or found.get("kind") != kind:
-        is_file = (folder if isinstance(folder, Remote) else Path(folder)).is_file()
-        what = "it is a file" if is_file else f"it is not a {kind} this tool made"
+        what = "it is a file" if place(folder).is_file() else f"it is not a {kind} this tool made"
         raise VirnucError(
             f"refusing to use {folder} as {kind}: {what} (no {MARKER} marker inside), so it "
             f"may hold your files; nothing in it was touched. {hint}".rstrip()
@@ -91,13 +100,10 @@ def require_owned(folder: str | Path | Remote, kind: str, hint: str = "") -> dic
     return found
 
 
-def remove(folder: str | Path | Remote, kind: str) -> None:
+def remove(folder: str | Path | Place, kind: str) -> None:
     """Remove a folder the tool created; refuse (and touch nothing) when it is not marked."""
-    folder = folder if isinstance(folder, Remote) else Path(folder)
+    folder = place(folder)
     if not folder.exists():
         return
     require_owned(folder, kind)
-    if isinstance(folder, Remote):
-        folder.rmtree()
-    else:
-        shutil.rmtree(folder)
+    folder.rmtree()

@@ -16,6 +16,13 @@ Any of them may be an fsspec URL (:class:`~virnuc_dask.storage.remote.Remote`): 
 are checked between URLs (a URL is inside another when it starts with it and a ``/``); a URL
 and a local path never overlap. A URL of a web server (``http://``, ``https://``) can be read
 but not written, and an object store's bucket must exist.
+
+Every check is written once, with the methods of :class:`~virnuc_dask.storage.places.Place`
+(:meth:`~virnuc_dask.storage.places.Place.contains`,
+:meth:`~virnuc_dask.storage.places.Place.samefile`,
+:meth:`~virnuc_dask.storage.places.Place.check_writable`), which a local path and a URL each
+answer in their own terms. An input that does not exist is checked as one that does: one that
+would be the output is refused here, before the index says it is missing.
 """
 
 from __future__ import annotations
@@ -25,13 +32,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from virnuc_dask.errors import VirnucError, option
-from virnuc_dask.storage.remote import Remote
-from virnuc_dask.storage.urls import STDIN, StorageOptions, is_url
+from virnuc_dask.storage.places import Place
+from virnuc_dask.storage.remote import Remote, place
+from virnuc_dask.storage.urls import STDIN, StorageOptions
 
 
 @dataclass(frozen=True)
 class RunPaths:
-    """Where a run writes: all absolute, none a symbolic link, none inside another."""
+    """Where a run writes: all absolute, none a symbolic link, none inside another.
+
+    Local places are ``Path`` objects, as the callers give and compare them.
+    """
 
     output: Path | Remote
     zarr: Path | Remote | None
@@ -61,7 +72,7 @@ def run_paths(
         fsspec options for the places given as URLs.
     """
     out = _place(output, "output", storage)
-    if isinstance(out, Path) and out.is_dir():
+    if out.is_dir():
         raise VirnucError(f"output {out} is a directory; give a file name such as out.h5")
     store = _place(zarr, "zarr", storage) if zarr is not None else None
     beside = out.with_name(out.name + ".work")
@@ -76,91 +87,40 @@ def run_paths(
                     "three separate places, none inside another"
                 )
     for given in inputs:
-        _check_input(given, named)
-    return RunPaths(out, store, work)
+        _check_input(given, named, storage)
+    return RunPaths(out.native, store.native if store else None, work.native)
 
 
-def _place(given: str | os.PathLike, name: str, storage: StorageOptions | None) -> Path | Remote:
+def _place(given: str | os.PathLike, name: str, storage: StorageOptions | None) -> Place:
     """The checked place of ``given``: an absolute local path, or a writable URL."""
-    if not is_url(given):
-        path = _absolute(given, name)
-        _check_folder(path, name)
-        return path
-    remote = Remote(str(given), storage)
-    protocol = str(given).split("://", 1)[0].lower()
-    if protocol in ("http", "https"):
+    where = place(given, storage).absolute()
+    if where.is_symlink():
         raise VirnucError(
-            f"{_shown(name)} {given}: a web server's URL can be read, not written; give a "
-            "local path or an object store's URL (s3://, gs://, abfs://)"
+            f"{_shown(name)} {where} is a symbolic link; give the real path "
+            f"({where.resolve()}) so that it is clear what gets replaced"
         )
-    if protocol in ("s3", "s3a", "gs", "gcs"):
-        bucket = remote.path.split("/", 1)[0]
-        try:
-            found = remote.fs.exists(bucket)
-        except Exception as error:  # noqa: BLE001 (the store's client: credentials, network)
-            raise VirnucError(
-                f"cannot reach {_shown(name)} {given}: {type(error).__name__}: {error}"
-            ) from None
-        if not found:
-            raise VirnucError(
-                f"{_shown(name)} {given}: the bucket {bucket} does not exist; create it first"
-            )
-    return remote
+    # Not a link itself: resolving it resolves the folders above it (links there are fine).
+    where = where.resolve()
+    where.check_writable(_shown(name))
+    return where
 
 
-def _overlap(a: Path | Remote, b: Path | Remote) -> bool:
-    """Whether two places are one, or one lies inside the other."""
-    if isinstance(a, Remote) and isinstance(b, Remote):
-        return a.contains(b) or b.contains(a)
-    if isinstance(a, Remote) or isinstance(b, Remote):
-        return False
-    return a == b or a in b.parents or b in a.parents
+def _overlap(a: Place, b: Place) -> bool:
+    """Whether two places are one, or one lies inside the other (never a URL and a path)."""
+    return a.contains(b) or b.contains(a)
 
 
-def _absolute(path: str | os.PathLike, name: str) -> Path:
-    path = Path(os.path.abspath(Path(path).expanduser()))
-    if path.is_symlink():
-        raise VirnucError(
-            f"{_shown(name)} {path} is a symbolic link; give the real path "
-            f"({os.path.realpath(path)}) so that it is clear what gets replaced"
-        )
-    # Resolve the folders above it (links there are fine), not the last component.
-    return Path(os.path.realpath(path.parent)) / path.name
-
-
-def _check_folder(path: Path, name: str) -> None:
-    parent = path.parent
-    if not parent.is_dir():
-        raise VirnucError(f"{_shown(name)} folder {parent} does not exist; create it first")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise VirnucError(f"{_shown(name)} folder {parent} is not writable")
-
-
-def _check_input(given: str, named: list[tuple[str, Path | Remote]]) -> None:
+def _check_input(given: str, named: list[tuple[str, Place]], storage: StorageOptions | None):
     if given == STDIN:
         return
-    if is_url(given):
-        url = given.rstrip("/")
-        for name, place in named:
-            if isinstance(place, Remote) and (url == place.url or url.startswith(place.url + "/")):
-                where = "is" if url == place.url else "is inside"
-                raise VirnucError(
-                    f"input {given} {where} the {_shown(name)} {place}; the run would destroy "
-                    "it. Write the results somewhere else"
-                )
-        return
-    named = [(name, place) for name, place in named if isinstance(place, Path)]
-    source = Path(os.path.abspath(Path(given).expanduser()))
-    real = Path(os.path.realpath(source))
-    if not real.exists():
-        return  # the index names missing or unreadable inputs in its own words
-    for name, path in named:
-        same = path.exists() and os.path.samefile(real, path)
-        if same or real == path or path in real.parents:
-            where = "is" if same or real == path else "is inside"
+    # Where the bytes are: a local input's links resolved (a link to the output is the output).
+    source = place(given, storage).absolute().resolve()
+    for name, where in named:
+        same = where.samefile(source) or where == source
+        if same or where.contains(source):
             raise VirnucError(
-                f"input {given} {where} the {_shown(name)} {path}; the run would destroy it. "
-                "Write the results somewhere else"
+                f"input {given} {'is' if same else 'is inside'} the {_shown(name)} {where}; "
+                "the run would destroy it. Write the results somewhere else"
             )
 
 

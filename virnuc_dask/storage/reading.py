@@ -2,6 +2,10 @@
 
 Workers read their sequences from inputs at URLs by byte range; ranges closer than
 :data:`MERGE_GAP` are read in one request, up to :data:`MERGE_BLOCK` bytes.
+
+A stream (:func:`buffered`, under :func:`open_url` and under a local file opened with a
+digest) splits lines in C and hashes every byte read on the way. It seeks where its file can,
+unless it hashes: a seek would hash bytes twice, or skip some.
 """
 
 from __future__ import annotations
@@ -70,11 +74,20 @@ def open_url(
     fs, path = filesystem(url, storage)
     # Read ahead whole blocks: the file is read once, in order.
     raw = fs.open(path, "rb", block_size=block_size, cache_type="readahead")
-    return io.BufferedReader(_Raw(raw, digest), buffer_size=block_size)
+    return buffered(raw, block_size, digest)
+
+
+def buffered(handle, block_size: int = 1 << 22, digest=None) -> io.BufferedReader:
+    """``handle`` (an fsspec or unbuffered local file) as a buffered stream, hashed if asked.
+
+    ``digest`` (a ``hashlib`` object), when given, is updated with every byte read; the
+    stream then cannot seek (see the module's docstring).
+    """
+    return io.BufferedReader(_Raw(handle, digest), buffer_size=block_size)
 
 
 class _Raw(io.RawIOBase):
-    """An fsspec file as a raw stream, so that ``io.BufferedReader`` splits lines in C."""
+    """A file as a raw stream, so that ``io.BufferedReader`` splits lines in C."""
 
     def __init__(self, handle, digest=None) -> None:
         self._handle, self._digest = handle, digest
@@ -82,12 +95,23 @@ class _Raw(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
+    def seekable(self) -> bool:
+        return self._digest is None and self._handle.seekable()
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if not self.seekable():
+            raise io.UnsupportedOperation("seek")
+        return self._handle.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._handle.tell()
+
     def readinto(self, buffer) -> int:
-        data = self._handle.read(len(buffer))
-        buffer[: len(data)] = data
+        # Straight into the buffer (local files and fsspec files both can): no copy.
+        count = self._handle.readinto(buffer) or 0
         if self._digest is not None:
-            self._digest.update(data)
-        return len(data)
+            self._digest.update(memoryview(buffer)[:count])
+        return count
 
     def close(self) -> None:
         self._handle.close()

@@ -1,5 +1,9 @@
 """A file or folder at an fsspec URL, with the few ``pathlib`` methods the tool uses.
 
+Its local twin is :class:`~virnuc_dask.storage.local.Local` (the same methods:
+:class:`~virnuc_dask.storage.places.Place`), and :func:`place` the one factory of both: a
+``Remote`` for a URL (:func:`~virnuc_dask.storage.urls.is_url`), a ``Local`` for anything else.
+
 Decisions:
 
 - **One PUT is atomic** on object stores: an object appears whole or not at all. Files that
@@ -20,6 +24,9 @@ Decisions:
   keeps the plain writes until one is added. A store that takes the header but ignores it
   (some S3-compatible servers) cannot be told from here: the locks read the owner first and
   bound what that costs with their lease.
+- **Sources** (:meth:`Remote.source`, :meth:`Remote.local_source`): a file read in place is
+  an fsspec file (HDF5 reads it by byte ranges); one read again and again (a shard copied
+  into the output) is downloaded once into an unnamed temporary file, not into memory.
 """
 
 from __future__ import annotations
@@ -27,11 +34,30 @@ from __future__ import annotations
 import io
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
+from virnuc_dask.errors import VirnucError
+from virnuc_dask.storage.local import Local
+from virnuc_dask.storage.places import Place, VersionChanged
+from virnuc_dask.storage.reading import open_url, read_ranges
 from virnuc_dask.storage.urls import StorageOptions, filesystem, is_url, local_path
+
+__all__ = [
+    "Place",
+    "Remote",
+    "VersionChanged",
+    "download_folder",
+    "load_npy",
+    "place",
+    "save_npy",
+    "upload_folder",
+    "write_atomic",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -42,10 +68,6 @@ _VERSIONED = ("s3", "s3a")
 
 #: S3's answers to a request whose condition does not hold (409: a concurrent conditional write).
 _CONDITION_FAILED = ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")
-
-
-class VersionChanged(Exception):
-    """The object is no longer the version a conditional write or delete named (or is gone)."""
 
 
 def _condition_failed(error: OSError) -> bool:
@@ -65,7 +87,7 @@ async def _get_s3(fs, bucket: str, key: str) -> tuple[bytes, str]:
         out["Body"].close()
 
 
-class Remote:
+class Remote(Place):
     """A file or folder at an fsspec URL, with the few ``pathlib`` methods the tool uses.
 
     Object stores have no folders: a folder is a prefix, which exists when an object lies
@@ -93,11 +115,8 @@ class Remote:
     def __repr__(self) -> str:
         return f"Remote({self.url!r})"
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Remote) and other.url == self.url
-
-    def __hash__(self) -> int:
-        return hash(self.url)
+    def _key(self) -> str:
+        return self.url
 
     def __truediv__(self, name: str) -> Remote:
         return Remote(f"{self.url}/{name}", self.storage, _fs=self.fs)
@@ -112,13 +131,24 @@ class Remote:
         """The URL one level up."""
         return Remote(self.url.rsplit("/", 1)[0], self.storage, _fs=self.fs)
 
-    def with_name(self, name: str) -> Remote:
-        """The sibling called ``name``."""
-        return self.parent / name
-
-    def contains(self, other: Remote) -> bool:
-        """Whether ``other`` is this URL or lies under it."""
+    def contains(self, other: Place) -> bool:
+        """Whether ``other`` is this URL or lies under it (a local path never does)."""
+        if type(other) is not type(self):
+            return False
         return other.url == self.url or other.url.startswith(self.url + "/")
+
+    @property
+    def native(self) -> Remote:
+        """Itself: the package hands a URL out as a ``Remote``."""
+        return self
+
+    def absolute(self) -> Remote:
+        """Itself: a URL is absolute."""
+        return self
+
+    def resolve(self) -> Remote:
+        """Itself: a URL has no symbolic links."""
+        return self
 
     def exists(self) -> bool:
         """Whether an object is at this URL or under it."""
@@ -143,17 +173,9 @@ class Remote:
         """The object's bytes (``FileNotFoundError`` when there is none)."""
         return self.fs.cat_file(self.path)
 
-    def read_text(self) -> str:
-        """The object's bytes as UTF-8 text."""
-        return self.read_bytes().decode()
-
     def write_bytes(self, data: bytes) -> None:
         """Write the object in one PUT: readers see the old bytes or the new, never a mix."""
         self.fs.pipe_file(self.path, data)
-
-    def write_text(self, text: str) -> None:
-        """Write UTF-8 text in one PUT."""
-        self.write_bytes(text.encode())
 
     def create(self, data: bytes) -> bool:
         """Create the object only if there is none; say whether this call created it.
@@ -264,6 +286,34 @@ class Remote:
         """Download the object to a local file."""
         self.fs.get_file(self.path, str(local))
 
+    def open_read(self, block_size: int = 1 << 22, digest=None) -> BinaryIO:
+        """The object opened for reading front to back, whole blocks read ahead."""
+        return open_url(self.url, self.storage, block_size, digest)
+
+    def read_ranges(self, starts: list[int], ends: list[int]) -> list[bytes]:
+        """The bytes of each range, nearby ones merged into one request (concurrently)."""
+        return read_ranges(self.url, starts, ends, self.storage)
+
+    def source(self) -> BinaryIO:
+        """The object opened for reading by byte ranges (an fsspec file; the caller closes it)."""
+        return self.fs.open(self.path, "rb")
+
+    def local_source(self) -> BinaryIO:
+        """A local copy of the object, in an unnamed temporary file (the caller closes it).
+
+        Raises
+        ------
+        FileNotFoundError
+            No object at the URL.
+        """
+        folder = tempfile.mkdtemp(prefix="virnuc-dask-copy-")
+        try:
+            local = Path(folder) / self.name
+            self.get(local)
+            return open(local, "rb")  # noqa: SIM115 (the caller closes it)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)  # an open file stays readable (POSIX)
+
     def unlink(self, missing_ok: bool = False) -> None:
         """Remove the object."""
         try:
@@ -290,7 +340,9 @@ class Remote:
     def modified(self) -> float:
         """When the object was last written, in seconds since the epoch (store's clock)."""
         info = self.fs.info(self.path)
-        for name in ("LastModified", "mtime", "updated", "last_modified"):
+        # "created" last: where a store gives no other time (fsspec's memory store), an
+        # object rewritten whole is created anew by each write.
+        for name in ("LastModified", "mtime", "updated", "last_modified", "created"):
             value = info.get(name)
             if value is None:
                 continue
@@ -302,44 +354,59 @@ class Remote:
                 continue
         raise OSError(f"{self.url}: the store gives no modification time")
 
-    def __lt__(self, other: Remote) -> bool:
-        return self.url < other.url
+    def samefile(self, other: Place) -> bool:
+        """Whether ``other`` is this URL (an object store has no links)."""
+        return self == other
+
+    def check_writable(self, what: str) -> None:
+        """Refuse a web server's URL, or a bucket that is missing or cannot be reached."""
+        protocol = self.url.split("://", 1)[0].lower()
+        if protocol in ("http", "https"):
+            raise VirnucError(
+                f"{what} {self.url}: a web server's URL can be read, not written; give a "
+                "local path or an object store's URL (s3://, gs://, abfs://)"
+            )
+        if protocol in ("s3", "s3a", "gs", "gcs"):
+            bucket = self.path.split("/", 1)[0]
+            try:
+                found = self.fs.exists(bucket)
+            except Exception as error:  # noqa: BLE001 (the store's client: credentials, network)
+                raise VirnucError(
+                    f"cannot reach {what} {self.url}: {type(error).__name__}: {error}"
+                ) from None
+            if not found:
+                raise VirnucError(
+                    f"{what} {self.url}: the bucket {bucket} does not exist; create it first"
+                )
 
 
-def place(text: str | os.PathLike | Remote, storage: StorageOptions | None = None):
-    """A :class:`Remote` for a URL, a ``Path`` for anything else."""
-    if isinstance(text, Remote):
+def place(text: str | os.PathLike | Place, storage: StorageOptions | None = None) -> Place:
+    """A :class:`Remote` for a URL, a :class:`~virnuc_dask.storage.local.Local` for anything else.
+
+    A place given is returned as it is. ``storage`` holds the fsspec options of a URL.
+    """
+    if isinstance(text, Place):
         return text
     if is_url(text):
         return Remote(str(text), storage)
-    return Path(local_path(text))
+    return Local(local_path(text))
 
 
-def write_atomic(target: Path | Remote, data: bytes) -> None:
-    """Write a whole file that readers never see half-written: rename locally, one PUT remotely."""
-    if isinstance(target, Remote):
-        target.write_bytes(data)
-        return
-    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, target)
+def write_atomic(target: str | os.PathLike | Place, data: bytes) -> None:
+    """Write a whole file that readers never see half-written (a rename, or one PUT)."""
+    place(target).write_bytes(data)
 
 
-def save_npy(target: Path | Remote, array: np.ndarray) -> None:
-    """``np.save`` to a local path, or in one PUT to a URL."""
-    if isinstance(target, Remote):
-        buffer = io.BytesIO()
-        np.save(buffer, array)
-        target.write_bytes(buffer.getvalue())
-        return
-    np.save(target, array)
+def save_npy(target: str | os.PathLike | Place, array: np.ndarray) -> None:
+    """``np.save``, written whole (as :func:`write_atomic`)."""
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    place(target).write_bytes(buffer.getvalue())
 
 
-def load_npy(source: Path | Remote) -> np.ndarray:
-    """``np.load`` from a local path or a URL (read whole)."""
-    if isinstance(source, Remote):
-        return np.load(io.BytesIO(source.read_bytes()))
-    return np.load(source)
+def load_npy(source: str | os.PathLike | Place) -> np.ndarray:
+    """``np.load``, read whole."""
+    return np.load(io.BytesIO(place(source).read_bytes()))
 
 
 def upload_folder(local: Path, target: Remote) -> None:

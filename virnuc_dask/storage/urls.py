@@ -1,9 +1,10 @@
 """What a URL is, and the fsspec options that travel with a run.
 
-Local paths stay paths; fsspec URLs (``s3://``, ``https://``) become
-:class:`~virnuc_dask.storage.remote.Remote`. Local inputs, work directories and outputs keep the
-fast paths they have (memory maps, ``O_EXCL``, atomic renames, hard links): no local code path
-goes through fsspec.
+fsspec URLs (``s3://``, ``https://``) become :class:`~virnuc_dask.storage.remote.Remote`;
+everything else is a local path, :class:`~virnuc_dask.storage.local.Local` (the factory of both
+is :func:`~virnuc_dask.storage.remote.place`, and :func:`is_url` the one test between them).
+Local inputs, work directories and outputs keep the fast paths they have (memory maps,
+``O_EXCL``, atomic renames, hard links): no local code path goes through fsspec.
 
 Decisions:
 
@@ -68,11 +69,15 @@ _SECRET = re.compile(r"secret|password|passwd|token|key|credential", re.IGNORECA
 
 
 def is_url(text: object) -> bool:
-    """Whether ``text`` is an fsspec URL (any protocol but ``file``), or a :class:`Remote`."""
-    from virnuc_dask.storage.remote import Remote
+    """Whether ``text`` is an fsspec URL (any protocol but ``file``), or a :class:`Remote`.
 
-    if isinstance(text, Remote):
-        return True
+    A :class:`~virnuc_dask.storage.places.Place` is judged by its text: a ``Remote``'s is its
+    URL, a ``Local``'s a path, which never holds ``://`` (``pathlib`` folds ``//`` into ``/``).
+    """
+    from virnuc_dask.storage.places import Place
+
+    if isinstance(text, Place):
+        text = str(text)
     if not isinstance(text, str):
         return False
     found = _URL.match(text)
