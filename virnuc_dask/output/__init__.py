@@ -10,34 +10,48 @@ The data flow, one module per idea:
 - :mod:`.targets`: what may be written where, and the renames that make outputs appear whole;
 - :mod:`.publish`: outputs at URLs, built locally as stand-ins and put there once complete;
 - :mod:`.space`: a full disk becomes :class:`DiskFull`, the shards kept;
-- :mod:`.reading`: :func:`open_embeddings` opens an output as an ``xarray.Dataset``.
+- :mod:`.reading`: :func:`open_embeddings` opens an output as an ``xarray.Dataset``;
+- :mod:`.backend`: the same reading as xarray's engine ``virnuc``
+  (``xarray.open_dataset(path, engine="virnuc")``).
+
+The names are imported on first use (as in the top-level ``virnuc_dask``), so that
+importing one module of the package, the xarray engine of :mod:`.backend` above all, does not
+import h5py, hdf5plugin and the writer: xarray imports every installed engine's module
+whenever it lists the engines, for any file it opens without ``engine=``.
 """
 
-from virnuc_dask.output.layout import POOLING
-from virnuc_dask.output.reading import open_embeddings
-from virnuc_dask.output.residues import RESIDUES_PER_CHUNK, ResidueLayout, residues_of
-from virnuc_dask.output.shards import ShardInfo, ShardMismatch, shard_matches, write_shard
-from virnuc_dask.output.space import DiskFull
-from virnuc_dask.output.targets import OUTPUT, ZARR_STORE, check_target, remove_stale_partials
-from virnuc_dask.output.writer import OutputWriter, assemble
-from virnuc_dask.output.zarr_store import ROWS_PER_CHUNK
+from __future__ import annotations
 
-__all__ = [
-    "OUTPUT",
-    "POOLING",
-    "RESIDUES_PER_CHUNK",
-    "ROWS_PER_CHUNK",
-    "ZARR_STORE",
-    "DiskFull",
-    "OutputWriter",
-    "ResidueLayout",
-    "ShardInfo",
-    "ShardMismatch",
-    "assemble",
-    "check_target",
-    "open_embeddings",
-    "remove_stale_partials",
-    "residues_of",
-    "shard_matches",
-    "write_shard",
-]
+import importlib
+
+_PUBLIC = {
+    "OUTPUT": "virnuc_dask.output.targets",
+    "POOLING": "virnuc_dask.output.layout",
+    "RESIDUES_PER_CHUNK": "virnuc_dask.output.residues",
+    "ROWS_PER_CHUNK": "virnuc_dask.output.zarr_store",
+    "ZARR_STORE": "virnuc_dask.output.targets",
+    "DiskFull": "virnuc_dask.output.space",
+    "OutputWriter": "virnuc_dask.output.writer",
+    "ResidueLayout": "virnuc_dask.output.residues",
+    "ShardInfo": "virnuc_dask.output.shards",
+    "ShardMismatch": "virnuc_dask.output.shards",
+    "assemble": "virnuc_dask.output.writer",
+    "check_target": "virnuc_dask.output.targets",
+    "open_embeddings": "virnuc_dask.output.reading",
+    "remove_stale_partials": "virnuc_dask.output.targets",
+    "residues_of": "virnuc_dask.output.residues",
+    "shard_matches": "virnuc_dask.output.shards",
+    "write_shard": "virnuc_dask.output.shards",
+}
+
+__all__ = list(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'virnuc_dask.output' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

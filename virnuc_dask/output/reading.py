@@ -6,11 +6,21 @@ fsspec store for a URL, with the storage options); an HDF5 file through
 :meth:`~virnuc_dask.storage.places.Place.source`, which is the path itself for a local file
 (HDF5's own driver) and an fsspec file read by byte ranges for a URL (the dataset keeps it
 open while it is used).
+
+Decisions:
+
+- One reading for every way in: :func:`open_embeddings` and xarray's engine ``virnuc``
+  (:mod:`.backend`, ``xarray.open_dataset(path, engine="virnuc")``) are this function, so the
+  two cannot drift apart; the engine only adapts xarray's arguments to it.
+- Ids (and reads' ids) are read by h5py or zarr as variable-length strings, as object arrays of
+  ``str``, not decoded by xarray, which would make them a fixed-width array as wide as the
+  longest id.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import h5py
@@ -25,6 +35,7 @@ def open_embeddings(
     path: str | Path,
     chunks: dict | str | None = None,
     storage_options: dict | None = None,
+    drop_variables: str | Iterable[str] | None = None,
 ):
     """Open an embedding file (HDF5 or Zarr) as an ``xarray.Dataset``.
 
@@ -41,6 +52,8 @@ def open_embeddings(
     storage_options
         fsspec options for a URL (endpoint, profile, ...), as ``embed`` takes them; the
         standard places (``AWS_ENDPOINT_URL``, profiles) need none.
+    drop_variables
+        Variables not to read (a name or several), as ``xarray.open_dataset`` takes them.
 
     Returns
     -------
@@ -58,6 +71,9 @@ def open_embeddings(
     from virnuc_dask.storage.remote import place
     from virnuc_dask.storage.urls import StorageOptions
 
+    dropped = {drop_variables} if isinstance(drop_variables, str) else set(drop_variables or ())
+    # The strings are never xarray's to decode; the rest it skips as asked.
+    skipped = sorted(dropped | set(_STRINGS))
     where = place(path, StorageOptions.of(storage_options))
     if not where.exists():
         raise VirnucError(f"no embedding file at {path}")
@@ -71,13 +87,11 @@ def open_embeddings(
             given = {} if chunks is None else {"chunks": chunks}
             if options:
                 given["storage_options"] = options
-            dataset = xr.open_zarr(source, drop_variables=list(_STRINGS), **given)
-            strings = _zarr_strings(source, options)
+            dataset = xr.open_zarr(source, drop_variables=skipped, **given)
+            strings = _zarr_strings(source, options, dropped)
     else:
-        dataset = xr.open_dataset(
-            source, engine="h5netcdf", drop_variables=list(_STRINGS), chunks=chunks
-        )
-        strings = _hdf5_strings(source)
+        dataset = xr.open_dataset(source, engine="h5netcdf", drop_variables=skipped, chunks=chunks)
+        strings = _hdf5_strings(source, dropped)
     if chunks is not None or store:
         # One value per sequence (lengths, flags, read provenance) is small: in memory, so it
         # can label groups (xarray cannot group by a dask array without being told the labels).
@@ -95,15 +109,19 @@ def open_embeddings(
 _STRINGS = ("sequence", "read")
 
 
-def _hdf5_strings(source) -> dict[str, np.ndarray]:
+def _hdf5_strings(source, dropped: set[str]) -> dict[str, np.ndarray]:
     with h5py.File(source, "r") as f:
-        return {name: f[name].asstr()[:] for name in _STRINGS if name in f}
+        return {name: f[name].asstr()[:] for name in _STRINGS if name in f and name not in dropped}
 
 
-def _zarr_strings(source, options: dict) -> dict[str, np.ndarray]:
+def _zarr_strings(source, options: dict, dropped: set[str]) -> dict[str, np.ndarray]:
     import zarr
 
     given = {"storage_options": options} if options else {}
     group = zarr.open_group(str(source), mode="r", **given)
     # zarr returns numpy's variable-width StringDType; xarray and pandas index objects.
-    return {name: group[name][:].astype(object) for name in _STRINGS if name in group}
+    return {
+        name: group[name][:].astype(object)
+        for name in _STRINGS
+        if name in group and name not in dropped
+    }
