@@ -156,7 +156,7 @@ def embed_chunk(chunk: Chunk, job: ChunkJob) -> ShardInfo:
     import torch
 
     from virnuc_dask.inputs import FastaIndex, read_sequences
-    from virnuc_dask.output.remote import put_shard, shard_source
+    from virnuc_dask.output.publish import put_shard, shard_source
 
     started = time.perf_counter()
     path = shard_path(job.shard_dir, chunk)

@@ -16,7 +16,7 @@ Decisions:
 - The per-residue layout (where each sequence's residues go) is computed here, once, from
   the residue counts, the partition's order and the chunks' bounds.
 - Outputs at URLs are built in a local folder (the driver's own, or a temporary one) and
-  published when complete (:mod:`.remote`); a shard at a URL is read from a local copy.
+  published when complete (:mod:`.publish`); a shard at a URL is read from a local copy.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from virnuc_dask.output.remote import publish, shard_source, stand_ins
+from virnuc_dask.output.publish import publish, shard_source, stand_ins
 from virnuc_dask.output.residues import ResidueLayout
 from virnuc_dask.output.shards import ShardInfo
 from virnuc_dask.output.writer import OutputWriter

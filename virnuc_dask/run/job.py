@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -48,8 +47,8 @@ from virnuc_dask.run import workdir
 from virnuc_dask.run.report import RunReport
 from virnuc_dask.storage import ownership
 from virnuc_dask.storage.locks import RunLock
-from virnuc_dask.storage.remote import Remote
-from virnuc_dask.storage.urls import StorageOptions, is_url
+from virnuc_dask.storage.remote import Remote, place
+from virnuc_dask.storage.urls import StorageOptions
 
 if TYPE_CHECKING:
     from virnuc_dask.cluster.plugin import EngineSettings
@@ -348,4 +347,4 @@ _VERSIONED = ("torch", "fair-esm", "dask", "distributed", "h5py", "xarray")
 
 def _absolute(path: str) -> str:
     """A local input's absolute path; a URL, or ``-`` (standard input), as it is."""
-    return path if path == "-" or is_url(path) else os.path.abspath(path)
+    return path if path == "-" else str(place(path).absolute())

@@ -44,7 +44,7 @@ from virnuc_dask.plan.fingerprint import differences, fingerprint_of
 from virnuc_dask.plan.partition import Chunk, Partition, partition
 from virnuc_dask.storage import ownership
 from virnuc_dask.storage.locks import RunLock
-from virnuc_dask.storage.remote import Remote, load_npy, save_npy, write_atomic
+from virnuc_dask.storage.remote import Remote, load_npy, place, save_npy, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -209,12 +209,12 @@ def saved_or_new_partition(
 
 def finished_shards(work: Path | Remote, parts: Partition, fingerprint: str) -> list[ShardInfo]:
     """Shards on disk that are complete and belong to this run; anything else is removed."""
-    from virnuc_dask.output.remote import shard_source
+    from virnuc_dask.output.publish import shard_source
 
     for partial in (work / "shards").glob(".*.partial"):
         logger.warning("removing the half-written shard %s", partial.name)
         partial.unlink()
-    storage = work.storage if isinstance(work, Remote) else None
+    storage = place(work).storage
     present = {p.name for p in (work / "shards").glob("shard-*.h5")}
     reused = []
     for chunk in parts.chunks:
