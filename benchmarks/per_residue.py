@@ -44,7 +44,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-from run_info import describe
+from common.machine import describe
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
