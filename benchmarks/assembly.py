@@ -41,7 +41,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-from run_info import describe
+from common.machine import describe
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"

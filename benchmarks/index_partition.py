@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-from run_info import describe
+from common.machine import describe
 
 RESULTS = Path(__file__).resolve().parent / "results"
 AMINO = np.frombuffer(b"ACDEFGHIKLMNPQRSTVWY", dtype=np.uint8)

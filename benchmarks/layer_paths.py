@@ -23,7 +23,7 @@ import time
 from datetime import date
 from pathlib import Path
 
-from run_info import describe
+from common.machine import describe
 
 HERE = Path(__file__).resolve().parent
 PATHS = ("eager", "fused", "compiled")

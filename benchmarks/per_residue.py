@@ -20,10 +20,11 @@ per token are the stored size of ``residue_embedding`` (HDF5) and of the Zarr st
 
 On a CUDA machine (the default) the model's weights are random but go through the real loading
 path: setup writes a checkpoint in fair-esm's format into ``WORK/torch/hub/checkpoints``
-(``job_wall.child_checkpoint``) and the jobs run with ``TORCH_HOME=WORK/torch``. ``--cpu`` runs
+(``common.checkpoints``, as ``job_wall.py`` writes them) and the jobs run with
+``TORCH_HOME=WORK/torch``. ``--cpu`` runs
 ESM-2 8M with ``random_weights=True`` on a CPU cluster: the memory stand-in for a large run.
 Peptides are random residues, lengths uniform in 50-170 (the ``viral`` workload of
-``job_wall.py``).
+``job_wall.py``). Each job runs in a fresh child process (``common.children``).
 
     python benchmarks/per_residue.py --work /tmp/pr --model esm2_t36_3B_UR50D --sequences 120000
     python benchmarks/per_residue.py --cpu --work /tmp/pr --sequences 12000
@@ -44,7 +45,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-from run_info import describe
+from common.checkpoints import child_checkpoint
+from common.children import child
+from common.machine import describe
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -55,7 +58,6 @@ JOBS = {
     "per-residue": {"per_residue": True},
     "per-residue+zarr": {"per_residue": True, "zarr": True},
 }
-CHILD = "--child"
 #: The versions recorded with the results.
 PACKAGES = ("virnuc-dask", "torch", "fair-esm", "dask", "distributed", "h5py", "zarr", "xarray")
 TARGET = 0.90
@@ -102,9 +104,9 @@ class MemorySampler:
         while not self._stop.is_set():
             driver = self.process.memory_info().rss
             workers = 0
-            for child in self.process.children(recursive=True):
+            for descendant in self.process.children(recursive=True):
                 try:
-                    workers = max(workers, child.memory_info().rss)
+                    workers = max(workers, descendant.memory_info().rss)
                 except psutil.Error:
                     continue
             self.samples.append((time.perf_counter(), driver, workers))
@@ -130,7 +132,7 @@ class TailSteps(logging.Handler):
             self.steps = {name: float(seconds) for name, seconds in found}
 
 
-def child(spec: dict) -> dict:
+def child_job(spec: dict) -> dict:
     """One job in this (fresh) process: embed, sample memory, measure the output."""
     import h5py
 
@@ -193,11 +195,11 @@ def child(spec: dict) -> dict:
 
 
 def run_child(spec: dict, env: dict) -> dict:
-    command = [sys.executable, __file__, CHILD, json.dumps(spec)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"job {spec['name']} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    """``child_job`` in a fresh process; a failed job ends the benchmark."""
+    result = child(child_job, env, None, spec=spec)
+    if "error" in result:
+        raise RuntimeError(f"job {spec['name']} failed: {result['error']}")
+    return result
 
 
 def main() -> None:
@@ -218,14 +220,11 @@ def main() -> None:
     if not args.cpu:
         env["TORCH_HOME"] = str(args.work / "torch")
         env["XDG_CACHE_HOME"] = str(args.work / "cache")
-        # job_wall.py writes the checkpoint of seeded random weights in fair-esm's format.
-        code = (
-            "import json, sys; sys.path.insert(0, sys.argv[1]); import job_wall; "
-            "print(json.dumps(job_wall.child_checkpoint(sys.argv[2], 0)))"
-        )
-        subprocess.run(
-            [sys.executable, "-c", code, str(Path(__file__).parent), model], env=env, check=True
-        )
+        # The checkpoint of seeded random weights in fair-esm's format, as job_wall.py's.
+        made = child(child_checkpoint, env, None, model=model, seed=0)
+        print(json.dumps(made), flush=True)
+        if "error" in made:
+            sys.exit(f"checkpoint of {model} failed: {made['error']}")
     else:
         env["CUDA_VISIBLE_DEVICES"] = ""
     fasta = args.work / f"peptides-{args.sequences}.fasta"
@@ -293,7 +292,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 2 and sys.argv[1] == CHILD:
-        print(json.dumps(child(json.loads(sys.argv[2]))))
-    else:
-        main()
+    main()

@@ -38,7 +38,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-from run_info import describe
+from common.machine import describe
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BASES = np.frombuffer(b"ACGT", dtype=np.uint8)
