@@ -65,7 +65,8 @@ def imports() -> dict:
 def random_model(name: str):
     import torch
 
-    from virnuc_dask.models import _esm2, _no_initialisation, model_spec
+    from virnuc_dask.model.loading import _esm2, _no_initialisation
+    from virnuc_dask.model.registry import model_spec
 
     with _no_initialisation():
         model = _esm2(model_spec(name), token_dropout=True)
@@ -107,8 +108,8 @@ def compiled(name: str, work: Path) -> dict:
     times, since = {}, [time.perf_counter()]
     import torch
 
+    from virnuc_dask.cluster.plugin import _use_compile_cache
     from virnuc_dask.engine.packed import PackedEngine
-    from virnuc_dask.worker import _use_compile_cache
 
     stamp(times, "import", since)
     torch.empty(1, device="cuda")
@@ -117,9 +118,9 @@ def compiled(name: str, work: Path) -> dict:
     stamp(times, "build_model", since)
     engine = PackedEngine(model, layers=[model.num_layers], compile=False)
     stamp(times, "eager_engine", since)
-    from virnuc_dask.engine import packed
+    from virnuc_dask.engine import layers
 
-    packed._prepare_compiled_kernels()
+    layers.prepare_compiled_kernels()
     stamp(times, "prepare_kernels", since)
     engine.enable_compile()
     stamp(times, "compile_warm_up", since)
@@ -160,7 +161,7 @@ class AotLayer:
             ):
                 import torch.nn.functional as F
 
-                from virnuc_dask.engine.packed import apply_rotary
+                from virnuc_dask.engine.layers import apply_rotary
 
                 tokens, dim = x.shape
                 h = F.layer_norm(x, (dim,), ln1_w, ln1_b, eps)
@@ -201,7 +202,8 @@ def aot_build(name: str, work: Path) -> dict:
     times, since = {}, [time.perf_counter()]
     import torch
 
-    from virnuc_dask.engine.packed import fuse_qkv, pack_batch, rotary_tables
+    from virnuc_dask.engine.layers import fuse_qkv, rotary_tables
+    from virnuc_dask.engine.packing import pack_batch
 
     stamp(times, "import", since)
     model = random_model(name)

@@ -59,7 +59,9 @@ def child_engine(model: str, count: int, seed: int) -> dict:
     import torch
 
     from virnuc_dask.engine import build_engine
-    from virnuc_dask.models import load_model, model_spec, resolve_weights
+    from virnuc_dask.model.checkpoint import resolve_weights
+    from virnuc_dask.model.loading import load_model
+    from virnuc_dask.model.registry import model_spec
 
     device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     sequences = peptides(count, seed)

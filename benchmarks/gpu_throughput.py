@@ -42,11 +42,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from virnuc_dask.compare import row_agreement
+from virnuc_dask.engine.fidelity import row_agreement
 from virnuc_dask.engine.packed import PackedEngine
 from virnuc_dask.engine.reference import ReferenceEngine
-from virnuc_dask.models import load_model, model_spec, resolve_weights
-from virnuc_dask.tokens import MODEL_WINDOW, padded_tokens
+from virnuc_dask.model.checkpoint import resolve_weights
+from virnuc_dask.model.loading import load_model
+from virnuc_dask.model.registry import model_spec
+from virnuc_dask.model.tokens import MODEL_WINDOW, padded_tokens
 
 MODELS = ["esm2_t36_3B_UR50D", "esm2_t33_650M_UR50D"]
 WORKLOADS = ["viral", "proteome"]
@@ -353,7 +355,7 @@ def bench_pipeline(name, workloads, args, add, fp32, *, gpus: int = 1) -> None:
     a message where the pipeline cannot be imported.
     """
     try:
-        from virnuc_dask.cluster import connect
+        from virnuc_dask.cluster.existing import connect
     except ImportError as error:
         print(f"  row a skipped: the pipeline does not import ({error})")
         return

@@ -88,8 +88,8 @@ def _peak_mb() -> float:
 
 def stage(name: str, fasta: str, folder: str, lanes: int) -> dict:
     """Run one stage in this (fresh) process and return its wall time and memory."""
-    from virnuc_dask.index import FastaIndex, build_index
-    from virnuc_dask.partition import partition
+    from virnuc_dask.inputs import FastaIndex, build_index
+    from virnuc_dask.plan.partition import partition
 
     if name == "index":
         baseline = _rss_mb()

@@ -53,7 +53,9 @@ def child(model: str, strategy: str) -> dict:
 
     import virnuc_dask.engine.packed  # noqa: F401
     from virnuc_dask.engine import build_engine
-    from virnuc_dask.models import _checked_state, load_model, model_spec, resolve_weights
+    from virnuc_dask.model.checkpoint import _checked_state, resolve_weights
+    from virnuc_dask.model.loading import load_model
+    from virnuc_dask.model.registry import model_spec
 
     step("import_esm_engine")
     device = torch.device("cuda")

@@ -106,11 +106,11 @@ def child_notebook(model: str, fasta: str, folder: str, gpus: int, workers: int)
     return result
 
 
-def _resident_engines() -> list[int]:
-    """Identities of the engines resident in this worker process (run on each worker)."""
-    from virnuc_dask import worker
+def _resident_engines(dask_worker=None) -> list[int]:
+    """Identities of the engines resident on a worker (run on each worker by ``Client.run``)."""
+    from virnuc_dask.cluster.plugin import state_of
 
-    return sorted(id(engine) for engine in getattr(worker, "_ENGINES", {}).values())
+    return sorted(id(engine) for engine in state_of(dask_worker).engines.values())
 
 
 def measure(model: str, inputs: dict, work: Work, gpus: list[int], timeout: float) -> dict:

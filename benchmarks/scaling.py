@@ -168,7 +168,7 @@ def main() -> None:
 def agreement(first: Path, other: Path) -> dict:
     """How closely two runs' outputs agree: same ids in the same order, row cosine and error."""
     import virnuc_dask
-    from virnuc_dask.compare import row_agreement
+    from virnuc_dask.engine.fidelity import row_agreement
 
     with virnuc_dask.open_embeddings(first) as a, virnuc_dask.open_embeddings(other) as b:
         if list(a.sequence.values) != list(b.sequence.values):

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from virnuc_dask.compare import row_agreement
+from virnuc_dask.engine.fidelity import row_agreement
 
 #: The 2-layer, 64-wide ESM-2 architecture that keeps CPU tests fast.
 TINY = "esm2_t2_tiny"

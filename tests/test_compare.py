@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from virnuc_dask.compare import row_agreement
+from virnuc_dask.engine.fidelity import row_agreement
 
 
 def test_identical_rows_agree_and_swapped_rows_do_not():

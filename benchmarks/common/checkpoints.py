@@ -47,7 +47,8 @@ def child_checkpoint(model: str, seed: int) -> dict:
     import esm
     import torch
 
-    from virnuc_dask.models import checkpoint_digest, hub_checkpoint, model_spec, regression_file
+    from virnuc_dask.model.registry import model_spec
+    from virnuc_dask.model.weights import checkpoint_digest, hub_checkpoint, regression_file
 
     path = hub_checkpoint(model)
     regression = regression_file(path)

@@ -12,7 +12,7 @@ from distributed import Client
 
 import virnuc_dask
 from tests.helpers import random_sequences, write_fasta
-from virnuc_dask.compare import row_agreement
+from virnuc_dask.engine.fidelity import row_agreement
 from virnuc_dask.engine.reference import ReferenceEngine
 from virnuc_dask.model.checkpoint import resolve_weights
 from virnuc_dask.model.loading import load_model

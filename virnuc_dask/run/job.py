@@ -36,10 +36,7 @@ from virnuc_dask.inputs import FastaIndex
 from virnuc_dask.inputs.provenance import ReadProvenance
 from virnuc_dask.model.registry import model_spec
 from virnuc_dask.model.weights import WeightsSource
-from virnuc_dask.output import (
-    POOLING,
-    ShardInfo,
-)
+from virnuc_dask.output import POOLING, ShardInfo
 from virnuc_dask.output.assembly import Assembly, AssemblyPlan
 from virnuc_dask.plan.partition import Chunk, Partition
 from virnuc_dask.plan.windows import WINDOWS_RULE

@@ -35,10 +35,7 @@ from virnuc_dask.engine import compiling
 from virnuc_dask.errors import Interrupted, VirnucError, option
 from virnuc_dask.inputs import FastaIndex, index_inputs
 from virnuc_dask.model.checkpoint import resolve_weights
-from virnuc_dask.output import (
-    check_target,
-    remove_stale_partials,
-)
+from virnuc_dask.output import check_target, remove_stale_partials
 from virnuc_dask.plan import fingerprint
 from virnuc_dask.run import workdir
 from virnuc_dask.run.job import LOCAL_FOLDER, EmbeddingJob, _engine_settings

@@ -10,9 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from virnuc_dask.inputs.provenance import ReadProvenance, reads_summary
-from virnuc_dask.output import (
-    ShardInfo,
-)
+from virnuc_dask.output import ShardInfo
 
 
 @dataclass(frozen=True)
