@@ -11,8 +11,7 @@ from Bio.Seq import Seq
 
 from virnuc_dask.config import EmbedConfig
 from virnuc_dask.errors import VirnucError, command_line_spelling
-from virnuc_dask.inputs import index_inputs
-from virnuc_dask.inputs.fasta import FastaIndex, build_index, read_sequences
+from virnuc_dask.inputs import FastaIndex, build_index, index_inputs, read_sequences
 from virnuc_dask.inputs.nucleotide import letter_counts, looks_like_nucleotides
 from virnuc_dask.inputs.peptides import Translation, build_peptide_index
 from virnuc_dask.inputs.provenance import ReadProvenance

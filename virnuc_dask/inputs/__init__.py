@@ -22,7 +22,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from virnuc_dask.inputs.fasta import FastaIndex, build_index, read_sequences
+from virnuc_dask.inputs.fasta import FastaIndex, build_index
+from virnuc_dask.inputs.sequences import read_sequences
 
 if TYPE_CHECKING:
     from virnuc_dask.config import EmbedConfig

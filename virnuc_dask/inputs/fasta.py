@@ -67,27 +67,40 @@ from virnuc_dask.storage.remote import place
 from virnuc_dask.storage.urls import StorageOptions
 
 _WHITESPACE = b" \t\r\n\v\f"
+
+
 _VALID = RESIDUE_LETTERS + RESIDUE_LETTERS.lower() + _WHITESPACE
+
+
 _TO_UPPER = bytes.maketrans(RESIDUE_LETTERS.lower(), RESIDUE_LETTERS)
+
+
 # Every byte that is neither whitespace nor a residue letter becomes X (for invalid_to_x).
 _TO_X = bytes.maketrans(
     bytes(b for b in range(256) if b not in _VALID), b"X" * (256 - len(set(_VALID)))
 )
+
+
 _CONTROL = bytes(range(32)) + b"\x7f"
+
+
 _UTF8_BOM = b"\xef\xbb\xbf"
+
+
 _SHOWN = 60  # characters of an overlong id quoted in a message
+
 
 #: The longest id accepted, in UTF-8 bytes. Ids become the output's coordinate, which every
 #: reader loads whole when it opens the file: one 1 MB id made opening the output extremely
 #: expensive. Real ids (accessions, even ``sp|P12345|NAME_SPECIES/1-100``) are far shorter.
 MAX_ID_BYTES = 1000
 
+
 __all__ = [
     "DUPLICATE_POLICIES",
     "MAX_ID_BYTES",
     "FastaIndex",
     "build_index",
-    "read_sequences",
 ]
 
 
@@ -462,65 +475,4 @@ def _lone_cr(shown: str, line_no: int) -> str:
     return (
         f"{shown}, line {line_no}: a carriage return (CR) inside the line: the file uses "
         "classic Mac line breaks; convert them to LF (tr '\\r' '\\n' < FILE > NEW)"
-    )
-
-
-def read_sequences(
-    index: FastaIndex, rows: np.ndarray, storage: StorageOptions | None = None
-) -> list[bytes]:
-    """Read the sequences of ``rows`` back from their files, upper-cased, ready to tokenise.
-
-    Reads each file in offset order (one ``seek`` and ``read`` per sequence; for a URL, byte
-    ranges fetched together: :meth:`~virnuc_dask.storage.places.Place.read_ranges`) and
-    returns the sequences in the order of ``rows``.
-
-    Parameters
-    ----------
-    index
-        The inputs' index.
-    rows
-        The rows to read.
-    storage
-        fsspec options for files that are URLs.
-
-    Raises
-    ------
-    VirnucError
-        If a sequence's bytes differ from those indexed (its checksum): the input changed.
-    """
-    rows = np.asarray(rows, dtype=np.int64)
-    out: list[bytes] = [b""] * len(rows)
-    files = index.file[rows]
-    for number in np.unique(files).tolist():
-        positions = np.flatnonzero(files == number)
-        starts = index.offset[rows[positions]].astype(np.int64)
-        in_order = np.argsort(starts, kind="stable")  # checked in the file's order
-        positions, starts = positions[in_order], starts[in_order]
-        ends = starts + index.span[rows[positions]]
-        where = place(index.files[number], storage)
-        found = where.read_ranges(starts.tolist(), ends.tolist())
-        for position, data in zip(positions.tolist(), found, strict=True):
-            row = int(rows[position])
-            if zlib.crc32(data) != index.checksum[row]:
-                raise VirnucError(_changed(index, number, row))
-            data = data.translate(None, _WHITESPACE)
-            if data.endswith(b"*"):
-                data = data[:-1]
-            if index.invalid_to_x:
-                data = data.translate(_TO_X)
-            out[position] = data.translate(_TO_UPPER)
-    return out
-
-
-def _changed(index: FastaIndex, number: int, row: int) -> str:
-    """The message for a sequence whose bytes are no longer those indexed."""
-    given, read = index.inputs[number], index.files[number]
-    if given == read or place(given).resolve() == place(read):
-        what = _shown(given)
-    else:  # gzip inputs and pipes are read from a copy in the work directory
-        what = f"the staged copy {_shown(read)} of input {_shown(given)}"
-    return (
-        f"{what} changed since it was indexed: sequence {_shown_id(index.id(row))} no longer "
-        "holds the bytes it held; inputs must not change during a run: run again once the "
-        "input is final"
     )

@@ -4,7 +4,8 @@ The data flow, one module per idea:
 
 - :mod:`.shards`: each chunk's result, written atomically by its worker;
 - :mod:`.writer`: :class:`OutputWriter` builds the final file while the chunks finish, in
-  the :mod:`.layout` that xarray reads, and :func:`assemble` does it in one call;
+  the :mod:`.layout` that xarray reads;
+- :mod:`.assembly`: the one assembly of a run's shards (:func:`assemble` in one call);
 - :mod:`.residues`: per-residue values, laid out by chunk and streamed shard by shard;
 - :mod:`.zarr_store`: the same content as a Zarr store;
 - :mod:`.targets`: what may be written where, and the renames that make outputs appear whole;
@@ -35,7 +36,7 @@ _PUBLIC = {
     "ResidueLayout": "virnuc_dask.output.residues",
     "ShardInfo": "virnuc_dask.output.shards",
     "ShardMismatch": "virnuc_dask.output.shards",
-    "assemble": "virnuc_dask.output.writer",
+    "assemble": "virnuc_dask.output.assembly",
     "check_target": "virnuc_dask.output.targets",
     "open_embeddings": "virnuc_dask.output.reading",
     "remove_stale_partials": "virnuc_dask.output.targets",

@@ -26,6 +26,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import h5py
 import numpy as np
 
 from virnuc_dask.output.publish import publish, shard_source, stand_ins
@@ -177,3 +178,101 @@ def assemble_shards(computed: list[ShardInfo], plan: AssemblyPlan, reused=()) ->
     except BaseException:
         assembly.abort()  # after a failed close too: the writer's abort is idempotent
         raise
+
+
+def assemble(
+    shards: list[ShardInfo],
+    *,
+    ids: list[str],
+    lengths: np.ndarray,
+    max_residues: int,
+    layers: list[int],
+    output: str | Path,
+    attrs: dict,
+    dtype: str = "float32",
+    zarr_path: str | Path | None = None,
+    fingerprint: str | None = None,
+    width: int | None = None,
+    overwrite: bool = False,
+    variables: dict[str, np.ndarray] | None = None,
+    long: str = "truncate",
+    residues: ResidueLayout | None = None,
+) -> str:
+    """Assemble finished shards into the final file at once: :class:`OutputWriter` in one call.
+
+    For callers that hold every shard and the index in memory (tests, benchmarks); a run
+    builds its output through :class:`~virnuc_dask.output.assembly.Assembly`, which feeds
+    the same writer.
+
+    Parameters
+    ----------
+    shards
+        Every chunk's :class:`ShardInfo`.
+    ids, lengths
+        Ids and residue counts of all sequences, in input order.
+    max_residues
+        Truncation window, for the ``truncated`` flag.
+    layers
+        The pooled layers (the ``layer`` coordinate when there are several).
+    output
+        Final HDF5 path; written as a temporary name in the same folder, then renamed.
+    attrs
+        Attributes of the file; its ``fingerprint`` also goes into the Zarr store's marker.
+    dtype
+        Stored precision; shards of another dtype are refused.
+    zarr_path
+        Also write the same content as a Zarr v3 store here.
+    fingerprint
+        The run's fingerprint; shards with another are refused. None: not checked.
+    width
+        The embedding width; shards of another are refused. None: every shard must have the
+        width of the first (by chunk number).
+    overwrite
+        Replace an existing output file or Zarr store (one this tool made), once the new one
+        is complete. Checked before any work and again just before the rename.
+    variables
+        More variables along ``sequence`` (a run on reads: the peptides' provenance), as
+        :class:`OutputWriter` takes them.
+    long, residues
+        How long sequences were embedded, and the per-residue layout, as
+        :class:`OutputWriter` takes them.
+
+    Returns
+    -------
+    str
+        The output path.
+
+    Raises
+    ------
+    ShardMismatch
+        A shard belongs to another run, layer set, width or dtype.
+    DiskFull
+        The disk of an output ran out of space.
+    VirnucError
+        An output exists (without ``overwrite``) or may not be replaced (:func:`check_target`).
+    """
+    shards = sorted(shards, key=lambda s: s.chunk)
+    if width is None:
+        if not shards:
+            raise RuntimeError("no shards to assemble")
+        with h5py.File(shards[0].path, "r") as f:
+            width = f["embedding"].shape[-1]
+    with OutputWriter(
+        ids=ids,
+        lengths=lengths,
+        max_residues=max_residues,
+        layers=layers,
+        width=width,
+        output=output,
+        attrs=attrs,
+        dtype=dtype,
+        fingerprint=fingerprint,
+        zarr_path=zarr_path,
+        overwrite=overwrite,
+        variables=variables,
+        long=long,
+        residues=residues,
+    ) as writer:
+        for shard in shards:
+            writer.add(shard)
+        return writer.close()
