@@ -246,9 +246,9 @@ def embed(
 
     Defaults of the options come from Dask's configuration (section virnuc-dask).
     """
+    _configure_logging(verbose)  # before the run's modules import distributed
     from virnuc_dask.run.embed import embed as run
 
-    _configure_logging(verbose)
     # SIGTERM (a scheduler's preemption, `kill`) ends the run like Ctrl-C: the local cluster
     # is closed, locks are released and finished shards stay for --resume.
     signal.signal(signal.SIGTERM, _interrupt)

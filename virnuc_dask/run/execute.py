@@ -74,6 +74,8 @@ class _Watch:
         )
         if self.bar:
             listen(client, job.token, self._on_batch)
+            # The first state now: the reused chunks' tokens, which the rate leaves out.
+            self.bar.update(self.chunks, self.tokens)
         self.trouble_since: float | None = None
         self.last_warning = 0.0
         self.last_check = time.monotonic()
