@@ -92,14 +92,13 @@ class Assembly:
         #: Whether the outputs at URLs have been uploaded (by :meth:`close`).
         self.published = False
         self._temporary = None
-        if folder is None or index is None:
-            self._temporary = Path(tempfile.mkdtemp(prefix="virnuc-dask-assembly-"))
-            folder = folder or self._temporary
+        if folder is None:
+            folder = self._temporary = Path(tempfile.mkdtemp(prefix="virnuc-dask-assembly-"))
         try:
             if index is None:
                 index_dir = plan.index_dir
                 if is_url(index_dir):
-                    index_dir = self._temporary / "index"
+                    index_dir = Path(folder) / "assembly-index"
                     download_folder(place(plan.index_dir, plan.storage), index_dir)
                 index, reads = FastaIndex.load(index_dir), ReadProvenance.load(index_dir)
             if order is None and plan.residue_dtype is not None:
@@ -107,7 +106,7 @@ class Assembly:
             lengths = np.asarray(index.length)
             output = place(plan.output, plan.storage)
             zarr = place(plan.zarr, plan.storage) if plan.zarr else None
-            local_output, local_zarr, self._published = stand_ins(output, zarr, Path(folder))
+            local_output, local_zarr, self._stand_ins = stand_ins(output, zarr, Path(folder))
             self.writer = OutputWriter(
                 ids=index.ids(),
                 lengths=lengths,
@@ -144,8 +143,8 @@ class Assembly:
         """
         try:
             path = self.writer.close(extra_attrs=extra_attrs)
-            if self._published:
-                publish(self._published, overwrite=self.plan.writer.get("overwrite", False))
+            if self._stand_ins:
+                publish(self._stand_ins, overwrite=self.plan.writer.get("overwrite", False))
                 self.published = True
                 path = self.plan.output
             return path
