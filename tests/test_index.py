@@ -185,6 +185,28 @@ def test_read_sequences_round_trip_random_rows(tmp_path):
         assert index.ids(rows) == [expected[r][0] for r in rows]
 
 
+def test_digests_are_of_the_letters_the_model_reads(tmp_path):
+    import hashlib
+
+    rng = np.random.default_rng(11)
+    data = random_fasta(rng, 300)
+    for invalid_to_x in (False, True):
+        odd = b">odd\nAC*\n*\nmk#k\n" if invalid_to_x else b""
+        index = build_index([write(tmp_path / "a.fa", data + odd)], invalid_to_x=invalid_to_x)
+        read = read_sequences(index, np.arange(len(index)))
+        expected = [hashlib.blake2b(s, digest_size=16).digest() for s in read]
+        assert index.digests.shape == (len(index), 16)
+        assert [bytes(d) for d in index.digests] == expected
+
+
+def test_equal_sequences_have_one_digest_whatever_their_case_and_lines(tmp_path):
+    data = b">a\nMKV\nLA*\n>b\nmkvla\n>c\nMK VLA\r\n>d\nMKVLV\n"
+    index = build_index([write(tmp_path / "a.fa", data)])
+    a, b, c, d = (bytes(row) for row in index.digests)
+    assert a == b == c
+    assert d != a
+
+
 def test_read_sequences_with_repeated_and_unsorted_rows(tmp_path):
     path = write(tmp_path / "a.fa", b">a\nMK\n>b\nVL\n>c\nW\n")
     index = build_index([path])

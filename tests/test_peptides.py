@@ -81,6 +81,27 @@ def test_ids_order_and_peptides_are_virnucpros(tmp_path):
     assert provenance.without_peptides == 1 and provenance.first_without == ["r2"]
 
 
+@pytest.mark.parametrize("frames", ["stop-free", "orfs"])
+def test_peptide_digests_are_of_the_peptides_workers_read(tmp_path, frames):
+    import hashlib
+
+    # A duplicate read: its peptides get the same digests as the first one's.
+    reads = [*READS, ("r1copy", READS[0][1]), ("long", "ATGAAATAAGGGCCCTTTAAACCCGGGTAG" * 3)]
+    path = tmp_path / "reads.fq"
+    path.write_bytes(fastq(reads))
+    translation = Translation(frames=frames, min_peptide=1)
+    index, _ = build_peptide_index([path], tmp_path / "staging", translation)
+    read = read_sequences(index, np.arange(len(index)))
+    assert [bytes(d) for d in index.digests] == [
+        hashlib.blake2b(s, digest_size=16).digest() for s in read
+    ]
+    ids = index.ids()
+    copy = [i for i, ident in enumerate(ids) if ident.startswith("r1copy")]
+    first = [i for i, ident in enumerate(ids) if ident.startswith("r1") and i not in copy]
+    assert len(copy) == len(first) > 0
+    assert np.array_equal(index.digests[copy], index.digests[first])
+
+
 def test_pieces_with_split_bp(tmp_path):
     reads = [("contig_3", "ATGAAACCCGGGTTTAAAGGGCCCAAATTTGGGCCCAAATTTGGGCC"), ("short", "ATGGCC")]
     path = tmp_path / "reads.fa"

@@ -202,6 +202,18 @@ def main() -> None:
     "window (all residues, overlapping windows blended). [default: truncate]",
 )
 @click.option(
+    "--dedup/--no-dedup",
+    default=None,
+    help="Embed each distinct sequence once; its duplicates (equal letters, in any case) get "
+    "its values. [default: dedup]",
+)
+@click.option(
+    "--cache",
+    metavar="DIR|URL",
+    help="Embedding cache shared across runs: sequences found there are not embedded again, "
+    "new ones are added (pooled embeddings only).",
+)
+@click.option(
     "--chunk-time-limit",
     type=float,
     help="Seconds a chunk may run before its worker is restarted and the chunk retried "

@@ -100,6 +100,13 @@ class EmbedConfig:
     long
         Sequences longer than ``max_residues``: ``truncate`` (embed the first
         ``max_residues``, flagged) or ``window`` (all residues, in overlapping windows).
+    dedup
+        Embed each distinct sequence once and give its duplicates its values
+        (:mod:`~virnuc_dask.plan.distinct`); False embeds every row.
+    cache
+        An embedding cache (folder or URL) shared across runs: sequences found there are
+        not embedded again, and this run's new ones are added (:mod:`virnuc_dask.cache`).
+        Pooled embeddings only: not with ``per_residue``.
     """
 
     model: str = "esm2_t36_3B_UR50D"
@@ -130,6 +137,9 @@ class EmbedConfig:
     per_residue: bool = False
     residue_dtype: str = "float16"
     long: str = "truncate"
+    # Each distinct sequence once, in a run and across runs.
+    dedup: bool = True
+    cache: str | None = None
 
     @classmethod
     def from_settings(cls, **settings) -> EmbedConfig:
@@ -198,6 +208,11 @@ class EmbedConfig:
             raise VirnucError(f"long must be one of {', '.join(LONG_MODES)}, not {self.long!r}")
         if self.duplicate_ids not in DUPLICATE_POLICIES:
             raise VirnucError(f"duplicate ids must be one of {', '.join(DUPLICATE_POLICIES)}")
+        if self.cache is not None and self.per_residue:
+            raise VirnucError(
+                f"{option('cache', self.cache)} holds pooled embeddings only; a run with "
+                f"{option('per_residue')} cannot use it (drop one of the two)"
+            )
         if self.translate is not None:
             if self.translate not in TRANSLATIONS:
                 raise VirnucError(

@@ -97,10 +97,12 @@ MAX_ID_BYTES = 1000
 
 
 __all__ = [
+    "DIGEST_BYTES",
     "DUPLICATE_POLICIES",
     "MAX_ID_BYTES",
     "FastaIndex",
     "build_index",
+    "sequence_digest",
 ]
 
 
@@ -126,6 +128,10 @@ class FastaIndex:
     checksum
         Per sequence, ``zlib.crc32`` (uint32) of the ``span`` bytes at ``offset``: what
         :func:`read_sequences` reads, checked there so that a changed input is refused.
+    digests
+        Per sequence, the 16-byte BLAKE2b digest (uint8, shape ``(n, 16)``) of the sequence as
+        the model sees it (:func:`sequence_digest`): equal digests are equal sequences, which
+        a run embeds once (:mod:`~virnuc_dask.plan.distinct`).
     digest
         BLAKE2b of the inputs' bytes, for fingerprints.
     invalid_to_x
@@ -142,6 +148,7 @@ class FastaIndex:
     id_bytes: np.ndarray
     id_offsets: np.ndarray
     checksum: np.ndarray
+    digests: np.ndarray
     digest: str
     invalid_to_x: bool = False
 
@@ -158,7 +165,17 @@ class FastaIndex:
         rows = range(len(self)) if rows is None else rows
         return [self.id(int(r)) for r in rows]
 
-    _ARRAYS = ("file", "offset", "span", "length", "line", "id_bytes", "id_offsets", "checksum")
+    _ARRAYS = (
+        "file",
+        "offset",
+        "span",
+        "length",
+        "line",
+        "id_bytes",
+        "id_offsets",
+        "checksum",
+        "digests",
+    )
 
     def save(self, directory: str | Path) -> None:
         """Write the index as ``.npy`` files plus a small JSON, for workers to memory-map."""
@@ -260,6 +277,7 @@ def build_index(
         id_bytes=np.frombuffer(scan.ids, dtype=np.uint8),
         id_offsets=np.frombuffer(scan.id_offsets, dtype=np.int64),
         checksum=np.frombuffer(scan.checksum, dtype=np.uint32),
+        digests=np.frombuffer(scan.digests, dtype=np.uint8).reshape(-1, DIGEST_BYTES),
         digest=digest.hexdigest(),
         invalid_to_x=invalid_to_x,
     )
@@ -276,6 +294,7 @@ class _Scan:
         self.file_no, self.offset, self.span = array("i"), array("q"), array("q")
         self.length, self.line, self.hashes = array("q"), array("q"), array("q")
         self.checksum = array("I")
+        self.digests = bytearray()
         self.ids, self.id_offsets = bytearray(), array("q", [0])
         self.sample = bytearray()  # the first letters of the file, N and X left out
 
@@ -292,7 +311,7 @@ class _Scan:
         before = len(self.line)
         self.sample.clear()
         # The open record: [header line, offset, end, residues, line of a '*' that ended a
-        # line and so may be the final one (0: none)].
+        # line and so may be the final one (0: none), its letters line by line (the digest)].
         record = None
         position, line_no = 0, 0
         # The record's checksum is carried over whole lines, one zlib call each (zlib resumes
@@ -312,7 +331,7 @@ class _Scan:
                     if head == b">":
                         self._close(record, shown, zlib.crc32(last, base))
                         self._header(raw, shown, line_no, number)
-                        record = [line_no, position, position, 0, 0]
+                        record = [line_no, position, position, 0, 0, []]
                         crc = base = 0
                         last = b""
                         continue
@@ -394,9 +413,11 @@ class _Scan:
                 )
             record[3] += 1
             record[4] = 0
+            record[5].append(b"X")  # read as X, as read_sequences reads it
         if letters[-1:] == b"*":
             letters = letters[:-1]
             record[4] = line_no
+        record[5].append(letters)
         if not self.invalid_to_x:
             bad = letters.translate(None, _VALID)
             if bad:
@@ -429,7 +450,7 @@ class _Scan:
     def _close(self, record: list | None, shown: str, checksum: int) -> None:
         if record is None:
             return
-        header_line, offset, end, residues, _ = record
+        header_line, offset, end, residues, _, letters = record
         if residues == 0:
             raise VirnucError(
                 f"{shown}, line {header_line}: sequence {self._last_id()} is empty (no residues "
@@ -439,9 +460,27 @@ class _Scan:
         self.span.append(end - offset)
         self.length.append(residues)
         self.checksum.append(checksum)
+        self.digests += sequence_digest(b"".join(letters), self.invalid_to_x)
 
     def _last_id(self) -> str:
         return _shown_id(self.ids[self.id_offsets[-2] : self.id_offsets[-1]].decode())
+
+
+#: Bytes of a sequence's digest (BLAKE2b-128).
+DIGEST_BYTES = 16
+
+
+def sequence_digest(letters: bytes, invalid_to_x: bool = False) -> bytes:
+    """The digest of a sequence as the model sees it: BLAKE2b-128 of its normalised letters.
+
+    ``letters``: the residue letters without whitespace and without the final ``*``;
+    normalised as :func:`~virnuc_dask.inputs.sequences.read_sequences` normalises them (upper
+    case; with ``invalid_to_x``, letters outside the alphabet as ``X``), so two sequences that
+    differ only in case have one digest.
+    """
+    if invalid_to_x:
+        letters = letters.translate(_TO_X)
+    return hashlib.blake2b(letters.translate(_TO_UPPER), digest_size=DIGEST_BYTES).digest()
 
 
 def _odd_line(body: bytes, before_header: bool, shown: str, line_no: int) -> None:

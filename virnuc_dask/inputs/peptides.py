@@ -46,7 +46,7 @@ from virnuc_dask.cluster.hardware import usable_cpus
 from virnuc_dask.errors import VirnucError, option
 from virnuc_dask.inputs.duplicates import DUPLICATE_POLICIES, check_duplicates
 from virnuc_dask.inputs.duplicates import id_bytes as read_id
-from virnuc_dask.inputs.fasta import FastaIndex
+from virnuc_dask.inputs.fasta import DIGEST_BYTES, FastaIndex
 from virnuc_dask.inputs.provenance import LISTED_WITHOUT, ReadProvenance
 from virnuc_dask.inputs.reads import ReadBatch, bad_base_message, offsets, ragged, read_batches
 from virnuc_dask.inputs.split import split_starts
@@ -211,6 +211,7 @@ class _Translated:
     ids: np.ndarray
     id_lengths: np.ndarray
     read_of: np.ndarray
+    digests: bytes
 
 
 #: The per-peptide columns and their types.
@@ -250,6 +251,7 @@ class _Builder:
         self.read_ids, self.read_id_lengths = bytearray(), _Column(np.int64)
         self.read_file, self.read_line = _Column(np.int32), _Column(np.int64)
         self.hashes = array("q")
+        self.digests = bytearray()
         self.reads = 0
         self.without = 0
         self.first_without: list[int] = []  # rows of the reads table, named once ids are final
@@ -323,7 +325,7 @@ class _Builder:
         ids, id_lengths, columns["read_bytes"] = _peptide_ids(
             batch.ids, batch.id_offsets, source, columns, t.frames == "orfs"
         )
-        return _Translated(peptides, columns, ids, id_lengths, source)
+        return _Translated(peptides, columns, ids, id_lengths, source, _digests(peptides))
 
     def _collect(self, batch: ReadBatch, future, number: int, out) -> None:
         """Stage one translated batch and append its rows (in the order of the batches)."""
@@ -337,6 +339,7 @@ class _Builder:
         for name, column in self.columns.items():
             column.append(done.columns[name])
         self.peptide_ids += done.ids.tobytes()
+        self.digests += done.digests
         self.peptide_id_lengths.append(done.id_lengths)
         # The reads, for the duplicate check (and the ids, should a duplicate be renamed).
         self.read_ids += batch.ids.tobytes()
@@ -399,6 +402,7 @@ class _Builder:
             id_bytes=id_bytes,
             id_offsets=id_offsets,
             checksum=col["checksum"],
+            digests=np.frombuffer(self.digests, dtype=np.uint8).reshape(-1, DIGEST_BYTES),
             digest=digest,
         )
         provenance = ReadProvenance(
@@ -466,6 +470,19 @@ def _checksums(peptides) -> np.ndarray:
     ends = (peptides.start + peptides.length).tolist()
     pieces = map(data.__getitem__, map(slice, peptides.start.tolist(), ends))
     return np.fromiter(map(zlib.crc32, pieces), dtype=np.uint32, count=len(peptides))
+
+
+def _digests(peptides) -> bytes:
+    """The peptides' digests back to back (:func:`~virnuc_dask.inputs.fasta.sequence_digest`).
+
+    The translated letters are upper case already, as a worker reads them back.
+    """
+    data = peptides.residues.tobytes()
+    ends = (peptides.start + peptides.length).tolist()
+    pieces = map(data.__getitem__, map(slice, peptides.start.tolist(), ends))
+    return b"".join(
+        hashlib.blake2b(piece, digest_size=DIGEST_BYTES).digest() for piece in pieces
+    )
 
 
 def _crc_table() -> np.ndarray:

@@ -48,6 +48,9 @@ class AssemblyPlan:
         The final HDF5 file and the optional Zarr store (paths or URLs).
     index_dir, order_path
         The saved index and the partition's order, in the work directory.
+    sources_path
+        Each row's source row (:mod:`~virnuc_dask.plan.distinct`), saved in the work
+        directory; None: every row is its own source.
     chunk_bounds
         Each chunk's range of the order, in chunk order (the per-residue layout).
     residue_dtype
@@ -64,6 +67,7 @@ class AssemblyPlan:
     zarr: str | None
     index_dir: str
     order_path: str
+    sources_path: str | None
     chunk_bounds: tuple[tuple[int, int], ...]
     residue_dtype: str | None
     writer: dict
@@ -77,14 +81,24 @@ class Assembly:
     ----------
     plan
         What the file is made of.
-    index, reads, order
-        The run's index, the provenance of its peptides (reads) and the partition's order,
-        when the caller holds them; else they are read from the work directory.
+    index, reads, order, sources
+        The run's index, the provenance of its peptides (reads), the partition's order and
+        each row's source, when the caller holds them; else they are read from the work
+        directory.
     folder
         A local folder for the outputs at URLs to be built in; default: a temporary one.
     """
 
-    def __init__(self, plan: AssemblyPlan, *, index=None, reads=None, order=None, folder=None):
+    def __init__(
+        self,
+        plan: AssemblyPlan,
+        *,
+        index=None,
+        reads=None,
+        order=None,
+        sources=None,
+        folder=None,
+    ):
         from virnuc_dask.inputs import FastaIndex
         from virnuc_dask.inputs.provenance import ReadProvenance
 
@@ -103,6 +117,8 @@ class Assembly:
                 index, reads = FastaIndex.load(index_dir), ReadProvenance.load(index_dir)
             if order is None and plan.residue_dtype is not None:
                 order = load_npy(place(plan.order_path, plan.storage))
+            if sources is None and plan.sources_path is not None:
+                sources = load_npy(place(plan.sources_path, plan.storage))
             lengths = np.asarray(index.length)
             output = place(plan.output, plan.storage)
             zarr = place(plan.zarr, plan.storage) if plan.zarr else None
@@ -111,21 +127,25 @@ class Assembly:
                 ids=index.ids(),
                 lengths=lengths,
                 variables=reads.variables(index.id_bytes, index.id_offsets) if reads else None,
-                residues=self._residue_layout(lengths, order),
+                residues=self._residue_layout(lengths, order, sources),
                 output=str(local_output),
                 zarr_path=local_zarr,
+                sources=sources,
                 **plan.writer,
             )
         except BaseException:
             self._remove_temporary()
             raise
 
-    def _residue_layout(self, lengths: np.ndarray, order) -> ResidueLayout | None:
+    def _residue_layout(self, lengths: np.ndarray, order, sources) -> ResidueLayout | None:
         plan = self.plan
         if plan.residue_dtype is None:
             return None
         counts = embedded_residues(lengths, plan.writer["max_residues"], plan.writer["long"])
-        return ResidueLayout.from_partition(counts, order, plan.chunk_bounds, plan.residue_dtype)
+        layout = ResidueLayout.from_partition(
+            counts, order, plan.chunk_bounds, plan.residue_dtype
+        )
+        return layout if sources is None else layout.shared(sources)
 
     def add(self, shard: ShardInfo) -> None:
         """Copy a finished shard into the output (a shard at a URL from a local copy)."""
@@ -196,6 +216,7 @@ def assemble(
     variables: dict[str, np.ndarray] | None = None,
     long: str = "truncate",
     residues: ResidueLayout | None = None,
+    sources: np.ndarray | None = None,
 ) -> str:
     """Assemble finished shards into the final file at once: :class:`OutputWriter` in one call.
 
@@ -232,8 +253,8 @@ def assemble(
     variables
         More variables along ``sequence`` (a run on reads: the peptides' provenance), as
         :class:`OutputWriter` takes them.
-    long, residues
-        How long sequences were embedded, and the per-residue layout, as
+    long, residues, sources
+        How long sequences were embedded, the per-residue layout and each row's source, as
         :class:`OutputWriter` takes them.
 
     Returns
@@ -271,6 +292,7 @@ def assemble(
         variables=variables,
         long=long,
         residues=residues,
+        sources=sources,
     ) as writer:
         for shard in shards:
             writer.add(shard)

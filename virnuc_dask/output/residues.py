@@ -52,6 +52,7 @@ Decisions:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import deque
 from collections.abc import Callable
@@ -142,6 +143,15 @@ class ResidueLayout:
         positions = np.asarray(positions, dtype=np.int64)
         start[order[positions]] = regions[chunk_of] + before[positions] - before[begins[chunk_of]]
         return cls(counts, start, int(padded.sum()), np.dtype(dtype), chunk_rows)
+
+    def shared(self, sources: np.ndarray) -> ResidueLayout:
+        """This layout with every row pointing at its source's rows (no bytes stored twice).
+
+        ``sources``: each row's source row (:mod:`~virnuc_dask.plan.distinct`); the layout
+        was made from a partition of the sources only.
+        """
+        sources = np.asarray(sources, dtype=np.int64)
+        return dataclasses.replace(self, start=self.start[sources])
 
     def region(self, rows: np.ndarray) -> int:
         """The first row of the region of a shard of ``rows``; checks it is the layout's.

@@ -140,6 +140,7 @@ class OutputWriter:
         variables: dict[str, np.ndarray] | None = None,
         long: str = "truncate",
         residues: ResidueLayout | None = None,
+        sources: np.ndarray | None = None,
     ) -> None:
         lengths = np.asarray(lengths)
         if len(lengths) != len(ids):
@@ -161,6 +162,7 @@ class OutputWriter:
         if self._zarr is not None:
             check_target(self._zarr, ZARR_STORE, overwrite=overwrite)
         self._seen = np.zeros(len(ids), dtype=np.int32)
+        self._copies = _Copies(sources, len(ids))
         self._values: np.memmap | None = None
         self._residues = residues
         self._h5: h5py.File | None = None
@@ -263,10 +265,34 @@ class OutputWriter:
             self._check_alignment(shard, rows, shard_ids, embedding)
             if self._residues is not None:
                 self._add_residues(shard, f, rows)
+        self._put(rows, embedding)
+
+    def add_values(self, rows: np.ndarray, embedding: np.ndarray) -> None:
+        """Write the pooled values of ``rows`` that come from elsewhere (an embedding cache).
+
+        ``embedding``: shape ``(len(rows), layers, width)``, in the output's dtype. The rows
+        that share a source among ``rows`` get the same values.
+        """
+        self._require_open()
+        rows = np.asarray(rows, dtype=np.int64)
+        expected = (len(rows), len(self._layers), self._width)
+        if embedding.shape != expected or embedding.dtype != self._dtype:
+            raise ValueError(
+                f"values of shape {embedding.shape} and dtype {embedding.dtype}, the output "
+                f"takes {expected} of {self._dtype}"
+            )
+        self._put(rows, embedding)
+
+    def _put(self, rows: np.ndarray, embedding: np.ndarray) -> None:
+        """Write the values of source rows, and copy them to the rows that share them."""
+        copies, of = self._copies.of(rows)
         if self._values is not None:
             self._values[rows] = embedding
+            if len(copies):
+                self._values[copies] = embedding[of]
         # add.at counts a row listed twice in one shard twice; ``seen[rows] += 1`` would not.
         np.add.at(self._seen, rows, 1)
+        np.add.at(self._seen, copies, 1)
 
     def close(self, extra_attrs: dict | None = None) -> str:
         """Check that every row arrived exactly once, finish the outputs and rename them.
@@ -413,3 +439,39 @@ class OutputWriter:
         if self._h5 is not None:
             self._h5.close()
             self._h5 = None
+
+
+class _Copies:
+    """The rows that get another row's values, looked up by their source.
+
+    Parameters
+    ----------
+    sources
+        Each row's source row (None: every row is its own).
+    count
+        Rows of the output.
+    """
+
+    def __init__(self, sources: np.ndarray | None, count: int) -> None:
+        if sources is None:
+            sources = np.arange(count, dtype=np.int64)
+        sources = np.asarray(sources, dtype=np.int64)
+        if len(sources) != count:
+            raise ValueError(f"{count} ids but {len(sources)} sources")
+        copies = np.flatnonzero(sources != np.arange(count))
+        if len(copies) and not np.array_equal(sources[sources[copies]], sources[copies]):
+            raise ValueError("a source row has a source of its own")
+        by_source = np.argsort(sources[copies], kind="stable")
+        self._rows = copies[by_source]  # the copies, grouped by source
+        self._sources = sources[self._rows]  # their sources, ascending
+
+    def of(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The copies of ``rows``, and for each the position in ``rows`` of its source."""
+        first = np.searchsorted(self._sources, rows, side="left")
+        counts = np.searchsorted(self._sources, rows, side="right") - first
+        total = int(counts.sum())
+        if not total:
+            return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+        of = np.repeat(np.arange(len(rows)), counts)
+        runs = np.repeat(first - (np.cumsum(counts) - counts), counts)
+        return self._rows[runs + np.arange(total)], of

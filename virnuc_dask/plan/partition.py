@@ -114,6 +114,7 @@ def partition(
     chunk_tokens: int | None = None,
     max_residues: int = MODEL_WINDOW,
     long: str = "truncate",
+    rows: np.ndarray | None = None,
 ) -> Partition:
     """Sort by length, deal round-robin over ``lanes`` workers, cut each share into chunks.
 
@@ -130,15 +131,20 @@ def partition(
         Truncation window, for counting tokens.
     long
         How longer sequences are embedded (``"window"``: their windows' tokens count).
+    rows
+        The input rows to embed, ascending (default: all): the distinct sequences, less those
+        an embedding cache holds. ``order`` holds only these.
     """
     if lanes < 1:
         raise ValueError(f"lanes must be at least 1, got {lanes}")
-    tokens = sequence_tokens(lengths, max_residues, long)
+    rows = np.arange(len(lengths)) if rows is None else np.asarray(rows, dtype=np.int64)
+    tokens = np.zeros(len(lengths), dtype=np.int64)
+    tokens[rows] = sequence_tokens(np.asarray(lengths)[rows], max_residues, long)
     if chunk_tokens is None:
         chunk_tokens = default_chunk_tokens(int(tokens.sum()), lanes)
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
-    by_length = np.argsort(-tokens, kind="stable")
+    by_length = rows[np.argsort(-tokens[rows], kind="stable")]
     shares = [by_length[lane::lanes] for lane in range(lanes)]
     order = np.concatenate(shares) if shares else np.empty(0, dtype=np.int64)
     chunks: list[Chunk] = []

@@ -242,7 +242,13 @@ def execute(job, client, graph, *, progress: bool = True, cleanup: bool = True) 
         # Raised outside the handler: no remote traceback stays attached as the context.
         raise failure
     job.report = RunReport.from_shards(
-        output, shards, seconds, phases=_rounded(phases), reads=job.reads
+        output,
+        shards,
+        seconds,
+        phases=_rounded(phases),
+        reads=job.reads,
+        sequences=len(job.index),
+        distinct=job.distinct,
     )
     logger.info(job.report.summary())
     logger.debug("phases: %s", job.report.phase_line())

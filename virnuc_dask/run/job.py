@@ -38,6 +38,8 @@ from virnuc_dask.model.registry import model_spec
 from virnuc_dask.model.weights import WeightsSource
 from virnuc_dask.output import POOLING, ShardInfo
 from virnuc_dask.output.assembly import Assembly, AssemblyPlan
+from virnuc_dask.plan.distinct import distinct_rows
+from virnuc_dask.plan.distinct import summary as distinct_summary
 from virnuc_dask.plan.partition import Chunk, Partition
 from virnuc_dask.plan.windows import WINDOWS_RULE
 from virnuc_dask.run import workdir
@@ -80,6 +82,9 @@ class EmbeddingJob:
         Shards of an earlier run that are reused (resume).
     torch_threads
         torch threads per CPU worker.
+    sources
+        Each input row's source row: the row whose values it gets
+        (:mod:`~virnuc_dask.plan.distinct`); only sources are partitioned.
     token
         This job's token, in its locks and output attributes.
     overwrite
@@ -110,6 +115,7 @@ class EmbeddingJob:
     fingerprint: str
     reused: list[ShardInfo]
     torch_threads: int | None = None
+    sources: np.ndarray | None = None
     token: str = ""
     overwrite: bool = False
     report: RunReport | None = None
@@ -178,6 +184,7 @@ class EmbeddingJob:
             zarr=str(self.zarr) if self.zarr else None,
             index_dir=str(self.work_dir / "index"),
             order_path=str(self.work_dir / "order.npy"),
+            sources_path=str(self.work_dir / "sources.npy"),
             chunk_bounds=tuple((chunk.start, chunk.stop) for chunk in self.partition.chunks),
             residue_dtype=c.residue_dtype if c.per_residue else None,
             writer=dict(
@@ -200,8 +207,14 @@ class EmbeddingJob:
             index=self.index,
             reads=self.reads,
             order=self.partition.order,
+            sources=self.sources,
             folder=self.local,
         )
+
+    @property
+    def distinct(self) -> int:
+        """Distinct sequences of the inputs (rows that are their own source)."""
+        return len(distinct_rows(self.sources)) if self.sources is not None else len(self.index)
 
     def attributes(self) -> dict:
         """Attributes of the output file (netCDF-compatible values only)."""
@@ -231,6 +244,9 @@ class EmbeddingJob:
             "inputs": json.dumps([_absolute(p) for p in self.index.inputs]),
             "fingerprint": self.fingerprint,
             "run": self.token,
+            "sequences": len(self.index),
+            "distinct_sequences": self.distinct,
+            "duplicates": distinct_summary(len(self.index), self.distinct),
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             **(self.reads.attributes() if self.reads is not None else {}),
         }

@@ -36,7 +36,7 @@ from virnuc_dask.errors import Interrupted, VirnucError, option
 from virnuc_dask.inputs import FastaIndex, index_inputs
 from virnuc_dask.model.checkpoint import resolve_weights
 from virnuc_dask.output import check_target, remove_stale_partials
-from virnuc_dask.plan import fingerprint
+from virnuc_dask.plan import distinct, fingerprint
 from virnuc_dask.run import workdir
 from virnuc_dask.run.job import LOCAL_FOLDER, EmbeddingJob, _engine_settings
 from virnuc_dask.storage import ownership
@@ -152,8 +152,17 @@ def prepare(
         index, reads = index_inputs(inputs, local / "staging", config, storage)
         identity = fingerprint.identity(index, weights, config)
         run_fingerprint = fingerprint.fingerprint_of(identity)
-        parts = workdir.saved_or_new_partition(
-            work, saved, identity, index, lanes, config, restart=restart
+        sources = distinct.sources(index.digests) if config.dedup else None
+        parts, sources = workdir.saved_or_new_partition(
+            work,
+            saved,
+            identity,
+            index,
+            lanes,
+            config,
+            restart=restart,
+            sources=sources,
+            rows=None if sources is None else distinct.distinct_rows(sources),
         )
         index.save(local / "index")
         if reads is not None:
@@ -197,6 +206,7 @@ def prepare(
         run_fingerprint,
         reused,
         torch_threads,
+        sources=sources,
         token=token,
         overwrite=overwrite,
         phases={"index": time.perf_counter() - clock},

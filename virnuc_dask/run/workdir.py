@@ -1,7 +1,8 @@
 """The work directory of a run: its locks, saved partition, shards, and what may be reused.
 
 Layout (default ``OUTPUT.work`` beside the output): ``.virnuc-dask`` (the ownership marker),
-``lock``, ``manifest.json`` (fingerprint and chunks), ``order.npy`` (the partition), ``index/``
+``lock``, ``manifest.json`` (fingerprint and chunks), ``order.npy`` (the partition),
+``sources.npy`` (each row's source: :mod:`~virnuc_dask.plan.distinct`), ``index/``
 (the saved index), ``staging/`` (gzip inputs decompressed for seeking), ``shards/`` (one file
 per finished chunk) and, for local clusters, ``dask-scratch/``.
 
@@ -25,6 +26,10 @@ Decisions:
   written in one PUT (so never seen half-written), the locks as leases
   (:mod:`~virnuc_dask.storage.locks`). No ``dask-scratch/`` there: a local cluster's scratch space
   stays on the driver's disk.
+- A resumed run keeps the partition *and the sources* of the run it resumes (which rows are
+  embedded and which get another's values), whatever its own ``dedup`` setting: the finished
+  shards hold exactly those rows. The fingerprint does not include ``dedup``: the numbers
+  are the same either way.
 """
 
 from __future__ import annotations
@@ -35,12 +40,15 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
+
 from virnuc_dask.config import EmbedConfig
 from virnuc_dask.errors import VirnucError, option
 from virnuc_dask.inputs import FastaIndex
 from virnuc_dask.output import ShardInfo, shard_matches
 from virnuc_dask.output.shards import shard_path
 from virnuc_dask.plan.fingerprint import differences, fingerprint_of
+from virnuc_dask.plan.distinct import identity as identity_sources
 from virnuc_dask.plan.partition import Chunk, Partition, partition
 from virnuc_dask.storage import ownership
 from virnuc_dask.storage.locks import RunLock
@@ -159,13 +167,19 @@ def saved_or_new_partition(
     lanes: int,
     config: EmbedConfig,
     restart: bool = False,
-) -> Partition:
-    """The saved partition of an earlier run of the same fingerprint, else a new one.
+    sources: np.ndarray | None = None,
+    rows: np.ndarray | None = None,
+) -> tuple[Partition, np.ndarray]:
+    """The saved partition and sources of an earlier run of the same fingerprint, else new ones.
 
-    ``settings`` is this run's :func:`identity`. Finished chunks of an earlier run with
-    another fingerprint are never discarded unasked: that raises :class:`VirnucError` naming
-    what differs, unless ``restart`` asks to discard them.
+    ``settings`` is this run's :func:`identity`; ``sources`` each row's source row (default:
+    every row its own) and ``rows`` the rows to embed (default: all), for a new partition.
+    Finished chunks of an earlier run with another fingerprint are never discarded unasked:
+    that raises :class:`VirnucError` naming what differs, unless ``restart`` asks to discard
+    them.
     """
+    if sources is None:
+        sources = identity_sources(len(index))
     fingerprint = fingerprint_of(settings)
     finished = finished_count(work) if saved else 0
     if finished and (restart or saved.get("fingerprint") != fingerprint):
@@ -179,11 +193,17 @@ def saved_or_new_partition(
         )
     elif saved and saved.get("fingerprint") == fingerprint:
         try:
-            return Partition(
+            parts = Partition(
                 order=load_npy(work / "order.npy"),
                 chunks=[Chunk(**c) for c in saved["chunks"]],
                 lanes=saved["lanes"],
             )
+            saved_sources = work / "sources.npy"
+            if saved_sources.exists():
+                sources = load_npy(saved_sources)
+            else:  # saved by a version that embedded every row
+                sources = identity_sources(len(index))
+            return parts, sources
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise VirnucError(
                 f"the work directory {work} is damaged ({type(error).__name__}: {error}); "
@@ -192,8 +212,11 @@ def saved_or_new_partition(
     if saved:
         for stale in (work / "shards").glob("*shard-*"):
             stale.unlink()
-    parts = partition(index.length, lanes, config.chunk_tokens, config.max_residues, config.long)
+    parts = partition(
+        index.length, lanes, config.chunk_tokens, config.max_residues, config.long, rows=rows
+    )
     save_npy(work / "order.npy", parts.order)
+    save_npy(work / "sources.npy", sources)
     (work / "shards").mkdir(exist_ok=True)
     manifest = {
         "fingerprint": fingerprint,
@@ -204,7 +227,7 @@ def saved_or_new_partition(
     # Written whole or not at all: a killed driver never leaves a truncated manifest.
     write_atomic(work / "manifest.json", json.dumps(manifest).encode())
     ownership.write_marker(work, KIND, fingerprint)
-    return parts
+    return parts, sources
 
 
 def finished_shards(work: Path | Remote, parts: Partition, fingerprint: str) -> list[ShardInfo]:
