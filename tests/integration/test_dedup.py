@@ -106,8 +106,10 @@ def test_per_residue_duplicates_share_their_sources_rows(cluster_client, protein
     counts = np.minimum(deduped.length.values, 1022)
     assert deduped.sizes["residue"] < plain.sizes["residue"]
     distinct_residues = counts[np.flatnonzero(job.sources == np.arange(rows))].sum()
-    assert distinct_residues <= deduped.sizes["residue"] < distinct_residues + 1024 * len(
-        job.partition.chunks
+    assert (
+        distinct_residues
+        <= deduped.sizes["residue"]
+        < distinct_residues + 1024 * len(job.partition.chunks)
     )
 
 

@@ -480,9 +480,7 @@ def _digests(peptides) -> bytes:
     data = peptides.residues.tobytes()
     ends = (peptides.start + peptides.length).tolist()
     pieces = map(data.__getitem__, map(slice, peptides.start.tolist(), ends))
-    return b"".join(
-        hashlib.blake2b(piece, digest_size=DIGEST_BYTES).digest() for piece in pieces
-    )
+    return b"".join(hashlib.blake2b(piece, digest_size=DIGEST_BYTES).digest() for piece in pieces)
 
 
 def _crc_table() -> np.ndarray:

@@ -142,9 +142,7 @@ class Assembly:
         if plan.residue_dtype is None:
             return None
         counts = embedded_residues(lengths, plan.writer["max_residues"], plan.writer["long"])
-        layout = ResidueLayout.from_partition(
-            counts, order, plan.chunk_bounds, plan.residue_dtype
-        )
+        layout = ResidueLayout.from_partition(counts, order, plan.chunk_bounds, plan.residue_dtype)
         return layout if sources is None else layout.shared(sources)
 
     def add(self, shard: ShardInfo) -> None:

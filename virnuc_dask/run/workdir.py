@@ -47,8 +47,8 @@ from virnuc_dask.errors import VirnucError, option
 from virnuc_dask.inputs import FastaIndex
 from virnuc_dask.output import ShardInfo, shard_matches
 from virnuc_dask.output.shards import shard_path
-from virnuc_dask.plan.fingerprint import differences, fingerprint_of
 from virnuc_dask.plan.distinct import identity as identity_sources
+from virnuc_dask.plan.fingerprint import differences, fingerprint_of
 from virnuc_dask.plan.partition import Chunk, Partition, partition
 from virnuc_dask.storage import ownership
 from virnuc_dask.storage.locks import RunLock
