@@ -1,9 +1,11 @@
 """Driver-side cost of a run before any cluster: indexing the FASTA and partitioning it.
 
 Writes N synthetic proteins (log-normal lengths, median 300, clipped to 30-1022 residues, 60
-residues per line) into a temporary FASTA, then times each stage in a fresh subprocess so that
-its peak resident memory is its own: ``build_index`` over the file, and ``partition`` of the
-index's lengths over 8 lanes. Prints a table and writes JSON to ``benchmarks/results/``.
+residues per line; ``--duplicates`` of them repeats of earlier ones) into a temporary FASTA,
+then times each stage in a fresh subprocess so that its peak resident memory is its own:
+``build_index`` over the file (with each sequence's digest), the grouping of equal digests
+(``distinct``: each row's source), and ``partition`` of the distinct sequences over 8 lanes.
+Prints a table and writes JSON to ``benchmarks/results/``.
 
     python benchmarks/index_partition.py                     # 1,000,000 sequences
     python benchmarks/index_partition.py --sequences 10000000 --lanes 8
@@ -35,19 +37,26 @@ def lengths(count: int, seed: int) -> np.ndarray:
     return np.clip(rng.lognormal(np.log(300), 0.6, count), 30, 1022).astype(np.int64)
 
 
-def write_fasta(path: Path, sizes: np.ndarray, seed: int) -> None:
-    """Write random proteins of the given sizes as ``WIDTH``-residue lines."""
+def write_fasta(path: Path, sizes: np.ndarray, seed: int, duplicates: float = 0.0) -> None:
+    """Write random proteins of the given sizes as ``WIDTH``-residue lines.
+
+    A share ``duplicates`` of the records (chosen at random) repeats the record before it.
+    """
     rng = np.random.default_rng(seed + 1)
     with open(path, "wb", buffering=1 << 24) as f:
+        sequence = b""
         for start in range(0, len(sizes), 100_000):
             block = sizes[start : start + 100_000]
             pool = AMINO[rng.integers(0, len(AMINO), int(block.sum()))].tobytes()
+            repeat = rng.random(len(block)) < duplicates
             position, parts = 0, []
             for i, n in enumerate(block.tolist(), start):
-                sequence = pool[position : position + n]
+                if not (repeat[i - start] and sequence):
+                    sequence = pool[position : position + n]
                 position += n
                 parts.append(b">s%d\n" % i)
-                parts.extend(sequence[k : k + WIDTH] + b"\n" for k in range(0, n, WIDTH))
+                lines = range(0, len(sequence), WIDTH)
+                parts.extend(sequence[k : k + WIDTH] + b"\n" for k in lines)
             f.write(b"".join(parts))
 
 
@@ -89,6 +98,7 @@ def _peak_mb() -> float:
 def stage(name: str, fasta: str, folder: str, lanes: int) -> dict:
     """Run one stage in this (fresh) process and return its wall time and memory."""
     from virnuc_dask.inputs import FastaIndex, build_index
+    from virnuc_dask.plan.distinct import distinct_rows, sources
     from virnuc_dask.plan.partition import partition
 
     if name == "index":
@@ -100,12 +110,23 @@ def stage(name: str, fasta: str, folder: str, lanes: int) -> dict:
         peak = _peak_mb()
         index.save(folder)
         extra = {"sequences": len(index), "residues": int(index.length.sum())}
-    else:
-        length = np.array(FastaIndex.load(folder).length)
+    elif name == "distinct":
+        digests = np.array(FastaIndex.load(folder).digests)
         baseline = _rss_mb()
         _reset_peak()
         started = time.perf_counter()
-        parts = partition(length, lanes=lanes)
+        source = sources(digests)
+        seconds = time.perf_counter() - started
+        peak = _peak_mb()
+        np.save(Path(folder) / "sources.npy", source)
+        extra = {"distinct": len(distinct_rows(source))}
+    else:
+        length = np.array(FastaIndex.load(folder).length)
+        rows = distinct_rows(np.load(Path(folder) / "sources.npy"))
+        baseline = _rss_mb()
+        _reset_peak()
+        started = time.perf_counter()
+        parts = partition(length, lanes=lanes, rows=rows)
         seconds = time.perf_counter() - started
         peak = _peak_mb()
         extra = {"chunks": len(parts.chunks), "lane_balance": parts.balance()}
@@ -130,8 +151,13 @@ def main() -> None:
     parser.add_argument("--sequences", type=int, default=1_000_000)
     parser.add_argument("--lanes", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--duplicates", type=float, default=0.3, help="share of records that repeat another"
+    )
     parser.add_argument("--out", type=Path, default=None, help="JSON file to write")
-    parser.add_argument("--stage", choices=["index", "partition"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--stage", choices=["index", "distinct", "partition"], help=argparse.SUPPRESS
+    )
     parser.add_argument("--fasta", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -142,10 +168,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         fasta, folder = Path(tmp) / "bench.fasta", Path(tmp) / "index"
         started = time.perf_counter()
-        write_fasta(fasta, lengths(args.sequences, args.seed), args.seed)
+        write_fasta(fasta, lengths(args.sequences, args.seed), args.seed, args.duplicates)
         write_seconds = time.perf_counter() - started
         size_mb = fasta.stat().st_size / 1e6
-        rows = [run_stage(name, fasta, folder, args.lanes) for name in ("index", "partition")]
+        stages = ("index", "distinct", "partition")
+        rows = [run_stage(name, fasta, folder, args.lanes) for name in stages]
 
     index = rows[0]
     index["mb_per_s"] = size_mb / index["seconds"]
@@ -158,6 +185,8 @@ def main() -> None:
     for row in rows:
         if row["stage"] == "index":
             notes = f"{row['sequences_per_s']:,.0f} seq/s, {row['mb_per_s']:.0f} MB/s"
+        elif row["stage"] == "distinct":
+            notes = f"{row['distinct']:,} distinct of {index['sequences']:,}"
         else:
             notes = f"{row['chunks']:,} chunks, balance {row['lane_balance']:.4f}"
         print(
@@ -169,7 +198,12 @@ def main() -> None:
         "benchmark": "index_partition",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": describe(("numpy",)),
-        "args": {"sequences": args.sequences, "lanes": args.lanes, "seed": args.seed},
+        "args": {
+            "sequences": args.sequences,
+            "lanes": args.lanes,
+            "seed": args.seed,
+            "duplicates": args.duplicates,
+        },
         "fasta_mb": size_mb,
         "write_seconds": write_seconds,
         "rows": rows,

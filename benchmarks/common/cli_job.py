@@ -67,7 +67,14 @@ def cli_flags(env: dict[str, str]) -> set[str]:
 
 
 def run_job(
-    spec: dict, fasta: Path, output: Path, log: Path, env: dict, flags: set, timeout: float
+    spec: dict,
+    fasta: Path,
+    output: Path,
+    log: Path,
+    env: dict,
+    flags: set,
+    timeout: float,
+    extra: tuple[str, ...] = (),
 ) -> dict:
     """Run the command line once as a fresh process; return its wall time and what it wrote.
 
@@ -86,6 +93,8 @@ def run_job(
         The options the installed CLI has (``cli_flags``).
     timeout
         Seconds before the job is ended.
+    extra
+        More options of the command (``--translate six-frame``, ``--cache DIR``).
 
     Returns
     -------
@@ -98,6 +107,7 @@ def run_job(
     command += ["--model", spec["model"], "--workers", str(spec["workers"]), "--overwrite"]
     if "--verbose" in flags:
         command.append("--verbose")
+    command += list(extra)
     env = dict(env)
     if spec["devices"] is not None:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(spec["devices"])

@@ -17,10 +17,16 @@ Decisions:
   the residue counts, the partition's order and the chunks' bounds.
 - Outputs at URLs are built in a local folder (the driver's own, or a temporary one) and
   published when complete (:mod:`.publish`); a shard at a URL is read from a local copy.
+- With an embedding cache (:mod:`virnuc_dask.cache`), the sequences that are their own
+  source but in no chunk were found there: their values are read from it when the assembly
+  opens, before any shard, and each computed shard's values are added to it as the shard
+  arrives. A cache that cannot take a shard's values is said in a warning; the output does
+  not depend on it. Shards of an earlier run (resume) are not added again.
 """
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -29,14 +35,19 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from virnuc_dask.cache.store import CacheError, EmbeddingCache
+from virnuc_dask.errors import VirnucError, option
+from virnuc_dask.inputs.duplicates import shown_id
 from virnuc_dask.output.publish import publish, shard_source, stand_ins
 from virnuc_dask.output.residues import ResidueLayout
 from virnuc_dask.output.shards import ShardInfo
 from virnuc_dask.output.writer import OutputWriter
+from virnuc_dask.plan.distinct import distinct_rows
 from virnuc_dask.plan.windows import embedded_residues
 from virnuc_dask.storage.remote import download_folder, load_npy, place
 from virnuc_dask.storage.urls import StorageOptions, is_url
 
+logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class AssemblyPlan:
@@ -55,6 +66,9 @@ class AssemblyPlan:
         Each chunk's range of the order, in chunk order (the per-residue layout).
     residue_dtype
         Dtype of the per-residue values; None: pooled output only.
+    cache, cache_settings
+        The embedding cache (folder or URL) and the settings its entries are keyed by
+        (:func:`~virnuc_dask.plan.fingerprint.cache_settings`); None: no cache.
     writer
         The rest of :class:`~virnuc_dask.output.writer.OutputWriter`'s settings:
         ``max_residues``, ``layers``, ``width``, ``attrs``, ``dtype``, ``fingerprint``,
@@ -72,6 +86,8 @@ class AssemblyPlan:
     residue_dtype: str | None
     writer: dict
     storage: StorageOptions | None = None
+    cache: str | None = None
+    cache_settings: dict | None = None
 
 
 class Assembly:
@@ -105,6 +121,8 @@ class Assembly:
         self.plan = plan
         #: Whether the outputs at URLs have been uploaded (by :meth:`close`).
         self.published = False
+        #: Sequences whose values came from the embedding cache.
+        self.cached = 0
         self._temporary = None
         if folder is None:
             folder = self._temporary = Path(tempfile.mkdtemp(prefix="virnuc-dask-assembly-"))
@@ -115,7 +133,7 @@ class Assembly:
                     index_dir = Path(folder) / "assembly-index"
                     download_folder(place(plan.index_dir, plan.storage), index_dir)
                 index, reads = FastaIndex.load(index_dir), ReadProvenance.load(index_dir)
-            if order is None and plan.residue_dtype is not None:
+            if order is None and (plan.residue_dtype is not None or plan.cache is not None):
                 order = load_npy(place(plan.order_path, plan.storage))
             if sources is None and plan.sources_path is not None:
                 sources = load_npy(place(plan.sources_path, plan.storage))
@@ -133,9 +151,38 @@ class Assembly:
                 sources=sources,
                 **plan.writer,
             )
+            self._digests = index.digests
+            self._cache = None
+            if plan.cache is not None:
+                self._cache = EmbeddingCache(plan.cache, plan.storage).namespace(
+                    plan.cache_settings, create=True
+                )
+                self._fill_from_cache(index, order, sources)
         except BaseException:
+            if hasattr(self, "writer"):
+                self.writer.abort()
             self._remove_temporary()
             raise
+
+    def _fill_from_cache(self, index, order: np.ndarray, sources) -> None:
+        """Write the values of the sequences found in the cache (in no chunk)."""
+        own = distinct_rows(sources) if sources is not None else np.arange(len(index))
+        cached = np.setdiff1d(own, order, assume_unique=True)
+        if not len(cached):
+            return
+        hits = self._cache.lookup(index.digests[cached])
+        if hits.count < len(cached):
+            missing = int(cached[np.flatnonzero(~hits.found)[0]])
+            raise CacheError(
+                f"{len(cached) - hits.count} of the {len(cached)} sequences this run takes "
+                f"from the embedding cache {self.plan.cache} are no longer there (pruned "
+                f"meanwhile?), the first {shown_id(index.id(missing))}; run again without "
+                f"{option('resume')} (or with {option('restart')}) to embed them"
+            )
+        for positions, values in hits.blocks():
+            self.writer.add_values(cached[positions], values)
+        #: Sequences whose values came from the cache.
+        self.cached = len(cached)
 
     def _residue_layout(self, lengths: np.ndarray, order, sources) -> ResidueLayout | None:
         plan = self.plan
@@ -146,13 +193,25 @@ class Assembly:
         return layout if sources is None else layout.shared(sources)
 
     def add(self, shard: ShardInfo) -> None:
-        """Copy a finished shard into the output (a shard at a URL from a local copy)."""
+        """Copy a finished shard into the output (a shard at a URL from a local copy), and
+        its values into the embedding cache, if any (not those of a resumed shard)."""
         source = shard_source(shard.path, self.plan.storage)
         try:
-            self.writer.add(shard, source=source)
+            rows, values = self.writer.add(shard, source=source)
         finally:
             if not isinstance(source, str):
                 source.close()
+        if self._cache is not None and shard.worker != "resumed" and len(rows):
+            try:
+                self._cache.add(self._digests[rows], values)
+            except (OSError, VirnucError) as error:
+                logger.warning(
+                    "the embedding cache %s did not take the values of chunk %d (%s); the "
+                    "output is not affected",
+                    self.plan.cache,
+                    shard.chunk,
+                    error,
+                )
 
     def close(self, extra_attrs: dict | None = None) -> str:
         """Check every row, put the outputs in place (upload those at URLs); return the path.

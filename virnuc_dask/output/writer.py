@@ -223,8 +223,10 @@ class OutputWriter:
         """The hidden file being written, renamed to the output path by :meth:`close`."""
         return self._partial
 
-    def add(self, shard: ShardInfo, source: str | Path | BinaryIO | None = None) -> None:
-        """Validate a shard and write its rows into the file now.
+    def add(
+        self, shard: ShardInfo, source: str | Path | BinaryIO | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Validate a shard and write its rows into the file now; return its rows and values.
 
         Nothing of a refused shard is written, and the writer stays usable: its rows still
         count as missing at :meth:`close`.
@@ -266,6 +268,7 @@ class OutputWriter:
             if self._residues is not None:
                 self._add_residues(shard, f, rows)
         self._put(rows, embedding)
+        return rows, embedding
 
     def add_values(self, rows: np.ndarray, embedding: np.ndarray) -> None:
         """Write the pooled values of ``rows`` that come from elsewhere (an embedding cache).

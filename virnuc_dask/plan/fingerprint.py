@@ -66,6 +66,30 @@ def identity(index: FastaIndex, weights: WeightsSource, config: EmbedConfig) -> 
     return identity
 
 
+def cache_settings(weights: WeightsSource, config: EmbedConfig, on_gpu: bool) -> dict:
+    """What an embedding cache's entries are keyed by besides the sequence's digest.
+
+    Everything of the fingerprint that changes the numbers of one sequence's pooled row: the
+    model and weights, the versions of torch, fair-esm and the engine, the layers, the
+    compute and stored precisions, the window and the long-sequence rule, and the kind of
+    device (a GPU's bf16 and a CPU's fp32 are other numbers). Not the inputs, the translation
+    or the id rules: the digest is of the sequence itself.
+    """
+    return {
+        "model": config.model,
+        "weights": weights.identity(),
+        "torch": metadata.version("torch"),
+        "fair-esm": metadata.version("fair-esm"),
+        "engine": ENGINE_VERSION,
+        "layers": config.layer_list(),
+        "dtype": config.dtype,
+        "output_dtype": config.output_dtype,
+        "max_residues": config.max_residues,
+        "long": config.long,
+        "device": "cuda" if on_gpu else "cpu",
+    }
+
+
 #: Values of the identity's optional keys when they are absent (their defaults).
 _ABSENT = {"per_residue": "off", "long": "truncate", "translate": "none (proteins)"}
 

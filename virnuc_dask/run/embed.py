@@ -9,6 +9,10 @@ Decisions:
   then answers at once, with no cluster to start and close.
 - The local cluster's workers keep their scratch space in the work directory, so the run
   writes nothing outside it and the output; it goes once the cluster has closed.
+- A run with nothing to compute (every sequence in the embedding cache, or every chunk
+  resumed) starts no cluster and loads no model: its output is assembled on the driver. With
+  an embedding cache the local cluster starts after the lookup, so that a fully cached rerun
+  never starts one.
 - A script that calls ``embed()`` at top level without a main guard is stopped before
   anything starts (:mod:`~virnuc_dask.run.guards`).
 """
@@ -129,8 +133,10 @@ def embed(
     plan = local_plan(settings.get("workers") or dask.config.get("virnuc-dask.workers"))
     cluster = EarlyCluster(plan)
     # Small inputs are indexed first: a malformed record then answers at once, with no
-    # cluster to start and close.
-    early = _input_bytes(inputs) >= EARLY_START_BYTES
+    # cluster to start and close. So are a run's inputs with an embedding cache: when every
+    # sequence is found there, no cluster starts at all.
+    cache = settings.get("cache") or dask.config.get("virnuc-dask.cache")
+    early = _input_bytes(inputs) >= EARLY_START_BYTES and not cache
     job = prepare(
         inputs,
         output,
@@ -142,6 +148,17 @@ def embed(
         **settings,
     )
     path, interrupted = None, False
+    if not job.todo and not early:
+        # Nothing to compute (every sequence cached, every chunk resumed): no cluster.
+        try:
+            path = job.run(None, progress=progress, cleanup=False)
+        except KeyboardInterrupt:
+            interrupted = path is None
+        finally:
+            job.finish(success=path is not None, interrupted=interrupted)
+        if interrupted:
+            raise Interrupted(*job.kept)
+        return path
     try:
         try:
             if not early:

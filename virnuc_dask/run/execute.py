@@ -158,33 +158,54 @@ def _log_load_detail(stats: dict[str, dict]) -> None:
             logger.debug("model load on %s%s: %s", worker, when, steps)
 
 
+class _Unwatched:
+    """The watch of a run with nothing to compute (no cluster): nothing to show or check."""
+
+    def add(self, shard: ShardInfo) -> None:
+        """Nothing to count."""
+
+    def check(self) -> None:
+        """Nothing to check."""
+
+    def close(self) -> None:
+        """Nothing to stop."""
+
+    def finish(self, seconds: float) -> None:
+        """Nothing to draw."""
+
+
 def execute(job, client, graph, *, progress: bool = True, cleanup: bool = True) -> Path | str:
     """Compute ``graph`` of ``job`` on ``client``, building the output as its chunks finish.
 
-    See :meth:`~virnuc_dask.run.job.EmbeddingJob.run`, which calls it.
+    See :meth:`~virnuc_dask.run.job.EmbeddingJob.run`, which calls it. A graph without chunk
+    tasks (every chunk resumed, every sequence in the embedding cache) is assembled without
+    the cluster: no model is loaded, and ``client`` may be None.
     """
     from distributed import span, wait
 
     from virnuc_dask.cluster.plugin import ModelPlugin, setup_stats
 
+    if client is None and graph.tasks:
+        raise ValueError(f"{len(graph.tasks)} chunks to compute, and no client to compute them")
     started = time.perf_counter()
     phases = dict(job.phases)
     futures, pending, assembly = [], set(), None
     done, failure, interrupted = False, None, False
     # Progress (and the dashboard's link) from the start: the model load is worth watching.
-    watch = _Watch(job, client, progress)
+    watch = _Watch(job, client, progress) if graph.tasks else _Unwatched()
     try:
         clock = time.perf_counter()
-        client.register_plugin(ModelPlugin(job.engine_settings), name=ModelPlugin.name)
-        stats = client.run(setup_stats)
-        compiling = max((s["compile_seconds"] for s in stats.values()), default=0.0)
-        phases["model_load"] = time.perf_counter() - clock - compiling
-        _log_load_detail(stats)
-        phases["compile"] = compiling
-        clock = time.perf_counter()
-        # The run's tasks under one named span: the dashboard shows its own metrics.
-        with span(f"virnuc-dask {job.output.name}"):
-            futures = client.compute(graph.tasks)
+        if graph.tasks:
+            client.register_plugin(ModelPlugin(job.engine_settings), name=ModelPlugin.name)
+            stats = client.run(setup_stats)
+            compiling = max((s["compile_seconds"] for s in stats.values()), default=0.0)
+            phases["model_load"] = time.perf_counter() - clock - compiling
+            _log_load_detail(stats)
+            phases["compile"] = compiling
+            clock = time.perf_counter()
+            # The run's tasks under one named span: the dashboard shows its own metrics.
+            with span(f"virnuc-dask {job.output.name}"):
+                futures = client.compute(graph.tasks)
         assembly = job.assembly()
         shards = list(graph.reused)
         for shard in graph.reused:
@@ -218,14 +239,16 @@ def execute(job, client, graph, *, progress: bool = True, cleanup: bool = True) 
         done = True
     except KeyboardInterrupt:
         if not job._output_complete():
-            client.cancel(futures, force=True)
+            if futures:
+                client.cancel(futures, force=True)
             interrupted = True  # raised once finish() knows what is kept
         else:
             # The interrupt came after the output was renamed into place: the run is done.
             output, shards, done = str(job.output), [], True
             seconds = time.perf_counter() - started
     except Exception as error:
-        client.cancel(futures, force=True)
+        if futures:
+            client.cancel(futures, force=True)
         failure = local_error(error, graph.chunks, job)
     finally:
         watch.close()
@@ -249,6 +272,7 @@ def execute(job, client, graph, *, progress: bool = True, cleanup: bool = True) 
         reads=job.reads,
         sequences=len(job.index),
         distinct=job.distinct,
+        cached=job.cached,
     )
     logger.info(job.report.summary())
     logger.debug("phases: %s", job.report.phase_line())

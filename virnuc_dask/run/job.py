@@ -85,6 +85,10 @@ class EmbeddingJob:
     sources
         Each input row's source row: the row whose values it gets
         (:mod:`~virnuc_dask.plan.distinct`); only sources are partitioned.
+    cache_settings
+        With an embedding cache (``config.cache``), what its entries are keyed by.
+    cached
+        Distinct sequences found in the embedding cache (in no chunk).
     token
         This job's token, in its locks and output attributes.
     overwrite
@@ -116,6 +120,8 @@ class EmbeddingJob:
     reused: list[ShardInfo]
     torch_threads: int | None = None
     sources: np.ndarray | None = None
+    cache_settings: dict | None = None
+    cached: int = 0
     token: str = ""
     overwrite: bool = False
     report: RunReport | None = None
@@ -198,6 +204,8 @@ class EmbeddingJob:
                 long=c.long,
             ),
             storage=self.storage,
+            cache=c.cache,
+            cache_settings=self.cache_settings,
         )
 
     def assembly(self) -> Assembly:
@@ -247,6 +255,7 @@ class EmbeddingJob:
             "sequences": len(self.index),
             "distinct_sequences": self.distinct,
             "duplicates": distinct_summary(len(self.index), self.distinct),
+            "from_cache": self.cached,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             **(self.reads.attributes() if self.reads is not None else {}),
         }

@@ -16,6 +16,11 @@ Decisions:
   to the work directory, the index is saved there and uploaded, and a local cluster keeps
   its scratch space there. Outputs at URLs are built locally and uploaded
   (:mod:`~virnuc_dask.output.assembly`).
+- Only the distinct sequences (:mod:`~virnuc_dask.plan.distinct`; every row with
+  ``dedup=False``) that the embedding cache lacks (``cache``) are partitioned. The cache is
+  opened before any work (a folder of the user's is refused then) and looked up once the
+  inputs are indexed; a resumed run keeps the partition it resumes, and must be given the
+  cache again if it took sequences from one.
 - Whether a run compiles its engine is decided here for small runs (never) and left to each
   worker's engine for large ones (:mod:`~virnuc_dask.engine.compiling`).
 """
@@ -29,6 +34,7 @@ import time
 import uuid
 from pathlib import Path
 
+from virnuc_dask.cache.store import EmbeddingCache
 from virnuc_dask.cluster.local import EarlyCluster
 from virnuc_dask.config import EmbedConfig
 from virnuc_dask.engine import compiling
@@ -128,6 +134,11 @@ def prepare(
         on_gpu = _has_gpus(client) if client else False
     if config.dtype == "auto":
         config = dataclasses.replace(config, dtype="bf16" if on_gpu else "fp32")
+    cache, cache_settings = None, None
+    if config.cache is not None:
+        # Opened (created) before any work: a folder of the user's is refused now.
+        cache_settings = fingerprint.cache_settings(weights, config, on_gpu)
+        cache = EmbeddingCache(config.cache, storage).namespace(cache_settings, create=True)
     token = uuid.uuid4().hex[:12]
     work = paths.work_dir
     clock = time.perf_counter()
@@ -152,7 +163,12 @@ def prepare(
         index, reads = index_inputs(inputs, local / "staging", config, storage)
         identity = fingerprint.identity(index, weights, config)
         run_fingerprint = fingerprint.fingerprint_of(identity)
-        sources = distinct.sources(index.digests) if config.dedup else None
+        sources = (
+            distinct.sources(index.digests) if config.dedup else distinct.identity(len(index))
+        )
+        rows = distinct.distinct_rows(sources)
+        if cache is not None:
+            rows = rows[~cache.lookup(index.digests[rows]).found]
         parts, sources = workdir.saved_or_new_partition(
             work,
             saved,
@@ -162,8 +178,14 @@ def prepare(
             config,
             restart=restart,
             sources=sources,
-            rows=None if sources is None else distinct.distinct_rows(sources),
+            rows=rows,
         )
+        cached = len(distinct.distinct_rows(sources)) - len(parts.order)
+        if cached and cache is None:
+            raise VirnucError(
+                f"the run in {work} took {cached:,} sequences from an embedding cache: "
+                f"resume it with {option('cache', 'DIR')}, or {option('restart')} it"
+            )
         index.save(local / "index")
         if reads is not None:
             reads.save(local / "index")
@@ -207,6 +229,8 @@ def prepare(
         reused,
         torch_threads,
         sources=sources,
+        cache_settings=cache_settings,
+        cached=cached,
         token=token,
         overwrite=overwrite,
         phases={"index": time.perf_counter() - clock},
