@@ -1,5 +1,5 @@
 """The embedding cache: values back bit for bit, writers at once, killed writers, damage,
-the user's folders, pruning.
+the user's folders, pruning, and the ``virnuc-dask cache`` commands.
 
 Real files and moto's real S3 server (tests/servers.py); writers are real processes.
 """
@@ -19,9 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
 from tests.servers import s3_server
 from virnuc_dask.cache import CacheError, EmbeddingCache, info, prune, sequence_digests, verify
+from virnuc_dask.cli import main
 
 SETTINGS = {"model": "esm2_t6_8M_UR50D", "layers": [6], "dtype": "float32"}
 ROOT = Path(__file__).resolve().parent.parent
@@ -345,3 +347,38 @@ def test_prune_by_age_by_size_and_old_orphans(tmp_path):
     assert [e.id for e in EmbeddingCache(cache.location).namespace(SETTINGS).entries()] == [
         entries[3].id
     ]
+
+
+def test_the_cache_commands(tmp_path):
+    location = str(tmp_path / "cache")
+    namespace = EmbeddingCache(location).namespace(SETTINGS, create=True)
+    namespace.add(_digests(1, 30), _values(1, 30))
+    damaged = namespace.add(_digests(2, 12), _values(2, 12))
+    runner = CliRunner()
+
+    result = runner.invoke(main, ["cache", "info", location])
+    assert result.exit_code == 0, result.output
+    assert "42 sequences in 2 entries" in result.output
+    assert "model esm2_t6_8M_UR50D, layers [6], dtype float32" in result.output
+
+    result = runner.invoke(main, ["cache", "verify", location])
+    assert result.exit_code == 0 and "no damage" in result.output
+    _flip_a_byte(Path(namespace.segment_place(damaged.id)))
+    result = runner.invoke(main, ["cache", "verify", location])
+    assert result.exit_code == 1 and damaged.id in result.output
+
+    result = runner.invoke(main, ["cache", "prune", location, "--damaged", "--dry-run"])
+    assert result.exit_code == 0 and "would remove 1 entry" in result.output
+    result = runner.invoke(main, ["cache", "prune", location, "--damaged"])
+    assert result.exit_code == 0 and "removed 1 entry" in result.output
+    result = runner.invoke(main, ["cache", "prune", location, "--older-than", "30d"])
+    assert result.exit_code == 0 and "removed 0 entries" in result.output
+    result = runner.invoke(main, ["cache", "prune", location, "--max-size", "1kB"])
+    assert result.exit_code == 0 and "removed 1 entry" in result.output
+    assert "0 sequences in 0 entries" in runner.invoke(main, ["cache", "info", location]).output
+
+    result = runner.invoke(main, ["cache", "prune", location, "--max-size", "lots"])
+    assert result.exit_code == 2 and "a size is a number and a unit" in result.output
+    result = runner.invoke(main, ["cache", "info", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "virnuc-dask: error:" in result.output and "is not an embedding cache" in result.output
