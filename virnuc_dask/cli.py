@@ -8,7 +8,9 @@ comes from the one place defaults live, the ``virnuc-dask`` section of Dask's co
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import re
 import signal
 import sys
 import warnings
@@ -291,6 +293,162 @@ def embed(
         click.echo(f"virnuc-dask: {said}", err=True)
         sys.exit(130)
     click.echo(f"wrote {path}")
+
+
+# -- virnuc-dask cache ----------------------------------------------------------------------
+
+#: Seconds in each unit ``--older-than`` takes.
+_AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+#: Bytes in each unit ``--max-size`` takes (decimal and binary; case does not matter).
+_SIZE_UNITS = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+def _age(ctx, param, value: str | None) -> float | None:
+    if value is None:
+        return None
+    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", value.lower())
+    if not found:
+        raise click.BadParameter("an age is a number and a unit: 90m, 12h, 30d (also s, w)")
+    return float(found.group(1)) * _AGE_UNITS[found.group(2)]
+
+
+def _size(ctx, param, value: str | None) -> int | None:
+    if value is None:
+        return None
+    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*", value.lower())
+    if not found or found.group(2) not in _SIZE_UNITS:
+        raise click.BadParameter("a size is a number and a unit: 500MB, 50GB (also kB, TB, GiB)")
+    return int(float(found.group(1)) * _SIZE_UNITS[found.group(2)])
+
+
+@contextlib.contextmanager
+def _user_errors():
+    """A :class:`VirnucError` becomes its message on stderr and exit status 2, as in embed."""
+    try:
+        with command_line_spelling():
+            yield
+    except VirnucError as error:
+        click.echo(f"virnuc-dask: error: {error}", err=True)
+        sys.exit(2)
+
+
+def _open_cache(location: str, storage_options: str | None):
+    from virnuc_dask.cache import EmbeddingCache
+
+    storage = StorageOptions.parse(storage_options) if storage_options else None
+    return EmbeddingCache(location, storage)
+
+
+def _cache_logging() -> None:
+    """The cache's warnings (an entry skipped) as the embed command shows them."""
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(_Messages())
+        root.addHandler(handler)
+
+
+_storage_option = click.option(
+    "--storage-options",
+    metavar="JSON|@FILE",
+    help="fsspec options for a URL (endpoint, region, profile), as JSON or @FILE; credentials "
+    "only in a file, a profile or the environment.",
+)
+
+
+@main.group()
+def cache() -> None:
+    """The shared cache of pooled embeddings: what it holds, checks, pruning.
+
+    LOCATION is the cache's folder or an fsspec URL (s3://bucket/cache).
+    """
+
+
+@cache.command("info")
+@click.argument("location")
+@_storage_option
+def cache_info(location, storage_options):
+    """What the cache at LOCATION holds, namespace by namespace (model, layers, sequences)."""
+    from virnuc_dask.cache import info
+
+    _cache_logging()
+    with _user_errors():
+        found = info(_open_cache(location, storage_options))
+    for line in found.describe():
+        click.echo(line)
+
+
+@cache.command("verify")
+@click.argument("location")
+@_storage_option
+def cache_verify(location, storage_options):
+    """Check every segment of the cache at LOCATION against its entry (reads them all).
+
+    Exits with status 1 when a segment or entry is damaged; orphans (files no entry names,
+    never used) and entries of another format are listed but are not damage.
+    """
+    from virnuc_dask.cache import verify
+
+    _cache_logging()
+    with _user_errors():
+        problems = verify(_open_cache(location, storage_options))
+    for problem in problems:
+        click.echo(str(problem))
+    damaged = sum(p.damaged for p in problems)
+    if damaged:
+        click.echo(
+            f"{damaged} damaged; remove {'it' if damaged == 1 else 'them'} with "
+            f"virnuc-dask cache prune --damaged {location}",
+            err=True,
+        )
+        sys.exit(1)
+    click.echo(f"no damage found in {location}")
+
+
+@cache.command("prune")
+@click.argument("location")
+@click.option(
+    "--older-than", callback=_age, metavar="AGE", help="Remove entries older than this (30d)."
+)
+@click.option(
+    "--max-size",
+    callback=_size,
+    metavar="SIZE",
+    help="Then remove the oldest entries until the cache holds at most this (50GB).",
+)
+@click.option("--damaged", is_flag=True, help="Remove the entries verify finds damaged.")
+@click.option("--dry-run", is_flag=True, help="Say what would be removed; remove nothing.")
+@_storage_option
+def cache_prune(location, older_than, max_size, damaged, dry_run, storage_options):
+    """Remove old, surplus or damaged entries of the cache at LOCATION, and old orphans.
+
+    Orphans (segments no entry names) an hour old or more are always removed; younger ones
+    may be a writer between its two writes.
+    """
+    from virnuc_dask.cache import prune
+
+    _cache_logging()
+    with _user_errors():
+        report = prune(
+            _open_cache(location, storage_options),
+            older_than=older_than,
+            max_bytes=max_size,
+            damaged=damaged,
+            dry_run=dry_run,
+        )
+    for line in report.describe():
+        click.echo(line)
 
 
 if __name__ == "__main__":
