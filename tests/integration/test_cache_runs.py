@@ -74,9 +74,7 @@ def test_a_rerun_computes_nothing_and_a_half_overlap_only_its_new_half(
     assert not _same(half, fresh)
 
 
-def test_the_graph_on_a_users_client_uses_and_fills_the_cache(
-    cluster_client, datasets, tmp_path
-):
+def test_the_graph_on_a_users_client_uses_and_fills_the_cache(cluster_client, datasets, tmp_path):
     """The graph's last step (on a worker) reads the hits and adds the new rows, as run()."""
     one, two = datasets
     cache = str(tmp_path / "cache")
@@ -146,7 +144,10 @@ def _two_runs_at_once(datasets, tmp_path, cache: str, env=None) -> None:
     runs = [
         subprocess.Popen(
             _command(fasta, tmp_path / f"{name}.h5", cache),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
         )  # fmt: skip
         for name, fasta in (("one", one), ("two", two))
     ]

@@ -49,6 +49,7 @@ from virnuc_dask.storage.urls import StorageOptions, is_url
 
 logger = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class AssemblyPlan:
     """What a run's output is made of besides its shards.

@@ -163,9 +163,7 @@ def prepare(
         index, reads = index_inputs(inputs, local / "staging", config, storage)
         identity = fingerprint.identity(index, weights, config)
         run_fingerprint = fingerprint.fingerprint_of(identity)
-        sources = (
-            distinct.sources(index.digests) if config.dedup else distinct.identity(len(index))
-        )
+        sources = distinct.sources(index.digests) if config.dedup else distinct.identity(len(index))
         rows = distinct.distinct_rows(sources)
         if cache is not None:
             rows = rows[~cache.lookup(index.digests[rows]).found]
