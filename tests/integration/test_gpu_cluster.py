@@ -63,3 +63,21 @@ def test_local_cuda_cluster_matches_fp32_reference(workers, tmp_path):
         assert cosine >= 0.9999 and error <= 0.01
     cosine, error = _compare(outputs[0], outputs[1])
     assert cosine >= 0.9999 and error <= 0.01
+
+
+def test_a_quiet_command_on_gpus_prints_only_its_summary(tmp_path):
+    """The local CUDA cluster closes without a word: no ERROR line after the summary (bokeh
+    3.10 made distributed's dashboard fail to stop, logging two at every close)."""
+    import subprocess
+
+    from tests.helpers import CLI
+
+    write_fasta(tmp_path / "in.fasta", random_sequences(50, 20, 300, seed=3))
+    result = subprocess.run(
+        [*CLI, "embed", "in.fasta", "-o", "out.h5", "--model", MODEL, "--random-weights",
+         "--workers", "1", "--quiet"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("50 sequences, 50 distinct"), lines
