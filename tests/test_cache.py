@@ -6,7 +6,6 @@ Real files and moto's real S3 server (tests/servers.py); writers are real proces
 
 from __future__ import annotations
 
-import hashlib
 import json
 import multiprocessing
 import os
@@ -22,7 +21,7 @@ import pytest
 from click.testing import CliRunner
 
 from tests.servers import s3_server
-from virnuc_dask.cache import CacheError, EmbeddingCache, info, prune, sequence_digests, verify
+from virnuc_dask.cache import CacheError, EmbeddingCache, info, prune, verify
 from virnuc_dask.cli import main
 
 SETTINGS = {"model": "esm2_t6_8M_UR50D", "layers": [6], "dtype": "float32"}
@@ -79,13 +78,6 @@ def test_values_come_back_bit_equal_in_their_positions(tmp_path):
     assert hits.count == 240
     found = _gather(hits, len(queries), values)
     assert np.array_equal(_bits(found[:300][cached[order]]), _bits(values[order][cached[order]]))
-
-
-def test_the_key_is_the_blake2b_128_digest_of_the_sequence():
-    digests = sequence_digests(["MKTAYIAK", b"MKTAYIAK", "MKTAYIAL"])
-    assert digests.shape == (3, 16) and digests.dtype == np.uint8
-    assert bytes(digests[0]) == hashlib.blake2b(b"MKTAYIAK", digest_size=16).digest()
-    assert np.array_equal(digests[0], digests[1]) and not np.array_equal(digests[0], digests[2])
 
 
 def _write(location: str, seed: int, segments: int, rows: int, start) -> None:

@@ -175,3 +175,23 @@ def test_two_runs_at_once_share_a_cache_on_s3(datasets, tmp_path):
     with s3_server():
         fsspec.filesystem("s3", skip_instance_cache=True).mkdir("shared")
         _two_runs_at_once(datasets, tmp_path, "s3://shared/cache", env=dict(os.environ))
+
+
+def test_a_run_that_took_from_a_cache_resumes_only_with_it(cluster_client, datasets, tmp_path):
+    one, two = datasets
+    cache = str(tmp_path / "cache")
+    _run(cluster_client, [one], tmp_path / "1.h5", cache=cache)
+    out = tmp_path / "2.h5"
+    job = virnuc_dask.prepare([two], out, client=cluster_client, cache=cache, **SETTINGS)
+    job.run(cluster_client, progress=False, cleanup=False)
+    job.release()  # the work directory stays, as after an interrupt
+    out.unlink()
+    with pytest.raises(VirnucError, match="took 20 sequences from an embedding cache"):
+        virnuc_dask.prepare([two], out, client=cluster_client, resume=True, **SETTINGS)
+    resumed = virnuc_dask.prepare(
+        [two], out, client=cluster_client, resume=True, cache=cache, **SETTINGS
+    )
+    assert resumed.cached == 20 and not resumed.todo
+    resumed.run(cluster_client, progress=False)
+    _, fresh = _run(cluster_client, [two], tmp_path / "3.h5")
+    assert _same(virnuc_dask.open_embeddings(out).load(), fresh)

@@ -128,3 +128,23 @@ def test_duplicate_reads_are_embedded_once(cluster_client, tmp_path):
     assert job.distinct < len(job.index)
     assert _differences(deduped, plain) == []
     assert list(deduped.read.values) == list(plain.read.values)
+
+
+def test_a_resumed_run_keeps_the_sources_it_resumes(cluster_client, proteins, tmp_path):
+    """Resumed with dedup=False, a deduplicated run's shards are reused as they are: the
+    partition and the sources are the saved ones, and the output is the same."""
+    inputs, rows, distinct = proteins
+    out = tmp_path / "out.h5"
+    first_job, first = _run(cluster_client, inputs, tmp_path / "first.h5")
+    settings = dict(model=TINY, random_weights=True, chunk_tokens=3_000, tokens_per_batch=1)
+    job = virnuc_dask.prepare(inputs, out, client=cluster_client, **settings)
+    job.run(cluster_client, progress=False, cleanup=False)
+    job.release()  # the work directory stays, as after an interrupt
+    out.unlink()
+    resumed = virnuc_dask.prepare(
+        inputs, out, client=cluster_client, resume=True, dedup=False, **settings
+    )
+    assert len(resumed.reused) == len(resumed.partition.chunks) and not resumed.todo
+    assert np.array_equal(resumed.sources, first_job.sources)
+    resumed.run(cluster_client, progress=False)
+    assert _differences(virnuc_dask.open_embeddings(out).load(), first) == []

@@ -9,7 +9,6 @@ No Dask and no torch here: numpy, h5py and the storage places. :mod:`~virnuc_das
 """
 
 from virnuc_dask.cache.entries import Entry
-from virnuc_dask.cache.index import sequence_digests
 from virnuc_dask.cache.maintenance import (
     CacheInfo,
     NamespaceInfo,
@@ -36,6 +35,5 @@ __all__ = [
     "info",
     "namespace_name",
     "prune",
-    "sequence_digests",
     "verify",
 ]

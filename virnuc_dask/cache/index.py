@@ -17,27 +17,9 @@ Decisions:
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Iterable
-
 import numpy as np
 
 from virnuc_dask.cache.entries import DIGEST_SIZE
-
-
-def sequence_digests(sequences: Iterable[str | bytes]) -> np.ndarray:
-    """The cache's key of each sequence: its BLAKE2b-128 digest, ``(n, 16)`` uint8.
-
-    Parameters
-    ----------
-    sequences
-        The sequences as they are embedded (text is encoded as ASCII).
-    """
-    out = bytearray()
-    for sequence in sequences:
-        data = sequence.encode("ascii") if isinstance(sequence, str) else bytes(sequence)
-        out += hashlib.blake2b(data, digest_size=DIGEST_SIZE).digest()
-    return np.frombuffer(bytes(out), dtype=np.uint8).reshape(-1, DIGEST_SIZE).copy()
 
 
 def digest_keys(digests: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

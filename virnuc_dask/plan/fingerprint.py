@@ -40,15 +40,7 @@ def identity(index: FastaIndex, weights: WeightsSource, config: EmbedConfig) -> 
     """
     identity = {
         "inputs": index.digest,
-        "model": config.model,
-        "weights": weights.identity(),
-        "torch": metadata.version("torch"),
-        "fair-esm": metadata.version("fair-esm"),
-        "engine": ENGINE_VERSION,
-        "layers": config.layer_list(),
-        "dtype": config.dtype,
-        "output_dtype": config.output_dtype,
-        "max_residues": config.max_residues,
+        **_numbers(weights, config),
         "invalid_to_x": config.invalid_to_x,
         "duplicate_ids": config.duplicate_ids,
     }
@@ -76,6 +68,15 @@ def cache_settings(weights: WeightsSource, config: EmbedConfig, on_gpu: bool) ->
     or the id rules: the digest is of the sequence itself.
     """
     return {
+        **_numbers(weights, config),
+        "long": config.long,
+        "device": "cuda" if on_gpu else "cpu",
+    }
+
+
+def _numbers(weights: WeightsSource, config: EmbedConfig) -> dict:
+    """The model, weights, versions and settings that change one sequence's pooled numbers."""
+    return {
         "model": config.model,
         "weights": weights.identity(),
         "torch": metadata.version("torch"),
@@ -85,8 +86,6 @@ def cache_settings(weights: WeightsSource, config: EmbedConfig, on_gpu: bool) ->
         "dtype": config.dtype,
         "output_dtype": config.output_dtype,
         "max_residues": config.max_residues,
-        "long": config.long,
-        "device": "cuda" if on_gpu else "cpu",
     }
 
 

@@ -148,29 +148,12 @@ def embed(
         **settings,
     )
     path, interrupted = None, False
-    if not job.todo and not early:
-        # Nothing to compute (every sequence cached, every chunk resumed): no cluster.
-        try:
-            path = job.run(None, progress=progress, cleanup=False)
-        except KeyboardInterrupt:
-            interrupted = path is None
-        finally:
-            job.finish(success=path is not None, interrupted=interrupted)
-        if interrupted:
-            raise Interrupted(*job.kept)
-        return path
     try:
-        try:
-            if not early:
-                cluster.start(job.engine_settings, job.local)
-            client, info = cluster.result()
-            # What the driver waited for after indexing (all of the start, for small inputs).
-            job.phases["cluster_start"] = cluster.waited
-            path = job.run(client, progress=progress, cleanup=False)
-        finally:
-            clock = time.perf_counter()
-            cluster.close()  # waits for a start under way: nothing outlives the run
-        _closed(job, time.perf_counter() - clock)
+        if not job.todo and not early:
+            # Nothing to compute (every sequence cached, every chunk resumed): no cluster.
+            path = job.run(None, progress=progress, cleanup=False)
+        else:
+            path = _run_on(cluster, job, early, progress)
     except KeyboardInterrupt:
         # Interrupted while the cluster closed, the output complete: the run succeeded.
         interrupted = path is None
@@ -178,6 +161,22 @@ def embed(
         job.finish(success=path is not None, interrupted=interrupted)
     if interrupted:
         raise Interrupted(*job.kept)
+    return path
+
+
+def _run_on(cluster: EarlyCluster, job: EmbeddingJob, early: bool, progress: bool):
+    """Run ``job`` on the local cluster (started now unless it was started early), close it."""
+    try:
+        if not early:
+            cluster.start(job.engine_settings, job.local)
+        client, info = cluster.result()
+        # What the driver waited for after indexing (all of the start, for small inputs).
+        job.phases["cluster_start"] = cluster.waited
+        path = job.run(client, progress=progress, cleanup=False)
+    finally:
+        clock = time.perf_counter()
+        cluster.close()  # waits for a start under way: nothing outlives the run
+    _closed(job, time.perf_counter() - clock)
     return path
 
 
