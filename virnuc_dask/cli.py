@@ -1,4 +1,6 @@
-"""Command line: ``virnuc-dask embed``. It only translates flags and calls the library.
+"""Command line: ``virnuc-dask embed`` and ``virnuc-dask cache info|verify|prune``.
+
+It only translates flags and calls the library.
 
 Options have no defaults of their own: an option not given is passed as ``None`` and the value
 comes from the one place defaults live, the ``virnuc-dask`` section of Dask's configuration
@@ -267,7 +269,7 @@ def embed(
     # is closed, locks are released and finished shards stay for --resume.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        with command_line_spelling():
+        with _user_errors():
             storage = StorageOptions.parse(storage_options) if storage_options else None
             path = run(
                 list(inputs),
@@ -283,9 +285,6 @@ def embed(
                 storage_options=storage,
                 **settings,
             )
-    except VirnucError as error:
-        click.echo(f"virnuc-dask: error: {error}", err=True)
-        sys.exit(2)
     except KeyboardInterrupt as error:
         # An interrupted run says what it kept (Interrupted); one stopped earlier kept nothing.
         with command_line_spelling():
@@ -334,7 +333,8 @@ def _size(ctx, param, value: str | None) -> int | None:
 
 @contextlib.contextmanager
 def _user_errors():
-    """A :class:`VirnucError` becomes its message on stderr and exit status 2, as in embed."""
+    """A :class:`VirnucError` becomes its message on stderr and exit status 2; within, options
+    are spelled as flags."""
     try:
         with command_line_spelling():
             yield
