@@ -10,6 +10,7 @@ the last bits, see ``test_dedup.py``).
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 
 import fsspec
@@ -195,3 +196,42 @@ def test_a_run_that_took_from_a_cache_resumes_only_with_it(cluster_client, datas
     resumed.run(cluster_client, progress=False)
     _, fresh = _run(cluster_client, [two], tmp_path / "3.h5")
     assert _same(virnuc_dask.open_embeddings(out).load(), fresh)
+
+
+def test_a_run_killed_while_it_fills_the_cache_leaves_it_usable(datasets, tmp_path):
+    """SIGKILL of a whole command (driver and workers) after its first segments: the cache
+    has no damage, and a rerun finds what was added and embeds the rest."""
+    import signal
+    import time
+
+    one, _ = datasets
+    cache = tmp_path / "cache"
+    run = subprocess.Popen(
+        _command(one, tmp_path / "killed.h5", str(cache)),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not list(cache.glob("*/entries/*.json")):
+            time.sleep(0.05)
+        assert list(cache.glob("*/entries/*.json")), "no segment was added in time"
+    finally:
+        os.killpg(run.pid, signal.SIGKILL)
+        run.wait()
+    assert not [p for p in verify(EmbeddingCache(str(cache))) if p.damaged]
+    again = subprocess.run(
+        [*_command(one, tmp_path / "again.h5", str(cache)), "--work-dir", str(tmp_path / "w")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    found = int(re.search(r", ([\d,]+) from the cache, ", again.stderr).group(1))
+    assert 0 < found <= 40
+    fresh = subprocess.run(
+        [*CLI, "embed", one, "-o", str(tmp_path / "fresh.h5"), "--model", TINY,
+         "--random-weights", "--tokens-per-batch", "1", "--workers", "1", "--quiet"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert fresh.returncode == 0, fresh.stderr
+    a = virnuc_dask.open_embeddings(tmp_path / "again.h5").load()
+    b = virnuc_dask.open_embeddings(tmp_path / "fresh.h5").load()
+    assert _same(a, b)
