@@ -182,7 +182,6 @@ class Assembly:
             )
         for positions, values in hits.blocks():
             self.writer.add_values(cached[positions], values)
-        #: Sequences whose values came from the cache.
         self.cached = len(cached)
 
     def _residue_layout(self, lengths: np.ndarray, order, sources) -> ResidueLayout | None:
