@@ -142,6 +142,37 @@ def fill_missing(
     return engine
 
 
+def jobs_with_engine(
+    model: str, inputs: dict, work: Work, flags: set, args, **jobs
+) -> tuple[list[dict], dict | None]:
+    """A model's command-line jobs (``common.cli_job.model_jobs``), their rates filled in by
+    the engine alone where their outputs record no phases (:func:`fill_missing`).
+
+    ``args`` gives ``viral_sequences``, ``seed``, ``viral_runs`` and ``timeout``; ``jobs``
+    the rest of ``model_jobs``'s options (``workloads``, ``gpu_counts``, ``smoke``).
+
+    Returns
+    -------
+    tuple
+        The job rows, and the engine's measurement (None where it was not needed).
+    """
+    from common.cli_job import model_jobs
+
+    rows = model_jobs(
+        model,
+        inputs,
+        work.gpus,
+        work.env,
+        flags,
+        work.folder,
+        viral_runs=args.viral_runs,
+        timeout=args.timeout,
+        **jobs,
+    )
+    engine = fill_missing(model, rows, work, args.viral_sequences, args.seed, args.timeout)
+    return rows, engine
+
+
 def engine_table(engines: dict[str, dict]) -> list[str]:
     """One line per model: engine, device, threads, tokens, build and timed seconds, rate."""
     lines = [
@@ -178,7 +209,6 @@ def main(argv: list[str] | None = None) -> None:
         fresh=args.fresh,
         engines=engines,
     )
-    print(f"\n{info['gpu']} x{len(work.gpus)}, {info['cpus']} CPUs; wrote {out}\n")
     print("\n".join(engine_table(result["engine_alone"]) + ["", *targets_table(result["targets"])]))
     if any("error" in e for e in engines.values()):
         sys.exit(1)

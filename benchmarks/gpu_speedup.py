@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 
 import engine_steady
-from common.cli_job import cli_flags, model_jobs
+from common.cli_job import cli_flags
 from common.machine import gpu_machine, visible_gpus
 from common.options import invocation, job_parser, parse
 from common.results import TWO_GPU_SPEEDUP_TARGET, pick, save, short, speedup
@@ -120,22 +120,10 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict] = []
     engines: dict[str, dict] = {}
     for model in args.models:
-        rows += model_jobs(
-            model,
-            inputs,
-            work.gpus,
-            work.env,
-            flags,
-            work.folder,
-            workloads=["viral"],
-            gpu_counts=[1, 2],
-            smoke=False,
-            viral_runs=args.viral_runs,
-            timeout=args.timeout,
+        found, engine = engine_steady.jobs_with_engine(
+            model, inputs, work, flags, args, workloads=["viral"], gpu_counts=[1, 2], smoke=False
         )
-        engine = engine_steady.fill_missing(
-            model, rows, work, args.viral_sequences, args.seed, args.timeout
-        )
+        rows += found
         if engine is not None:
             engines[model] = engine
     info = gpu_machine(work.gpus)
@@ -149,7 +137,6 @@ def main(argv: list[str] | None = None) -> None:
         rows=rows,
         engines=engines,
     )
-    print(f"\n{info['gpu']} x{len(work.gpus)}, {info['cpus']} CPUs; wrote {out}\n")
     speedups = [t for t in result["targets"] if "speed-up" in t["target"]]
     print("\n".join(speedup_table(result["rows"]) + ["", *targets_table(speedups)]))
 

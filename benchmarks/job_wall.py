@@ -52,7 +52,7 @@ from pathlib import Path
 
 import engine_steady
 import notebook_wall
-from common.cli_job import cli_flags, model_jobs
+from common.cli_job import cli_flags
 from common.machine import gpu_machine
 from common.options import invocation, job_parser, parse
 from common.results import save
@@ -121,22 +121,17 @@ def main(argv: list[str] | None = None) -> Path | None:
     notebooks: list[dict] = []
     for model in args.models:
         if "jobs" in args.cases:
-            rows += model_jobs(
+            found, engine = engine_steady.jobs_with_engine(
                 model,
                 inputs,
-                work.gpus,
-                work.env,
+                work,
                 flags,
-                work.folder,
+                args,
                 workloads=args.workloads,
                 gpu_counts=args.gpus,
                 smoke=args.smoke,
-                viral_runs=args.viral_runs,
-                timeout=args.timeout,
             )
-            engine = engine_steady.fill_missing(
-                model, rows, work, args.viral_sequences, args.seed, args.timeout
-            )
+            rows += found
             if engine is not None:
                 engines[model] = engine
         if "notebook" in args.cases:
@@ -154,7 +149,6 @@ def main(argv: list[str] | None = None) -> Path | None:
         notebooks=notebooks,
         engines=engines,
     )
-    print(f"\n{info['gpu']} x{len(work.gpus)}, {info['cpus']} CPUs; wrote {out}\n")
     print(table(result["rows"], result["notebook"], result["targets"]))
     return out
 

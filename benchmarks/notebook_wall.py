@@ -166,7 +166,6 @@ def main(argv: list[str] | None = None) -> None:
         fresh=args.fresh,
         notebooks=notebooks,
     )
-    print(f"\n{info['gpu']} x{len(work.gpus)}, {info['cpus']} CPUs; wrote {out}\n")
     lines = notebook_table(result["notebook"]) + ["", *targets_table(result["targets"])]
     print("\n".join(lines))
 

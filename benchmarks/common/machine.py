@@ -13,7 +13,6 @@ Decisions:
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
 import os
 import platform
@@ -81,19 +80,9 @@ def visible_gpus() -> list[str]:
     list of str
         ``CUDA_VISIBLE_DEVICES``'s entries when it is set, else every index nvidia-smi lists.
     """
-    if shutil.which("nvidia-smi") is None:
+    every = _nvidia_smi("--query-gpu=index")
+    if not every:
         return []
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    every = [line.strip() for line in out.splitlines() if line.strip()]
     given = os.environ.get("CUDA_VISIBLE_DEVICES")
     if given is None:
         return every
@@ -122,17 +111,9 @@ def gpu_machine(gpus: list[str]) -> dict:
         "gpu": "cpu",
         "gpus": len(gpus),
     }
-    if gpus:
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            out = subprocess.run(
-                ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"]
-                + ["-i", gpus[0]],
-                capture_output=True,
-                text=True,
-                timeout=30,
-                check=True,
-            ).stdout.strip()
-            info["gpu"], info["driver"] = (part.strip() for part in out.split(",", 1))
+    found = _nvidia_smi("--query-gpu=name,driver_version", "-i", gpus[0]) if gpus else []
+    if found and "," in found[0]:
+        info["gpu"], info["driver"] = (part.strip() for part in found[0].split(",", 1))
     # Absent packages are left out, as the committed results of these benchmarks have them.
     info["versions"] = {k: v for k, v in versions(JOB_PACKAGES).items() if v is not None}
     return info
@@ -140,12 +121,20 @@ def gpu_machine(gpus: list[str]) -> dict:
 
 def _gpus() -> list[str]:
     """Name and memory of each GPU nvidia-smi lists; [] without one."""
+    return _nvidia_smi("--query-gpu=name,memory.total")
+
+
+def _nvidia_smi(*arguments: str) -> list[str]:
+    """The lines nvidia-smi prints for a ``--query-gpu`` (CSV, no header); [] without it."""
+    if shutil.which("nvidia-smi") is None:
+        return []
     try:
         out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+            ["nvidia-smi", *arguments, "--format=csv,noheader"],
             capture_output=True,
             text=True,
             timeout=30,
+            check=True,
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return []

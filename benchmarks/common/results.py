@@ -215,7 +215,8 @@ def save(
     notebooks: list[dict] | None = None,
     engines: dict[str, dict] | None = None,
 ) -> tuple[Path, dict]:
-    """Merge one command's measurements into the day's file, recompute targets, write it.
+    """Merge one command's measurements into the day's file, recompute targets, write it, and
+    say where (with the machine).
 
     Parameters
     ----------
@@ -259,4 +260,5 @@ def save(
     result["targets"] = targets(result["rows"], result["notebook"])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"\n{machine['gpu']} x{machine['gpus']}, {machine['cpus']} CPUs; wrote {out}\n")
     return out, result

@@ -466,10 +466,7 @@ def _checksums(peptides) -> np.ndarray:
         block = np.searchsorted(offset, peptides.start, side="right") - 1
         row = (peptides.start - offset[block]) // (width[block] + 1)
         return np.concatenate(crcs)[(np.cumsum(lines) - lines)[block] + row]
-    data = peptides.residues.tobytes()
-    ends = (peptides.start + peptides.length).tolist()
-    pieces = map(data.__getitem__, map(slice, peptides.start.tolist(), ends))
-    return np.fromiter(map(zlib.crc32, pieces), dtype=np.uint32, count=len(peptides))
+    return np.fromiter(map(zlib.crc32, _letters(peptides)), dtype=np.uint32, count=len(peptides))
 
 
 def _digests(peptides) -> bytes:
@@ -477,10 +474,17 @@ def _digests(peptides) -> bytes:
 
     The translated letters are upper case already, as a worker reads them back.
     """
+    digest = hashlib.blake2b
+    return b"".join(
+        digest(piece, digest_size=DIGEST_BYTES).digest() for piece in _letters(peptides)
+    )
+
+
+def _letters(peptides):
+    """Each peptide's letters (bytes), in order: what its CRC and its digest are taken of."""
     data = peptides.residues.tobytes()
     ends = (peptides.start + peptides.length).tolist()
-    pieces = map(data.__getitem__, map(slice, peptides.start.tolist(), ends))
-    return b"".join(hashlib.blake2b(piece, digest_size=DIGEST_BYTES).digest() for piece in pieces)
+    return map(data.__getitem__, map(slice, peptides.start.tolist(), ends))
 
 
 def _crc_table() -> np.ndarray:

@@ -18,10 +18,12 @@ Decisions:
 - Outputs at URLs are built in a local folder (the driver's own, or a temporary one) and
   published when complete (:mod:`.publish`); a shard at a URL is read from a local copy.
 - With an embedding cache (:mod:`virnuc_dask.cache`), the sequences that are their own
-  source but in no chunk were found there: their values are read from it when the assembly
-  opens, before any shard, and each computed shard's values are added to it as the shard
-  arrives. A cache that cannot take a shard's values is said in a warning; the output does
-  not depend on it. Shards of an earlier run (resume) are not added again.
+  source but in no chunk were found there: they are looked up again and their values read
+  when the assembly opens, before any shard (the driver's lookup is not carried along: the
+  graph's last step may run on a worker; a lookup of a million entries reads them in 0.1 s),
+  and each computed shard's values are added to it as the shard arrives. A cache that cannot
+  take a shard's values is said in a warning; the output does not depend on it. Shards of an
+  earlier run (resume) are not added again.
 """
 
 from __future__ import annotations
