@@ -19,7 +19,7 @@ import warnings
 
 import click
 
-from virnuc_dask.config import DTYPES, OUTPUT_DTYPES
+from virnuc_dask.config import CLUSTERS, DTYPES, OUTPUT_DTYPES
 from virnuc_dask.errors import Interrupted, VirnucError, command_line_spelling
 from virnuc_dask.inputs.duplicates import DUPLICATE_POLICIES
 from virnuc_dask.inputs.peptides import TRANSLATIONS
@@ -120,6 +120,31 @@ def main() -> None:
 @click.option("--tokens-per-batch", type=int, help="Token budget of one forward pass.")
 @click.option("--chunk-tokens", type=int, help="Token budget of one task (one shard file).")
 @click.option("--workers", type=int, help="Workers of the local cluster.")
+@click.option(
+    "--cluster",
+    type=click.Choice(CLUSTERS),
+    help="Where the workers come from: a local cluster, Slurm jobs (dask-jobqueue), or the "
+    "tasks of this srun (rank 0 the scheduler and driver). [default: local]",
+)
+@click.option(
+    "--slurm-jobs", type=int, help="--cluster slurm: most worker jobs at once. [default: 4]"
+)
+@click.option(
+    "--slurm-gpus",
+    type=int,
+    help="--cluster slurm: GPUs a job, one worker each; 0: CPU workers. [default: 1]",
+)
+@click.option("--slurm-cores", type=int, help="--cluster slurm: CPU cores a job.")
+@click.option("--slurm-memory", help="--cluster slurm: memory a job (e.g. 64GB).")
+@click.option("--slurm-partition", help="--cluster slurm: the partition of the worker jobs.")
+@click.option("--slurm-account", help="--cluster slurm: the account the jobs are charged to.")
+@click.option("--slurm-walltime", help="--cluster slurm: walltime of a worker job (HH:MM:SS).")
+@click.option(
+    "--slurm-option",
+    multiple=True,
+    metavar="OPTION",
+    help="--cluster slurm: one more #SBATCH option of the worker jobs (repeat): --qos=high.",
+)
 @click.option("--scheduler", help="Address of a running Dask scheduler.")
 @click.option("--scheduler-file", type=click.Path(), help="Scheduler file of a running cluster.")
 @click.option("--zarr", type=click.Path(), help="Also write a Zarr v3 store here (path or URL).")
@@ -240,6 +265,15 @@ def main() -> None:
 def embed(
     inputs,
     output,
+    cluster,
+    slurm_jobs,
+    slurm_gpus,
+    slurm_cores,
+    slurm_memory,
+    slurm_partition,
+    slurm_account,
+    slurm_walltime,
+    slurm_option,
     scheduler,
     scheduler_file,
     zarr,
@@ -271,9 +305,22 @@ def embed(
     try:
         with _user_errors():
             storage = StorageOptions.parse(storage_options) if storage_options else None
+            slurm = {
+                "jobs": slurm_jobs,
+                "gpus_per_job": slurm_gpus,
+                "cores": slurm_cores,
+                "memory": slurm_memory,
+                "partition": slurm_partition,
+                "account": slurm_account,
+                "walltime": slurm_walltime,
+                "job_extra": list(slurm_option) or None,
+            }
+            slurm = {name: value for name, value in slurm.items() if value is not None}
             path = run(
                 list(inputs),
                 output,
+                cluster=cluster,
+                slurm=slurm or None,
                 scheduler=scheduler,
                 scheduler_file=scheduler_file,
                 zarr=zarr,
@@ -291,7 +338,8 @@ def embed(
             said = str(error) if isinstance(error, Interrupted) else "interrupted"
         click.echo(f"virnuc-dask: {said}", err=True)
         sys.exit(130)
-    click.echo(f"wrote {path}")
+    if path is not None:  # None: a worker rank of --cluster slurm-allocation
+        click.echo(f"wrote {path}")
 
 
 # -- virnuc-dask cache ----------------------------------------------------------------------

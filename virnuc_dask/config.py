@@ -29,6 +29,8 @@ dask.config.update_defaults(yaml.safe_load(_DEFAULTS_FILE.read_text()))
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 #: Precisions of the stored embeddings.
 OUTPUT_DTYPES = ("float32", "float16")
+#: Where a run's workers come from without a scheduler (:func:`virnuc_dask.embed`'s ``cluster``).
+CLUSTERS = ("local", "slurm", "slurm-allocation")
 #: Settings that apply only with ``translate``.
 _TRANSLATION_OPTIONS = ("genetic_code", "frames", "min_peptide", "split_bp")
 

@@ -29,7 +29,8 @@ from pathlib import Path
 import dask
 
 from virnuc_dask.cluster.local import EarlyCluster
-from virnuc_dask.errors import Interrupted
+from virnuc_dask.config import CLUSTERS
+from virnuc_dask.errors import Interrupted, VirnucError, option
 from virnuc_dask.run.guards import _refuse_an_unguarded_script, _refuse_inside_a_starting_worker
 from virnuc_dask.run.job import EmbeddingJob
 from virnuc_dask.run.prepare import prepare
@@ -43,6 +44,7 @@ def embed(
     output: str | Path,
     *,
     client=None,
+    cluster: str | None = None,
     scheduler: str | None = None,
     scheduler_file: str | None = None,
     zarr: str | Path | None = None,
@@ -52,8 +54,9 @@ def embed(
     overwrite: bool = False,
     progress: bool = True,
     storage_options: dict | str | StorageOptions | None = None,
+    slurm: dict | None = None,
     **settings,
-) -> Path | str:
+) -> Path | str | None:
     """Embed every sequence of ``inputs`` with ESM-2 into one HDF5 file; return its path.
 
     Parameters
@@ -66,8 +69,17 @@ def embed(
     client
         A ``distributed.Client`` to run on; default: connect to ``scheduler`` /
         ``scheduler_file``, or start a local cluster that fits the machine.
+    cluster
+        Where the workers come from when no ``client`` or scheduler is given: ``"local"``
+        (the default: a local cluster that fits the machine), ``"slurm"`` (workers as Slurm
+        jobs through dask-jobqueue, :mod:`~virnuc_dask.cluster.slurm`) or
+        ``"slurm-allocation"`` (inside one ``srun``: rank 0 the scheduler and driver, the
+        other ranks workers, :mod:`~virnuc_dask.cluster.allocation`). Default:
+        ``virnuc-dask.cluster``.
     scheduler, scheduler_file
-        An existing Dask scheduler to use instead of a local cluster.
+        An existing Dask scheduler to use instead of a local cluster. With
+        ``cluster="slurm-allocation"``, ``scheduler_file`` is where rank 0 writes its
+        scheduler's address for the other ranks.
     zarr
         Also write the same content as a Zarr v3 store.
     work_dir
@@ -84,6 +96,11 @@ def embed(
         fsspec options for inputs, work directory and outputs given as URLs (``s3://``,
         ``gs://``, ``https://``): a dict, a JSON text or ``@FILE``. Credentials are best left
         to the standard places (``AWS_PROFILE``, ``AWS_ENDPOINT_URL``, the environment).
+    slurm
+        With ``cluster="slurm"``: the worker jobs' settings (``jobs``, ``gpus_per_job``,
+        ``cores``, ``memory``, ``partition``, ``account``, ``walltime``, ``job_extra``),
+        over ``virnuc-dask.slurm`` and dask-jobqueue's ``jobqueue.slurm``
+        (:class:`~virnuc_dask.cluster.slurm.SlurmSettings`).
     **settings
         Fields of :class:`~virnuc_dask.config.EmbedConfig`: ``model``, ``checkpoint``,
         ``random_weights``, ``seed``, ``layers``, ``dtype``, ``output_dtype``,
@@ -92,6 +109,10 @@ def embed(
         ``chunk_time_limit``, ``wait_limit``, ``per_residue``, ``residue_dtype``, ``long``;
         for nucleotide reads ``translate="six-frame"``
         with ``genetic_code``, ``frames``, ``min_peptide`` and ``split_bp``.
+
+    Returns
+    -------
+    The output's path; None on the worker ranks of ``cluster="slurm-allocation"``.
 
     Examples
     --------
@@ -116,7 +137,20 @@ def embed(
     if client is not None:
         job = prepare(inputs, output, client=client, **options, **settings)
         return job.run(client, progress=progress)
-    if scheduler or scheduler_file:
+    kind = _cluster_kind(cluster, scheduler, scheduler_file)
+    if slurm and kind != "slurm":
+        raise VirnucError(f"the Slurm settings apply to {option('cluster', 'slurm')}")
+    if kind == "slurm-allocation":
+        from virnuc_dask.cluster.allocation import embed_in_allocation
+
+        return embed_in_allocation(
+            inputs, output, scheduler_file=scheduler_file, progress=progress, **options, **settings
+        )
+    if kind == "slurm":
+        from virnuc_dask.cluster.slurm import embed_on_slurm
+
+        return embed_on_slurm(inputs, output, slurm=slurm, progress=progress, **options, **settings)
+    if kind == "existing":
         from virnuc_dask.cluster.existing import connect
 
         clock = time.perf_counter()
@@ -178,6 +212,37 @@ def _run_on(cluster: EarlyCluster, job: EmbeddingJob, early: bool, progress: boo
         cluster.close()  # waits for a start under way: nothing outlives the run
     _closed(job, time.perf_counter() - clock)
     return path
+
+
+def _cluster_kind(cluster: str | None, scheduler, scheduler_file) -> str:
+    """The cluster a run uses: ``cluster`` (else ``virnuc-dask.cluster``), or ``"existing"``.
+
+    A scheduler given (address or file) wins over a configured kind, but not over one given
+    in the same call: ``cluster="slurm"`` with a scheduler is refused. In an allocation the
+    scheduler file is where rank 0 writes its address.
+    """
+    kind = cluster or dask.config.get("virnuc-dask.cluster") or "local"
+    if kind not in CLUSTERS:
+        raise VirnucError(f"cluster must be one of {', '.join(CLUSTERS)}, not {kind!r}")
+    if kind == "slurm-allocation":
+        if scheduler:
+            raise VirnucError(
+                f"{option('cluster', kind)} starts its scheduler on rank 0: drop "
+                f"{option('scheduler', scheduler)}"
+            )
+        return kind
+    if scheduler or scheduler_file:
+        if cluster == "slurm":
+            given = (
+                option("scheduler", scheduler)
+                if scheduler
+                else option("scheduler_file", scheduler_file)
+            )
+            raise VirnucError(
+                f"{option('cluster', 'slurm')} starts its own scheduler: drop {given}"
+            )
+        return "existing"
+    return kind
 
 
 #: Inputs of at least this many bytes are indexed while the local cluster starts.
