@@ -147,9 +147,28 @@ def embed(
             inputs, output, scheduler_file=scheduler_file, progress=progress, **options, **settings
         )
     if kind == "slurm":
-        from virnuc_dask.cluster.slurm import embed_on_slurm
+        from virnuc_dask.cluster.slurm import SlurmSettings, check_jobs
 
-        return embed_on_slurm(inputs, output, slurm=slurm, progress=progress, **options, **settings)
+        # Settings and the job itself are checked before anything is created.
+        slurm_settings = SlurmSettings.from_settings(slurm)
+        check_jobs(slurm_settings)
+        job = prepare(
+            inputs,
+            output,
+            lanes=slurm_settings.max_workers,
+            torch_threads=slurm_settings.torch_threads,
+            on_gpu=slurm_settings.gpus_per_job > 0,
+            **options,
+            **settings,
+        )
+        return _run_and_finish(
+            job,
+            lambda: (
+                _run_on_slurm(job, slurm_settings, progress)
+                if job.todo
+                else job.run(None, progress=progress, cleanup=False)
+            ),
+        )
     if kind == "existing":
         from virnuc_dask.cluster.existing import connect
 
@@ -181,13 +200,26 @@ def embed(
         **options,
         **settings,
     )
+    # Nothing to compute (every sequence cached, every chunk resumed): no cluster.
+    return _run_and_finish(
+        job,
+        lambda: (
+            job.run(None, progress=progress, cleanup=False)
+            if not job.todo and not early
+            else _run_on(cluster, job, early, progress)
+        ),
+    )
+
+
+def _run_and_finish(job: EmbeddingJob, run):
+    """Call ``run()`` (it runs ``job``, returns its path); then finish the job, whatever came.
+
+    The work directory stays for resume unless the run succeeded, and the locks go, once the
+    cluster that used them has closed (``run`` closes it).
+    """
     path, interrupted = None, False
     try:
-        if not job.todo and not early:
-            # Nothing to compute (every sequence cached, every chunk resumed): no cluster.
-            path = job.run(None, progress=progress, cleanup=False)
-        else:
-            path = _run_on(cluster, job, early, progress)
+        path = run()
     except KeyboardInterrupt:
         # Interrupted while the cluster closed, the output complete: the run succeeded.
         interrupted = path is None
@@ -195,6 +227,23 @@ def embed(
         job.finish(success=path is not None, interrupted=interrupted)
     if interrupted:
         raise Interrupted(*job.kept)
+    return path
+
+
+def _run_on_slurm(job: EmbeddingJob, settings, progress: bool):
+    """Run ``job`` on worker jobs of Slurm scaled to its chunks; cancel every job after."""
+    from virnuc_dask.cluster.slurm import slurm_workers
+
+    logs = None if is_url(str(job.work_dir)) else Path(job.work_dir) / "slurm"
+    clock = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        client, workers = stack.enter_context(slurm_workers(settings, len(job.todo), logs))
+        job.phases["cluster_start"] = time.perf_counter() - clock
+        try:
+            path = job.run(client, progress=progress, cleanup=False, scaler=workers)
+        finally:
+            clock = time.perf_counter()
+    _closed(job, time.perf_counter() - clock)
     return path
 
 

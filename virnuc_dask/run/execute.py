@@ -53,11 +53,12 @@ class _Watch:
     after the job's ``wait_limit`` seconds of either the run stops with a message.
     """
 
-    def __init__(self, job: EmbeddingJob, client, progress: bool) -> None:
+    def __init__(self, job: EmbeddingJob, client, progress: bool, scaler=None) -> None:
         from virnuc_dask.cluster.events import listen
         from virnuc_dask.run.progress import make_progress
 
-        self.job, self.client = job, client
+        self.job, self.client, self.scaler = job, client, scaler
+        self.note: str | None = None
         self.chunks = len(job.reused)
         self.tokens = sum(s.tokens for s in job.reused)
         self.finished = {s.chunk for s in job.reused}
@@ -102,8 +103,12 @@ class _Watch:
 
     def check(self) -> None:
         """Update the progress line; every few seconds ask the scheduler for its workers."""
+        if self.scaler is not None:
+            left = len(self.job.partition.chunks) - len(self.finished)
+            self.note = self.scaler.check(left)
         if self.bar:
-            self.bar.update(self.chunks, self.tokens + sum(list(self.partial.values())))
+            done = self.tokens + sum(list(self.partial.values()))
+            self.bar.update(self.chunks, done, note=self.note)
         now = time.monotonic()
         limit = self.job.config.wait_limit
         if now - self.last_check < min(10 * POLL_SECONDS, limit / 2):
@@ -113,6 +118,8 @@ class _Watch:
         try:
             workers = _count_workers(self.client, min(ASK_SECONDS, limit))
             trouble = None if workers else f"no workers are connected to the scheduler {address}"
+            if not workers and self.scaler is not None and self.scaler.pending:
+                trouble = None  # worker jobs waiting in the batch queue: said on the line
         except TimeoutError:
             trouble = f"the scheduler at {address} does not answer"
         if trouble is None:
@@ -174,12 +181,16 @@ class _Unwatched:
         """Nothing to draw."""
 
 
-def execute(job, client, graph, *, progress: bool = True, cleanup: bool = True) -> Path | str:
+def execute(
+    job, client, graph, *, progress: bool = True, cleanup: bool = True, scaler=None
+) -> Path | str:
     """Compute ``graph`` of ``job`` on ``client``, building the output as its chunks finish.
 
     See :meth:`~virnuc_dask.run.job.EmbeddingJob.run`, which calls it. A graph without chunk
     tasks (every chunk resumed, every sequence in the embedding cache) is assembled without
-    the cluster: no model is loaded, and ``client`` may be None.
+    the cluster: no model is loaded, and ``client`` may be None. ``scaler`` (a
+    :class:`~virnuc_dask.cluster.slurm.SlurmWorkers`) is told the chunks left at every check
+    and says what the progress line adds (workers pending in a batch queue).
     """
     from distributed import span, wait
 
@@ -192,7 +203,7 @@ def execute(job, client, graph, *, progress: bool = True, cleanup: bool = True) 
     futures, pending, assembly = [], set(), None
     done, failure, interrupted = False, None, False
     # Progress (and the dashboard's link) from the start: the model load is worth watching.
-    watch = _Watch(job, client, progress) if graph.tasks else _Unwatched()
+    watch = _Watch(job, client, progress, scaler) if graph.tasks else _Unwatched()
     try:
         clock = time.perf_counter()
         if graph.tasks:

@@ -267,6 +267,7 @@ class EmbeddingJob:
         progress: bool = True,
         cleanup: bool = True,
         graph: EmbeddingGraph | None = None,
+        scaler=None,
     ) -> Path | str:
         """Register the model plugin on ``client``'s workers and compute the graph.
 
@@ -288,10 +289,15 @@ class EmbeddingJob:
         graph
             The graph to compute (one :meth:`graph` returned, e.g. drawn first in a
             notebook); default: a new one.
+        scaler
+            What keeps a cluster's size fitted to the chunks left, and says what is pending
+            (:class:`~virnuc_dask.cluster.slurm.SlurmWorkers`); None for fixed clusters.
         """
         from virnuc_dask.run.execute import execute
 
-        return execute(self, client, graph or self.graph(), progress=progress, cleanup=cleanup)
+        return execute(
+            self, client, graph or self.graph(), progress=progress, cleanup=cleanup, scaler=scaler
+        )
 
     def _output_complete(self) -> bool:
         """Whether this run's output is in place (its ``run`` attribute is this job's token)."""

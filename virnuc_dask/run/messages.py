@@ -29,7 +29,7 @@ def local_error(error: Exception, keys: dict[str, Chunk], job: EmbeddingJob) -> 
         limit = job.config.chunk_time_limit
         return VirnucError(
             f"{what} ended its worker several times: it ran past its time limit "
-            f"({f'{limit:.0f} s' if limit else 'automatic'}; set {option('chunk_time_limit', 'S')}"
+            f"({f'{limit:g} s' if limit else 'automatic'}; set {option('chunk_time_limit', 'S')}"
             f" to change it), or crashed the worker process (out of memory?). Finished chunks "
             f"are kept: rerun with {option('resume')}"
         )

@@ -21,6 +21,7 @@ Decisions:
 from __future__ import annotations
 
 import html
+import re
 import sys
 import time
 from typing import TextIO
@@ -53,6 +54,7 @@ class _Progress:
         self.interval = interval
         self.started = time.monotonic()
         self.last: float | None = None  # no line shown yet
+        self.note: str | None = None  # the note of the last line shown
         self.first_tokens: int | None = None
 
     def update(
@@ -62,20 +64,24 @@ class _Progress:
         *,
         final: bool = False,
         seconds: float | None = None,
+        note: str | None = None,
     ) -> None:
         """Show the state, at most every ``interval`` seconds (always when ``final``).
 
         ``seconds`` is the run's time so far when the caller measured it (the final line
-        takes the summary's); by default, the time since this display started.
+        takes the summary's); by default, the time since this display started. ``note`` ends
+        the line (workers pending in a batch queue).
         """
         now = time.monotonic()
         tokens_done = min(tokens_done, self.tokens)
         chunks_done = min(chunks_done, self.chunks)
         if self.first_tokens is None:
             self.first_tokens = tokens_done  # reused chunks do not count towards the rate
-        if not final and self.last is not None and now - self.last < self.interval:
+        # Workers newly pending, or no longer: said at once (a clock in the note is no news).
+        news = _shape(note) != _shape(self.note)
+        if not final and not news and self.last is not None and now - self.last < self.interval:
             return
-        self.last = now
+        self.last, self.note = now, note
         speed = rate(
             tokens_done - self.first_tokens, now - self.started if seconds is None else seconds
         )
@@ -86,10 +92,17 @@ class _Progress:
             f"({100 * tokens_done / max(self.tokens, 1):.0f}%), {chunks_done}/{self.chunks} "
             f"chunks, {speed:,.0f} tokens/s, {eta}"
         )
+        if note and not final:
+            line = f"{line}; {note}"
         self._show(line, tokens_done, final)
 
     def _show(self, line: str, tokens_done: int, final: bool) -> None:
         raise NotImplementedError
+
+
+def _shape(note: str | None) -> str | None:
+    """A note with its numbers left out: what it says, whatever the count and the clock."""
+    return None if note is None else re.sub(r"\d[\d,.]*", "#", note)
 
 
 class TextProgress(_Progress):
@@ -124,7 +137,8 @@ class TextProgress(_Progress):
 
     def _show(self, line: str, tokens_done: int, final: bool) -> None:
         if self.tty:
-            self.stream.write("\r" + line + ("\n" if final else ""))
+            # Erased to the end: a shorter line (a note gone) leaves nothing of the last one.
+            self.stream.write("\r" + line + "\x1b[K" + ("\n" if final else ""))
         else:
             self.stream.write(line + "\n")
         self.stream.flush()
