@@ -264,3 +264,29 @@ def test_pending_workers_are_said_on_the_progress_line(slurm, tmp_path):
     assert "Resources" in pending or "Priority" in pending
     assert not any("pending" in line for line in lines[-2:])  # the last lines: none pending
     assert slurm.squeue_jobs() == []
+
+
+@pytest.mark.slow
+def test_a_run_of_one_chunk_submits_one_job(slurm, tmp_path):
+    # One sequence: one chunk, although two jobs are allowed.
+    inputs = tmp_path / "one.fasta"
+    write_fasta(inputs, random_sequences(1, 50, 60, seed=5))
+    seen: set[str] = set()
+    stop = threading.Event()
+
+    def watch_queue() -> None:
+        while not stop.is_set():
+            seen.update(slurm.squeue_jobs())
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=watch_queue)
+    watcher.start()
+    try:
+        done = run(slurm, inputs, "-o", tmp_path / "out.h5", *JOBS, "--quiet")
+    finally:
+        stop.set()
+        watcher.join()
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert " in 1 chunk" in done.stderr, done.stderr
+    assert len(seen) == 1, seen  # --slurm-jobs 2, but one chunk: one worker job
+    assert slurm.squeue_jobs() == []
