@@ -190,8 +190,11 @@ def test_a_cancelled_worker_job_costs_only_its_chunk(slurm, tmp_path):
     written: dict[str, set[int]] = {}  # each shard's name: the inodes it was seen with
     stop = threading.Event()
 
+    jobs: set[str] = set()  # every worker job seen in the queue
+
     def watch_shards() -> None:
         while not stop.is_set():
+            jobs.update(running_jobs(slurm))
             for shard in shards.glob("shard-*.h5") if shards.is_dir() else []:
                 # A shard may go with the work directory at the end.
                 with contextlib.suppress(FileNotFoundError):
@@ -224,6 +227,8 @@ def test_a_cancelled_worker_job_costs_only_its_chunk(slurm, tmp_path):
     # No shard was written twice: the finished chunks stayed, only the one in flight ran again.
     assert all(len(inodes) == 1 for inodes in written.values()), written
     assert set(before) <= set(written)
+    # The cancelled job was replaced (lost 15 s, Dask's lost-worker-timeout, with chunks left).
+    assert len(jobs) == 3, jobs
     assert slurm.squeue_jobs() == []
 
 
