@@ -81,3 +81,44 @@ def test_a_quiet_command_on_gpus_prints_only_its_summary(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("50 sequences, 50 distinct"), lines
+
+
+def test_the_worker_command_of_a_gpu_slurm_job_serves_a_run(tmp_path):
+    """What a ``--cluster slurm`` GPU job runs (the last line of dask-jobqueue's script for
+    ``--slurm-gpus 1``: ``python -m dask_cuda.cli SCHEDULER ...``) joins a scheduler as a CUDA
+    worker and gives the file of a local CUDA cluster of one worker. This machine has no
+    Slurm: the command runs as the job would run it, without ``sbatch``."""
+    import sys
+
+    pytest.importorskip("dask_jobqueue")
+    from tests.helpers import assert_rows_close, processes, scheduler_address
+    from virnuc_dask.cluster.slurm import SlurmSettings, jobqueue
+
+    fasta = tmp_path / "in.fasta"
+    write_fasta(fasta, random_sequences(300, 1, 600, seed=4))
+    settings = dict(model=MODEL, random_weights=True, progress=False)
+    local = virnuc_dask.embed(fasta, tmp_path / "local.h5", workers=1, **settings)
+
+    scheduler_file = tmp_path / "scheduler.json"
+    scheduler = [
+        *(sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1"),
+        *("--port", "0", "--dashboard-address", "127.0.0.1:0"),
+        *("--scheduler-file", str(scheduler_file)),
+    ]
+    with processes(scheduler):
+        address = scheduler_address(scheduler_file)
+        _, SLURMJob = jobqueue()
+        arguments = SlurmSettings.from_settings({"gpus_per_job": 1}).cluster_arguments(None)
+        script = SLURMJob(scheduler=address, name="gpu-job", **arguments).job_script()
+        assert "#SBATCH --gres=gpu:1" in script
+        command = script.strip().splitlines()[-1]
+        assert " -m dask_cuda.cli " in command
+        with processes(["bash", "-c", f"exec {command} --host 127.0.0.1"]):
+            job = virnuc_dask.embed(
+                fasta, tmp_path / "job.h5", scheduler_file=scheduler_file, **settings
+            )
+    expected = virnuc_dask.open_embeddings(local).load()
+    actual = virnuc_dask.open_embeddings(job).load()
+    assert actual.attrs["compute_dtype"] == "bf16"
+    assert list(actual.sequence.values) == list(expected.sequence.values)
+    assert_rows_close(actual.embedding.values, expected.embedding.values, rtol=1e-5)
