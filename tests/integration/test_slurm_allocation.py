@@ -8,6 +8,7 @@ allocation the command must refuse in one line.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -101,6 +102,26 @@ def test_one_task_is_refused(tmp_path):
     )
     assert done.returncode == 2, done.stderr
     assert "1 task" in done.stderr and "--ntasks" in done.stderr, done.stderr
+
+
+def test_a_scheduler_file_that_is_something_else_is_refused(tmp_path):
+    fasta = tmp_path / "in.fasta"
+    write_fasta(fasta, ["MKTAYIAK"])
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a scheduler file\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(SLURM_JOB_ID="7", SLURM_STEP_ID="0", SLURM_PROCID="1", SLURM_STEP_NUM_TASKS="3")
+    done = subprocess.run(
+        [*CLI, "embed", str(fasta), "-o", str(tmp_path / "out.h5"), "--random-weights"]
+        + ["--model", MODEL, "--cluster", "slurm-allocation", "--scheduler-file", str(notes)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert f"scheduler file {notes} exists and is not a Dask scheduler file" in done.stderr
+    assert notes.read_text() == "not a scheduler file\n"
 
 
 # -- whole allocations -------------------------------------------------------------------------
@@ -221,3 +242,27 @@ def test_the_worker_ranks_end_with_rank_0(slurm, tmp_path, how):
         log = (folder / "job.out").read_text()
         assert "kept in" in log and "--resume" in log, log[-3000:]
         assert list(folder.glob("virnuc-dask-scheduler-*")) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["another", "same"])
+def test_a_scheduler_file_left_by_an_earlier_step_is_not_followed(slurm, tmp_path, sequences, name):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    fasta = folder / "in.fasta"
+    write_fasta(fasta, sequences[:20])
+    stale = folder / "scheduler.json"
+    # A file an earlier step left, its scheduler gone (nothing listens on that port): of
+    # another job, and of this very step's name (a job number used again).
+    # (The test's own Slurm is new: its first job is job 1.)
+    step = "999999.0" if name == "another" else "1.0"
+    stale.write_text(
+        json.dumps({"type": "Scheduler", "address": "tcp://127.0.0.1:9", "slurm-step": step})
+    )
+    command = f"{embed_command(fasta, folder / 'out.h5')} --scheduler-file {stale}"
+    job = submit(slurm, folder, command)
+    state = wait_for_end(slurm, job, JOB_TIMEOUT)
+    log = (folder / "job.out").read_text()
+    assert state == "COMPLETED", log[-3000:]
+    assert " on 2 workers: " in log or " on 1 worker: " in log, log[-3000:]
+    assert not stale.exists()

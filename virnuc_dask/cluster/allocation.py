@@ -400,18 +400,25 @@ def serve(step: Step, path: Path, timeout: float = RANK_0_TIMEOUT) -> None:
 
 
 async def _serve(step: Step, path: Path, timeout: float) -> None:
-    address = await _address_of(step, path, timeout)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    address = await _address_of(step, path, timeout)
+    # Rank 0 writes one address a step; a second one means the first was a file that an
+    # earlier step of the same name left (read before rank 0 replaced it): follow the new.
+    while address is not None and not stop.is_set():
+        address = await _work_for(step, path, address, timeout, stop)
+
+
+async def _work_for(step: Step, path: Path, address: str, timeout: float, stop) -> str | None:
+    """Be a worker of ``address`` until it ends; return the file's new address, if any."""
     workers = _workers(step, address, timeout)
     life = asyncio.ensure_future(_run(workers))
-    ends = [
-        life,
-        asyncio.ensure_future(_until_gone(path, address)),
-        asyncio.ensure_future(stop.wait()),
-    ]
+    moved = asyncio.ensure_future(_until_gone(path, address, step))
+    ends = [life, moved, asyncio.ensure_future(stop.wait())]
     try:
         await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
+        if moved.done():
+            return moved.result()
         if life.done() and life.exception() is not None:
             if isinstance(life.exception(), asyncio.TimeoutError | OSError):
                 raise VirnucError(
@@ -420,6 +427,7 @@ async def _serve(step: Step, path: Path, timeout: float) -> None:
                     "virnuc-dask.allocation.interface (e.g. ib0)"
                 ) from None
             raise life.exception()
+        return None
     finally:
         for task in ends:
             task.cancel()
@@ -468,12 +476,16 @@ async def _address_of(step: Step, path: Path, timeout: float) -> str:
         await asyncio.sleep(_FILE_POLL)
 
 
-async def _until_gone(path: Path, address: str) -> None:
-    """Return once the scheduler file no longer names ``address`` (rank 0 removed it)."""
+async def _until_gone(path: Path, address: str, step: Step) -> str | None:
+    """Wait until the scheduler file no longer names ``address``; return the one it names now.
+
+    None: the file is gone, or names another step (rank 0 removed it at its end).
+    """
     while True:
         await asyncio.sleep(_FILE_POLL)
         if not path.exists():
-            return
+            return None
         content = read_scheduler_file(path)
         if content is not None and content.get("address") != address:
-            return
+            ours = content.get("slurm-step") == step.name
+            return str(content["address"]) if ours else None
