@@ -30,10 +30,12 @@ Decisions:
   --scheduler-file`` and ``virnuc-dask embed --scheduler-file`` read it) plus the step it
   belongs to (``slurm-step``: ``JOB.STEP``). It is written whole (a temporary name, then a
   rename), and worker ranks follow only a file of their own step: a file an earlier step left
-  at a given ``--scheduler-file`` is never followed, and rank 0 replaces it. A file there
-  that is not a scheduler file is refused by every rank. Default: in the current folder
-  (srun's tasks share the submit folder), named for the job and the step. Rank 0 removes it
-  at the end, whatever the end.
+  at a given ``--scheduler-file`` is never followed, and rank 0 replaces it (one of the same
+  step name, a job number used again, may be read before that: a worker rank whose file
+  comes to name another address of its step follows it). A file there that is not a
+  scheduler file is refused by every rank. Default: in the current folder (srun's tasks
+  share the submit folder), named for the job and the step. Rank 0 removes it at the end,
+  whatever the end, unless it is killed outright.
 - Rank 0 waits for the workers of every other rank before it prepares the run, so that the
   partition deals to all of them; a message says who is missing every 10 s. After
   ``wait_limit`` seconds it goes on with the ranks that came (a warning names the others) or,
