@@ -236,7 +236,8 @@ def test_a_cancelled_worker_job_costs_only_its_chunk(slurm, tmp_path):
 def test_pending_workers_are_said_on_the_progress_line(slurm, tmp_path):
     # A job of the node's two CPUs keeps the worker jobs waiting in the queue.
     blocker = slurm.run(
-        "sbatch", "--parsable", f"--cpus-per-task={slurm.cpus}", "--wrap", "sleep 300"
+        *("sbatch", "--parsable", f"--cpus-per-task={slurm.cpus}", "--wrap", "sleep 300"),
+        f"--output={tmp_path / 'blocker.out'}",
     ).stdout.strip()
     wait_until(lambda: running_jobs(slurm) == [blocker], 30, "the blocking job running")
     proc = subprocess.Popen(
