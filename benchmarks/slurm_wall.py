@@ -30,14 +30,6 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 MODEL = "esm2_t6_8M_UR50D"
 WORKLOADS = {"small": 100, "3k": 3_000}
-#: The scheduler and the workers on 127.0.0.1, where users set it: dask-jobqueue's own file.
-JOBQUEUE_YAML = """\
-jobqueue:
-  slurm:
-    scheduler-options:
-      host: 127.0.0.1
-    worker-extra-args: ["--host", "127.0.0.1"]
-"""
 
 
 def write_workloads(work: Path) -> dict[str, tuple[Path, int]]:
@@ -59,7 +51,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=600.0)
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    from tests.slurm import slurm_cluster
+    from tests.slurm import JOBQUEUE_YAML, slurm_cluster
 
     work = args.work or Path(tempfile.mkdtemp(prefix="slurm-wall-"))
     work.mkdir(parents=True, exist_ok=True)

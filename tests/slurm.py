@@ -75,6 +75,16 @@ INSTALL = "apt-get install -y slurmctld slurmd slurm-client munge"
 #: The binaries the fixture runs; any one missing skips the tests that need a cluster.
 BINARIES = ("munged", "slurmctld", "slurmd", "sinfo", "squeue", "scancel", "srun", "sbatch")
 
+#: dask-jobqueue's configuration for this cluster, as users keep it (``jobqueue.yaml`` in a
+#: ``DASK_CONFIG`` folder): the scheduler and the workers on 127.0.0.1, the node's address.
+JOBQUEUE_YAML = """\
+jobqueue:
+  slurm:
+    scheduler-options:
+      host: 127.0.0.1
+    worker-extra-args: ["--host", "127.0.0.1"]
+"""
+
 #: The partition jobs go to.
 PARTITION = "debug"
 

@@ -68,18 +68,23 @@ def test_the_comparison_sees_a_perturbed_row_and_shuffled_ids(local_reference):
         assert_same_embeddings([ids[i] for i in order], rows[order], ids, rows)
 
 
-def test_outside_an_allocation_the_command_refuses_in_one_line(tmp_path):
-    fasta = tmp_path / "in.fasta"
-    write_fasta(fasta, ["MKTAYIAK"])
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    done = subprocess.run(
-        [*CLI, "embed", str(fasta), "-o", str(tmp_path / "out.h5"), "--random-weights"]
+def embed_tiny(fasta: Path, out: Path, env: dict) -> subprocess.CompletedProcess:
+    """The allocation command on ``fasta``, run to its end in ``env``."""
+    return subprocess.run(
+        [*CLI, "embed", str(fasta), "-o", str(out), "--random-weights"]
         + ["--model", MODEL, "--cluster", "slurm-allocation"],
         env=env,
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+def test_outside_an_allocation_the_command_refuses_in_one_line(tmp_path):
+    fasta = tmp_path / "in.fasta"
+    write_fasta(fasta, ["MKTAYIAK"])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    done = embed_tiny(fasta, tmp_path / "out.h5", env)
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("virnuc-dask: error:"), done.stderr
@@ -92,14 +97,7 @@ def test_one_task_is_refused(tmp_path):
     write_fasta(fasta, ["MKTAYIAK"])
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.update(SLURM_JOB_ID="7", SLURM_STEP_ID="0", SLURM_PROCID="0", SLURM_STEP_NUM_TASKS="1")
-    done = subprocess.run(
-        [*CLI, "embed", str(fasta), "-o", str(tmp_path / "out.h5"), "--random-weights"]
-        + ["--model", MODEL, "--cluster", "slurm-allocation"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = embed_tiny(fasta, tmp_path / "out.h5", env)
     assert done.returncode == 2, done.stderr
     assert "1 task" in done.stderr and "--ntasks" in done.stderr, done.stderr
 

@@ -22,19 +22,11 @@ import pytest
 
 import virnuc_dask
 from tests.helpers import CLI, EXAMPLE, assert_rows_close, random_sequences, write_fasta
-from tests.slurm import SlurmInfo, slurm_cluster
+from tests.slurm import JOBQUEUE_YAML, SlurmInfo, slurm_cluster
 
 MODEL = "esm2_t6_8M_UR50D"
 #: Two CPU worker jobs of one core (the node has two).
 JOBS = ["--cluster", "slurm", "--slurm-gpus", "0", "--slurm-jobs", "2", "--slurm-memory", "2GB"]
-
-JOBQUEUE_YAML = """\
-jobqueue:
-  slurm:
-    scheduler-options:
-      host: 127.0.0.1
-    worker-extra-args: ["--host", "127.0.0.1"]
-"""
 
 
 @pytest.fixture(scope="module")
