@@ -122,3 +122,48 @@ def test_the_worker_command_of_a_gpu_slurm_job_serves_a_run(tmp_path):
     assert actual.attrs["compute_dtype"] == "bf16"
     assert list(actual.sequence.values) == list(expected.sequence.values)
     assert_rows_close(actual.embedding.values, expected.embedding.values, rtol=1e-5)
+
+
+def test_the_gpu_worker_rank_of_an_allocation_serves_a_run(tmp_path):
+    """``--cluster slurm-allocation`` on a GPU node: rank 1 is a CUDA worker of rank 0's
+    scheduler, and the file is a local CUDA run's. This machine has no Slurm: the two tasks
+    of a step are started as ``srun`` starts them, with the variables it sets."""
+    import os
+    import subprocess
+
+    pytest.importorskip("dask_cuda")
+    from tests.helpers import CLI, assert_rows_close
+
+    fasta = tmp_path / "in.fasta"
+    write_fasta(fasta, random_sequences(300, 1, 600, seed=5))
+    settings = dict(model=MODEL, random_weights=True, progress=False)
+    local = virnuc_dask.embed(fasta, tmp_path / "local.h5", workers=1, **settings)
+
+    command = [*CLI, "embed", str(fasta), "-o", str(tmp_path / "step.h5"), "--model", MODEL]
+    command += ["--random-weights", "--cluster", "slurm-allocation", "--quiet"]
+    step = {"SLURM_JOB_ID": "41", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "2"}
+    ranks = [
+        subprocess.Popen(
+            command,
+            env={**os.environ, **step, "SLURM_PROCID": str(rank)},
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    try:
+        said = [rank.communicate(timeout=300) for rank in ranks]
+    finally:
+        for rank in ranks:
+            if rank.poll() is None:
+                rank.kill()
+    assert [rank.returncode for rank in ranks] == [0, 0], said
+    assert said[0][0].strip() == f"wrote {tmp_path / 'step.h5'}" and said[1][0] == ""
+    expected = virnuc_dask.open_embeddings(local).load()
+    actual = virnuc_dask.open_embeddings(tmp_path / "step.h5").load()
+    assert actual.attrs["compute_dtype"] == "bf16"
+    assert list(actual.sequence.values) == list(expected.sequence.values)
+    assert_rows_close(actual.embedding.values, expected.embedding.values, rtol=1e-5)
+    assert not list(tmp_path.glob("virnuc-dask-scheduler-*"))
