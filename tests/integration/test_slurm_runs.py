@@ -82,10 +82,10 @@ def running_jobs(slurm: SlurmInfo) -> list[str]:
     return out.split()
 
 
-def many_sequences(folder: Path) -> Path:
-    """400 proteins of 100 to 300 residues: a run of about 16 chunks of 5,000 tokens."""
+def many_sequences(folder: Path, count: int = 400) -> Path:
+    """``count`` proteins of 100 to 300 residues: 400 make 17 chunks of 5,000 tokens."""
     path = folder / "many.fasta"
-    write_fasta(path, random_sequences(400, 100, 300, seed=23))
+    write_fasta(path, random_sequences(count, 100, 300, seed=23))
     return path
 
 
@@ -131,7 +131,8 @@ def test_jobs_that_cannot_start_stop_the_run_in_one_line(slurm, tmp_path, flags,
 def test_ctrl_c_cancels_every_worker_job(slurm, tmp_path):
     out = tmp_path / "out.h5"
     proc = subprocess.Popen(
-        command(slurm, many_sequences(tmp_path), "-o", out, *JOBS, "--chunk-tokens", "5000"),
+        # 1,600 proteins: a minute of work, so that the interrupt comes in its middle.
+        command(slurm, many_sequences(tmp_path, 1600), "-o", out, *JOBS, "--chunk-tokens", "5000"),
         env=slurm.env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -145,6 +146,7 @@ def test_ctrl_c_cancels_every_worker_job(slurm, tmp_path):
             90,
             "a first shard",
         )
+        assert proc.poll() is None and not out.exists(), "the run ended before the interrupt"
         os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C: the whole foreground group
         _, stderr = proc.communicate(timeout=60)
     finally:
