@@ -65,6 +65,14 @@ def assert_rows_close(actual: np.ndarray, expected: np.ndarray, rtol: float = 1e
     assert error.max() <= rtol, f"row {worst}: relative error {error[worst]:.3g} > {rtol}"
 
 
+def wait_until(condition, timeout: float, what: str) -> None:
+    """Poll ``condition`` until it is true; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} after {timeout} s"
+        time.sleep(0.2)
+
+
 @contextlib.contextmanager
 def processes(*commands: list[str], cwd: Path | None = None):
     """Start each command as a process, output discarded; on exit stop them, last first.

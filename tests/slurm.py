@@ -206,7 +206,7 @@ class SlurmInfo:
             process = self.processes.pop(name, None)
             if process is not None:
                 _terminate(process)
-        for pid in _processes_with(f"SLURM_CONF={self.conf}"):
+        for pid in processes_with(f"SLURM_CONF={self.conf}"):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 
@@ -221,7 +221,7 @@ def _terminate(process: subprocess.Popen) -> None:
             process.wait()
 
 
-def _processes_with(entry: str) -> list[int]:
+def processes_with(entry: str) -> list[int]:
     """Pids of this machine's processes whose environment holds ``entry`` (``NAME=value``)."""
     wanted = entry.encode()
     found = []

@@ -22,7 +22,7 @@ import pytest
 
 import virnuc_dask
 from tests.helpers import CLI, assert_rows_close, random_sequences, write_fasta
-from tests.slurm import SlurmInfo, _processes_with, slurm_cluster
+from tests.slurm import SlurmInfo, processes_with, slurm_cluster
 
 MODEL = "esm2_t6_8M_UR50D"
 #: The command line's programs of this environment (the jobs inherit its environment).
@@ -205,7 +205,7 @@ def test_a_failing_rank_0_ends_the_whole_step(slurm, tmp_path, problem):
     assert slurm.squeue_jobs() == []
     errors = [line for line in log.splitlines() if line.startswith("virnuc-dask: error:")]
     assert len(errors) == 1 and str(fasta) in errors[0], log[-3000:]
-    assert _processes_with(f"SLURM_JOB_ID={job}") == []
+    assert processes_with(f"SLURM_JOB_ID={job}") == []
     assert list(folder.glob("virnuc-dask-scheduler-*")) == []
     assert not output.exists()
 
@@ -224,8 +224,8 @@ def test_the_worker_ranks_end_with_rank_0(slurm, tmp_path, how):
         assert running, (folder / "job.out").read_text()[-3000:]
         time.sleep(0.2)
     # The task of rank 0 (srun itself, in the batch script, has no SLURM_STEP_ID).
-    step = set(_processes_with(f"SLURM_JOB_ID={job}")) & set(_processes_with("SLURM_STEP_ID=0"))
-    rank_0 = [pid for pid in _processes_with("SLURM_PROCID=0") if pid in step]
+    step = set(processes_with(f"SLURM_JOB_ID={job}")) & set(processes_with("SLURM_STEP_ID=0"))
+    rank_0 = [pid for pid in processes_with("SLURM_PROCID=0") if pid in step]
     assert rank_0, "rank 0 not found"
     os.kill(min(rank_0), how)  # the rank's first process: the command itself
     killed = time.monotonic()
@@ -235,7 +235,7 @@ def test_the_worker_ranks_end_with_rank_0(slurm, tmp_path, how):
     assert seconds < 60, f"the worker ranks outlived rank 0 by {seconds:.0f} s"
     assert state in ("FAILED", "COMPLETED"), state  # srun's exit: the killed task's
     assert slurm.squeue_jobs() == []
-    assert _processes_with(f"SLURM_JOB_ID={job}") == []
+    assert processes_with(f"SLURM_JOB_ID={job}") == []
     if how == signal.SIGTERM:  # an orderly end: the finished chunks are kept for --resume
         log = (folder / "job.out").read_text()
         assert "kept in" in log and "--resume" in log, log[-3000:]

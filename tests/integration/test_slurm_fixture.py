@@ -9,11 +9,11 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import wait_until
 from tests.slurm import SlurmInfo, slurm_cluster
 
 pytestmark = pytest.mark.slow
@@ -24,14 +24,6 @@ def slurm(tmp_path_factory) -> SlurmInfo:
     """One cluster for the module's job tests (a start takes about a second)."""
     with slurm_cluster(tmp_path_factory.mktemp("slurm")) as info:
         yield info
-
-
-def wait_until(condition, timeout: float, what: str) -> None:
-    """Poll ``condition`` until it is true; fail naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} after {timeout} s"
-        time.sleep(0.2)
 
 
 def job_state(slurm: SlurmInfo, job: str) -> str:

@@ -21,7 +21,14 @@ import numpy as np
 import pytest
 
 import virnuc_dask
-from tests.helpers import CLI, EXAMPLE, assert_rows_close, random_sequences, write_fasta
+from tests.helpers import (
+    CLI,
+    EXAMPLE,
+    assert_rows_close,
+    random_sequences,
+    wait_until,
+    write_fasta,
+)
 from tests.slurm import JOBQUEUE_YAML, SlurmInfo, slurm_cluster
 
 MODEL = "esm2_t6_8M_UR50D"
@@ -66,14 +73,6 @@ def assert_same(actual: Path, expected) -> None:
     assert list(ds.sequence.values) == list(expected.sequence.values)
     np.testing.assert_array_equal(ds.length.values, expected.length.values)
     assert_rows_close(ds.embedding.values, expected.embedding.values, rtol=1e-6)
-
-
-def wait_until(condition, timeout: float, what: str) -> None:
-    """Poll ``condition`` until it is true; fail naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} after {timeout} s"
-        time.sleep(0.2)
 
 
 def running_jobs(slurm: SlurmInfo) -> list[str]:

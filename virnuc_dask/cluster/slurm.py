@@ -289,7 +289,6 @@ class SlurmWorkers:
         self._pending_since: dict[str, float] = {}
         self._reason = ""
         self._asked = -math.inf
-        self._lock = threading.Lock()
 
     def check(self, remaining: int) -> str | None:
         """Set the chunks left (the scaling's target); say what is pending, if anything."""
@@ -315,8 +314,7 @@ class SlurmWorkers:
             for job in list(self.cluster.workers.values())
             if getattr(job, "job_id", None)
         ]
-        with self._lock:
-            self.submitted.update(ids)
+        self.submitted.update(ids)
         return ids
 
     def _ask_squeue(self, now: float) -> None:
@@ -330,8 +328,7 @@ class SlurmWorkers:
 
     def cancel_left(self) -> None:
         """``scancel`` every job this run submitted that is still in the queue."""
-        self.job_ids()
-        left = sorted(set(queued(sorted(self.submitted))))
+        left = sorted(queued(sorted(self.submitted)))
         if left:
             logger.debug("cancelling Slurm jobs left after the cluster closed: %s", left)
             _command(["scancel", *left])
@@ -384,7 +381,7 @@ def slurm_workers(settings: SlurmSettings, chunks: int, log_directory: Path | No
             yield client, workers
     finally:
         try:
-            workers.job_ids()
+            workers.job_ids()  # noted before the close forgets them
             cluster.close()
         finally:
             workers.cancel_left()

@@ -147,28 +147,7 @@ def embed(
             inputs, output, scheduler_file=scheduler_file, progress=progress, **options, **settings
         )
     if kind == "slurm":
-        from virnuc_dask.cluster.slurm import SlurmSettings, check_jobs
-
-        # Settings and the job itself are checked before anything is created.
-        slurm_settings = SlurmSettings.from_settings(slurm)
-        check_jobs(slurm_settings)
-        job = prepare(
-            inputs,
-            output,
-            lanes=slurm_settings.max_workers,
-            torch_threads=slurm_settings.torch_threads,
-            on_gpu=slurm_settings.gpus_per_job > 0,
-            **options,
-            **settings,
-        )
-        return _run_and_finish(
-            job,
-            lambda: (
-                _run_on_slurm(job, slurm_settings, progress)
-                if job.todo
-                else job.run(None, progress=progress, cleanup=False)
-            ),
-        )
+        return _embed_on_slurm(inputs, output, slurm, progress, options, settings)
     if kind == "existing":
         from virnuc_dask.cluster.existing import connect
 
@@ -200,26 +179,44 @@ def embed(
         **options,
         **settings,
     )
-    # Nothing to compute (every sequence cached, every chunk resumed): no cluster.
     return _run_and_finish(
-        job,
-        lambda: (
-            job.run(None, progress=progress, cleanup=False)
-            if not job.todo and not early
-            else _run_on(cluster, job, early, progress)
-        ),
+        job, progress, lambda: _run_on(cluster, job, early, progress), started=early
     )
 
 
-def _run_and_finish(job: EmbeddingJob, run):
-    """Call ``run()`` (it runs ``job``, returns its path); then finish the job, whatever came.
+def _embed_on_slurm(inputs, output, slurm: dict | None, progress: bool, options, settings):
+    """:func:`embed` on worker jobs of Slurm (``cluster="slurm"``)."""
+    from virnuc_dask.cluster.slurm import SlurmSettings, check_jobs
 
-    The work directory stays for resume unless the run succeeded, and the locks go, once the
-    cluster that used them has closed (``run`` closes it).
+    # Settings and the job itself are checked before anything is created.
+    slurm_settings = SlurmSettings.from_settings(slurm)
+    check_jobs(slurm_settings)
+    job = prepare(
+        inputs,
+        output,
+        lanes=slurm_settings.max_workers,
+        torch_threads=slurm_settings.torch_threads,
+        on_gpu=slurm_settings.gpus_per_job > 0,
+        **options,
+        **settings,
+    )
+    return _run_and_finish(job, progress, lambda: _run_on_slurm(job, slurm_settings, progress))
+
+
+def _run_and_finish(job: EmbeddingJob, progress: bool, run_on_cluster, started: bool = False):
+    """Run ``job`` with ``run_on_cluster()`` (which closes its cluster); then finish the job.
+
+    A job with nothing to compute (every sequence cached, every chunk resumed) is assembled
+    without a cluster, unless one was ``started`` already (``run_on_cluster`` closes it). The
+    work directory stays for resume unless the run succeeded, and the locks go, once the
+    cluster that used them has closed.
     """
     path, interrupted = None, False
     try:
-        path = run()
+        if job.todo or started:
+            path = run_on_cluster()
+        else:
+            path = job.run(None, progress=progress, cleanup=False)
     except KeyboardInterrupt:
         # Interrupted while the cluster closed, the output complete: the run succeeded.
         interrupted = path is None
@@ -236,13 +233,12 @@ def _run_on_slurm(job: EmbeddingJob, settings, progress: bool):
 
     logs = None if is_url(str(job.work_dir)) else Path(job.work_dir) / "slurm"
     clock = time.perf_counter()
-    with contextlib.ExitStack() as stack:
-        client, workers = stack.enter_context(slurm_workers(settings, len(job.todo), logs))
+    with slurm_workers(settings, len(job.todo), logs) as (client, workers):
         job.phases["cluster_start"] = time.perf_counter() - clock
         try:
             path = job.run(client, progress=progress, cleanup=False, scaler=workers)
         finally:
-            clock = time.perf_counter()
+            clock = time.perf_counter()  # the cluster's close, from here
     _closed(job, time.perf_counter() - clock)
     return path
 
