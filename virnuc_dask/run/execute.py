@@ -58,7 +58,6 @@ class _Watch:
         from virnuc_dask.run.progress import make_progress
 
         self.job, self.client, self.scaler = job, client, scaler
-        self.note: str | None = None
         self.chunks = len(job.reused)
         self.tokens = sum(s.tokens for s in job.reused)
         self.finished = {s.chunk for s in job.reused}
@@ -103,12 +102,12 @@ class _Watch:
 
     def check(self) -> None:
         """Update the progress line; every few seconds ask the scheduler for its workers."""
+        note = None
         if self.scaler is not None:
-            left = len(self.job.partition.chunks) - len(self.finished)
-            self.note = self.scaler.check(left)
+            note = self.scaler.check(len(self.job.partition.chunks) - len(self.finished))
         if self.bar:
             done = self.tokens + sum(list(self.partial.values()))
-            self.bar.update(self.chunks, done, note=self.note)
+            self.bar.update(self.chunks, done, note=note)
         now = time.monotonic()
         limit = self.job.config.wait_limit
         if now - self.last_check < min(10 * POLL_SECONDS, limit / 2):
